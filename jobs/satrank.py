@@ -1,0 +1,35 @@
+"""`satrank` console script: one entry point dispatching to each stage's thin CLI.
+
+Distributed stages are launched with torchrun (`torchrun --nproc_per_node=N -m jobs.<stage>`);
+`satrank <stage>` runs the same code in one process.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import List, Optional
+
+COMMANDS = {
+    "simulate": ("pipeline.simulate", "generate the simulated short-video world (Parquet shards)"),
+    "check-data": ("jobs.check_data", "read shards through the reader; report rows read/rejected"),
+    "demo": ("jobs.demo", "run the whole pipeline end to end on the embedded default"),
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: satrank COMMAND [ARGS...]\n\ncommands:")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<14}{text}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"satrank: unknown command {name!r}; known: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
