@@ -99,12 +99,13 @@ class DataConfig:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ConfigError(f"{path}: feature names must be unique, repeated: {dup}")
+        for f in [*self.sparse, *self.sequence, *self.dense]:
+            if f.column.startswith(self.truth_prefix):
+                raise ConfigError(f"{path}: feature {f.name!r} reads ground-truth column {f.column!r}")
         tables: Dict[str, int] = {}
         for f in [*self.sparse, *self.sequence]:
             if f.vocab_size <= 0:
                 raise ConfigError(f"{path}: feature {f.name!r}: vocab_size must be > 0, got {f.vocab_size}")
-            if f.column.startswith(self.truth_prefix):
-                raise ConfigError(f"{path}: feature {f.name!r} reads ground-truth column {f.column!r}")
             prev = tables.setdefault(f.table_name, f.num_rows)
             if prev != f.num_rows:
                 raise ConfigError(

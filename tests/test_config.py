@@ -1,0 +1,62 @@
+"""The typed config: YAML + --set overrides, strict keys and types, data-contract checks."""
+import pytest
+
+from jobs.config import DEFAULT_CONFIG, load_config
+from pipeline.config import ConfigError, dump, load_yaml
+
+
+def test_embedded_default_loads_with_every_section_typed():
+    cfg = load_config()
+    assert cfg.reader.batch_size > 0
+    assert cfg.data.sparse_names[:2] == ["user_id", "item_id"]
+    assert {f.table for f in cfg.data.sequence} == {"item"}
+
+
+def test_set_overrides_scalars_and_named_list_items():
+    cfg = load_config(overrides=["reader.batch_size=7", "data.sparse.author_id.vocab_size=99",
+                                 "reader.on_bad_row=skip"])
+    assert cfg.reader.batch_size == 7
+    assert cfg.data.feature("author_id").vocab_size == 99
+    assert cfg.reader.on_bad_row == "skip"
+
+
+def test_unknown_key_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match="batch_sise"):
+        load_config(overrides=["reader.batch_sise=7"])
+
+
+def test_wrong_type_is_an_error_naming_the_path():
+    with pytest.raises(ConfigError, match=r"reader\.batch_size"):
+        load_config(overrides=["reader.batch_size=many"])
+    with pytest.raises(ConfigError, match="on_bad_row"):
+        load_config(overrides=["reader.on_bad_row=ignore"])
+
+
+def test_features_sharing_a_table_must_agree_on_rows():
+    with pytest.raises(ConfigError, match="sharing table 'item'"):
+        load_config(overrides=["data.sequence.hist_click.vocab_size=10"])
+
+
+def test_a_feature_may_not_read_a_ground_truth_column():
+    with pytest.raises(ConfigError, match="ground-truth column"):
+        load_config(overrides=["data.dense.duration_s.column=true_p_click"])
+
+
+def test_oov_policy_adds_one_table_row():
+    cfg = load_config()
+    cat = cfg.data.feature("category_id")
+    assert cat.out_of_range == "oov" and cat.num_rows == cat.vocab_size + 1
+    assert cfg.data.feature("item_id").num_rows == cfg.data.feature("item_id").vocab_size
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(overrides=["reader.seed=5"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump(cfg))
+    assert load_config(path) == cfg
+
+
+def test_missing_config_file_is_named():
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_yaml("nope.yaml")
+    assert DEFAULT_CONFIG.is_file()
