@@ -8,6 +8,7 @@ from typing import Sequence
 from pipeline import config as cfgio
 from pipeline.features import DataConfig
 from pipeline.reader_config import ReaderConfig
+from pipeline.sim_world import SimulateConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sim.yaml"
 
@@ -16,6 +17,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sim.yaml"
 class SatrankConfig:
     data: DataConfig = field(default_factory=DataConfig)
     reader: ReaderConfig = field(default_factory=ReaderConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SatrankConfig:

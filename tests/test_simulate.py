@@ -1,0 +1,272 @@
+"""Tests for the simulated short-video world (pipeline/simulate.py, pipeline/sim_world.py)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pac
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ConfigError, from_dict, load_yaml, to_dict
+from pipeline.sim_world import HistoryBuffers, build_world, true_probs
+from pipeline.simulate import CANDIDATE_SCHEMA, IMPRESSION_SCHEMA, SimulateConfig, main, simulate
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = dict(users=300, items=400, impressions=30000, topics=8, authors=50, shard_rows=4000,
+             row_group_rows=1000, candidate_requests=50, candidates_per_request=20)
+L_STR = pa.list_(pa.int64())
+
+
+def small(**kw) -> SimulateConfig:
+    return SimulateConfig(**{**SMALL, **kw})
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "w"
+    res = simulate(out, small(seed=3))
+    return out, res
+
+
+def read_split(out: Path, split: str) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted((out / split).glob("part-*.parquet"))])
+
+
+def read_log(out: Path) -> pa.Table:
+    return pa.concat_tables([read_split(out, s) for s in ("train", "valid", "test")])
+
+
+def file_bytes(out: Path) -> dict:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.parquet"))}
+
+
+def test_same_seed_gives_byte_identical_files_and_other_seed_differs(tmp_path):
+    cfg = small(impressions=8000)
+    simulate(tmp_path / "a", cfg)
+    simulate(tmp_path / "b", cfg)
+    simulate(tmp_path / "c", dataclasses.replace(cfg, seed=1))
+    a, b, c = (file_bytes(tmp_path / d) for d in "abc")
+    assert len(a) >= 5 and a == b
+    assert (tmp_path / "a/world.json").read_bytes() == (tmp_path / "b/world.json").read_bytes()
+    assert a.keys() == c.keys() and all(a[k] != c[k] for k in a)
+
+
+def test_schema_is_exactly_canonical(world_dir):
+    out, _ = world_dir
+    expected = [("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64()),
+                ("request_id", pa.int64()), ("author_id", pa.int64()), ("category_id", pa.int64()),
+                ("user_activity", pa.int64()), ("hist_click", L_STR), ("hist_satisfied", L_STR),
+                ("hist_dissatisfied", L_STR), ("hist_skip", L_STR), ("duration_s", pa.float32()),
+                ("click", pa.int8()), ("watch_time_s", pa.float32()), ("skip", pa.int8()),
+                ("questionnaire_answered", pa.int8()), ("satisfied", pa.int8()),
+                ("true_p_click", pa.float32()), ("true_p_satisfied", pa.float32()), ("true_p_answered", pa.float32())]
+    for split in ("train", "valid", "test"):
+        for p in (out / split).glob("part-*.parquet"):
+            s = pq.read_schema(p)
+            assert [(f.name, f.type) for f in s] == expected, p
+    cand = ["request_id", "user_id", "item_id", "timestamp", "author_id", "category_id", "user_activity",
+            "hist_click", "hist_satisfied", "hist_dissatisfied", "hist_skip", "duration_s",
+            "true_p_click", "true_p_satisfied", "true_p_answered"]
+    s = pq.read_schema(next((out / "candidates").glob("part-*.parquet")))
+    assert s.names == cand and s.equals(CANDIDATE_SCHEMA) and IMPRESSION_SCHEMA.names == [n for n, _ in expected]
+
+
+def test_labels_are_consistent_and_truth_is_calibrated(world_dir):
+    out, res = world_dir
+    t = read_log(out).to_pydict()
+    ans = np.array(t["questionnaire_answered"])
+    sat = t["satisfied"]
+    assert all((s is None) == (a == 0) for s, a in zip(sat, ans))
+    watch, dur = np.array(t["watch_time_s"]), np.array(t["duration_s"])
+    skip, click = np.array(t["skip"]), np.array(t["click"])
+    thr = SimulateConfig().skip_threshold_s
+    assert np.array_equal(skip, (watch < thr).astype(np.int8)) and (watch >= 0).all()
+    assert (watch <= dur + 1e-4).all()
+    assert np.median(watch[click == 1]) > 3 * np.median(watch[click == 0])
+    # true_p_* are the probabilities the labels were drawn from
+    for label, truth, tol in (("click", "true_p_click", 0.01), ("questionnaire_answered", "true_p_answered", 0.003)):
+        assert abs(np.mean(t[label]) - np.mean(t[truth])) < tol
+    pc = np.array(t["true_p_click"])
+    for lo, hi in ((0.0, 0.2), (0.4, 0.6), (0.8, 1.0)):
+        m = (pc >= lo) & (pc < hi)
+        assert abs(click[m].mean() - pc[m].mean()) < 0.03
+
+
+def test_answer_rate_is_sparse_between_1_and_5_percent(world_dir):
+    out, res = world_dir
+    rate = float(np.mean(read_log(out).column("questionnaire_answered").to_numpy()))
+    assert 0.01 <= rate <= 0.05
+    assert rate == pytest.approx(res["stats"]["answer_rate"])
+
+
+def test_clicked_but_dissatisfied_is_at_least_a_quarter_of_clicks(world_dir):
+    out, res = world_dir
+    assert res["stats"]["clicked_dissatisfied_share"] >= 0.25  # realised latent satisfaction
+    t = read_log(out)
+    pc, ps = t.column("true_p_click").to_numpy(), t.column("true_p_satisfied").to_numpy()
+    assert (pc * (1 - ps)).sum() / pc.sum() >= 0.25
+
+
+def test_attractiveness_moves_click_probability_but_not_satisfaction():
+    cfg = small()
+    world = build_world(cfg)
+    users, items = np.arange(cfg.users).repeat(3), np.tile(np.arange(3), cfg.users)
+    pc0, ps0, _, _ = true_probs(world, cfg, users, items)
+    world.attractiveness[:3] += 2.0
+    pc1, ps1, _, _ = true_probs(world, cfg, users, items)
+    assert (pc1 > pc0).all() and np.array_equal(ps1, ps0)
+    world.quality[:3] += 2.0
+    pc2, ps2, _, _ = true_probs(world, cfg, users, items)
+    assert np.array_equal(pc2, pc1) and (ps2 > ps1).all()
+
+
+def test_attractiveness_correlates_with_logged_click_truth_not_satisfaction_truth(world_dir):
+    out, _ = world_dir
+    world = build_world(small(seed=3))  # the world is rebuilt exactly from the seed
+    t = read_log(out)
+    attr = world.attractiveness[t.column("item_id").to_numpy()]
+    assert np.corrcoef(attr, t.column("true_p_click").to_numpy())[0, 1] > 0.4
+    assert abs(np.corrcoef(attr, t.column("true_p_satisfied").to_numpy())[0, 1]) < 0.05
+    assert np.allclose(world.duration[t.column("item_id").to_numpy()], t.column("duration_s").to_numpy(), rtol=1e-6)
+
+
+def test_answering_is_missing_not_at_random_and_biases_observed_satisfaction(world_dir, tmp_path):
+    _, res = world_dir
+    st = res["stats"]
+    assert st["answer_rate_given_satisfied"] > 2 * st["answer_rate_given_dissatisfied"]
+
+    def gap(cfg, out):
+        simulate(out, cfg)
+        t = read_log(out)
+        t = t.filter(pac.equal(t.column("questionnaire_answered"), 1))
+        return np.mean(t.column("satisfied").to_numpy()) - np.mean(t.column("true_p_satisfied").to_numpy()), t.num_rows
+
+    # Visible from the files alone: answered rows are more satisfied than their true probability says...
+    g, n = gap(small(seed=5, answer_bias=-4.0), tmp_path / "mnar")
+    assert n > 2000 and g > 0.08
+    # ...and the gap vanishes when answering ignores satisfaction (missing at random given user, item).
+    g0, n0 = gap(small(seed=5, answer_bias=-4.0, answer_w_satisfied=0.0), tmp_path / "mar")
+    assert n0 > 2000 and abs(g0) < 0.03
+
+
+def test_activity_drives_appearances_and_answering(world_dir):
+    out, res = world_dir
+    t = read_log(out)
+    act, ans = t.column("user_activity").to_numpy(), t.column("questionnaire_answered").to_numpy()
+    rate = [ans[act == k].mean() for k in range(5)]
+    assert rate[4] > 2 * rate[0] and rate[3] > rate[1]
+    per_user = res["stats"]["impressions_per_user_by_activity"]
+    assert all(a < b for a, b in zip(per_user, per_user[1:]))
+    assert set(np.unique(act)) <= set(range(5))
+
+
+def test_history_ring_buffer_keeps_last_ids_oldest_first():
+    h = HistoryBuffers(3, {"hist_click": 5})
+    for v in range(1, 8):
+        h.push("hist_click", np.array([0]), np.array([v]))
+    h.push("hist_click", np.array([2, 0]), np.array([42, 8]))
+    offsets, values = h.snapshot("hist_click", np.array([0, 1, 2, 0]))
+    assert offsets.tolist() == [0, 5, 5, 6, 11]
+    assert values.tolist() == [4, 5, 6, 7, 8, 42, 4, 5, 6, 7, 8]
+
+
+def test_histories_are_causal_by_replaying_the_log(world_dir):
+    out, _ = world_dir
+    rows = read_log(out).to_pylist()
+    assert [r["request_id"] for r in rows] == list(range(len(rows)))
+    events = defaultdict(lambda: defaultdict(list))  # user -> history -> [(ts, item)]
+    caps = {"hist_click": 50, "hist_satisfied": 20, "hist_dissatisfied": 5, "hist_skip": 20}
+    checked = 0
+    for r in rows:
+        ev = events[r["user_id"]]
+        for name, cap in caps.items():
+            past = ev[name]
+            assert len(r[name]) <= cap
+            assert r[name] == [i for _, i in past[-cap:]], (r["request_id"], name)
+            assert all(ts < r["timestamp"] for ts, _ in past[-cap:])
+            checked += len(r[name])
+        if r["click"]:
+            ev["hist_click"].append((r["timestamp"], r["item_id"]))
+        if r["questionnaire_answered"]:
+            ev["hist_satisfied" if r["satisfied"] else "hist_dissatisfied"].append((r["timestamp"], r["item_id"]))
+        if r["skip"]:
+            ev["hist_skip"].append((r["timestamp"], r["item_id"]))
+    assert checked > 100000
+    assert max(len(r["hist_click"]) for r in rows) == 50 and max(len(r["hist_dissatisfied"]) for r in rows) == 5
+    for r in read_split(out, "candidates").to_pylist()[::7]:  # candidates carry the final histories
+        for name, cap in caps.items():
+            assert r[name] == [i for _, i in events[r["user_id"]][name][-cap:]]
+
+
+def test_splits_are_time_ordered_contiguous_shards(world_dir):
+    out, res = world_dir
+    cfg = small()
+    prev_max, sizes = None, []
+    for split in ("train", "valid", "test"):
+        parts = sorted((out / split).glob("part-*.parquet"))
+        sizes.append(sum(pq.ParquetFile(p).metadata.num_rows for p in parts))
+        for p in parts:
+            md = pq.ParquetFile(p).metadata
+            assert md.num_rows <= cfg.shard_rows
+            assert all(md.row_group(i).num_rows <= cfg.row_group_rows for i in range(md.num_row_groups))
+            ts = pq.read_table(p, columns=["timestamp"]).column("timestamp").to_numpy()
+            assert (np.diff(ts) >= 0).all()
+            if prev_max is not None:
+                assert prev_max <= ts.min()
+            prev_max = ts.max()
+        assert len(parts) == -(-sizes[-1] // cfg.shard_rows)
+    assert sizes == [24000, 3000, 3000] and [res["splits"][s]["rows"] for s in ("train", "valid", "test")] == sizes
+    assert not list(out.rglob("*.tmp"))
+    meta = json.loads((out / "world.json").read_text())
+    assert meta["sizes"]["impressions"] == 30000 and meta["config"]["seed"] == 3
+
+
+def test_candidates_have_unique_requests_with_configured_count_after_the_log(world_dir):
+    out, res = world_dir
+    c = read_split(out, "candidates").to_pydict()
+    per_req = defaultdict(list)
+    for rid, item in zip(c["request_id"], c["item_id"]):
+        per_req[rid].append(item)
+    assert len(per_req) == 50 and all(len(v) == 20 == len(set(v)) for v in per_req.values())
+    users = {}
+    for rid, u in zip(c["request_id"], c["user_id"]):
+        assert users.setdefault(rid, u) == u
+    assert len(set(users.values())) == 50  # one request per sampled user
+    assert min(per_req) >= 30000  # disjoint from impression request ids
+    assert min(c["timestamp"]) > res["splits"]["test"]["max_ts"]
+    assert all(0.0 <= p <= 1.0 for p in c["true_p_satisfied"])
+
+
+def test_yaml_section_matches_dataclass_defaults():
+    raw = load_yaml(REPO / "configs" / "sim.yaml")
+    assert to_dict(from_dict(SimulateConfig, raw["simulate"], "simulate")) == to_dict(SimulateConfig())
+
+
+def test_cli_refuses_users_and_items_above_vocab_and_non_positive_numbers(tmp_path, capsys):
+    base = ["--out", str(tmp_path / "x"), "--impressions", "100"]
+    assert main(base + ["--users", "20001"]) == 2
+    err = capsys.readouterr().err
+    assert "--users" in err and "vocab_size 20000" in err
+    assert main(base + ["--items", "50001"]) == 2
+    assert "--items" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "x"), "--impressions", "0"]) == 2
+    assert "--impressions must be > 0" in capsys.readouterr().err
+    assert main(base + ["--users", "-3"]) == 2 and "--users" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_writes_a_world_with_flags_and_set_overrides(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["--out", str(out), "--users", "25000", "--items", "200", "--impressions", "3000", "--seed", "9",
+            "--set", "data.sparse.user_id.vocab_size=30000", "--set", "simulate.candidate_requests=10", "--quiet"]
+    assert main(args) == 0
+    meta = json.loads((out / "world.json").read_text())
+    assert meta["sizes"]["users"] == 25000 and meta["seed"] == 9 and meta["candidates"]["rows"] == 1000
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err  # never mixes two runs' shards
+    with pytest.raises(ConfigError, match="simulate.topics"):
+        simulate(tmp_path / "bad", small(topics=0))
