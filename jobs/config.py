@@ -5,9 +5,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from embeddings.config import EmbeddingConfig
 from pipeline import config as cfgio
 from pipeline.features import DataConfig
 from pipeline.reader_config import ReaderConfig
+from models.config import PretrainConfig, PropensityConfig, SatisfactionConfig
+from models.ranker_config import ModelConfig, MultiTaskLossConfig
 from pipeline.sim_world import SimulateConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sim.yaml"
@@ -17,7 +20,13 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sim.yaml"
 class SatrankConfig:
     data: DataConfig = field(default_factory=DataConfig)
     reader: ReaderConfig = field(default_factory=ReaderConfig)
+    embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    propensity: PropensityConfig = field(default_factory=PropensityConfig)
+    satisfaction: SatisfactionConfig = field(default_factory=SatisfactionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: MultiTaskLossConfig = field(default_factory=MultiTaskLossConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SatrankConfig:
