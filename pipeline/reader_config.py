@@ -1,4 +1,4 @@
-"""Reader settings (the `reader:` config section)."""
+"""Reader settings (the `reader:` config section of configs/*.yaml), read by pipeline.reader.BatchLoader."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,3 +24,5 @@ class ReaderConfig:
             raise ConfigError(f"{path}.num_workers: must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer_rows <= 0:
             raise ConfigError(f"{path}.shuffle_buffer_rows: must be > 0")
+        if self.seed < 0:
+            raise ConfigError(f"{path}.seed: must be >= 0 (it seeds numpy SeedSequence), got {self.seed}")
