@@ -19,19 +19,44 @@ from pipeline import simulate
 def torchrun(nproc: int, module: str, *args: str) -> None:
     """Run `torchrun --standalone --nproc_per_node=nproc -m module args...`; raise on failure."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", module, *args]
+           "--monitor-interval=0.5", "-m", module, *args]  # default 5 s: each stage would idle seconds at exit
     print(f"\n$ {' '.join(['torchrun', *cmd[3:]])}", flush=True)
     started = time.time()
     subprocess.run(cmd, check=True)
     print(f"[demo] {module} finished in {time.time() - started:.1f}s", flush=True)
 
 
+SINGLE_PROCESS = {"export"}  # stages that are not distributed
+
+
 def stages(out: Path, nproc: int, common: List[str]) -> List[tuple]:
     """(name, module, args) for every stage after simulation, in pipeline order."""
     data = str(out / "data")
-    return [
+    run = [
         ("check-data", "jobs.check_data", ["--data", f"{data}/train", "--out", str(out / "check_data"), *common]),
+        # stage 1 of SAQRec (Algorithm 1): click model, propensity model, satisfaction model on frozen tables
+        ("pretrain", "jobs.pretrain", ["--data", data, "--out", str(out / "pretrain"), *common]),
+        ("propensity", "jobs.propensity", ["--data", data, "--out", str(out / "propensity"), *common]),
+        ("satisfaction", "jobs.satisfaction", ["--data", data, "--init", str(out / "pretrain"),
+                                               "--propensity", str(out / "propensity"),
+                                               "--out", str(out / "satisfaction"), *common]),
+        # stage 2 (jobs.train): the full SAQRec ranker with the frozen satisfaction model g, then its evaluation
+        ("train", "jobs.train", ["--data", data, "--satisfaction", str(out / "satisfaction"),
+                                 "--out", str(out / "train"), *common]),
     ]
+    # stage 3 (EASQ, jobs.dpo): online alignment of the stage-2 ranker; runs once the `train` stage is listed
+    names = [name for name, _, _ in run]
+    if "train" in names:
+        run.insert(names.index("train") + 1, ("dpo", "jobs.dpo", ["--data", data, "--init", str(out / "train"),
+                                                                   "--out", str(out / "dpo"), *common]))
+    # serving: batch-score the simulated candidate sets with the stage-2 ranker, then export it
+    run += [
+        ("score", "jobs.score", ["--model", str(out / "train"), "--candidates", f"{data}/candidates",
+                                 "--out", str(out / "score"), "--overwrite"]),
+        ("export", "jobs.export", ["--model", str(out / "train"), "--data", data, "--out", str(out / "export"),
+                                   "--overwrite"]),
+    ]
+    return run
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -48,8 +73,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sim_args = ["--out", str(out / "data"), "--overwrite", *common]
     if simulate.main(sim_args) != 0:
         return 1
-    for _, module, stage_args in stages(out, args.nproc, common):
-        torchrun(args.nproc, module, *stage_args)
+    for name, module, stage_args in stages(out, args.nproc, common):
+        torchrun(1 if name in SINGLE_PROCESS else args.nproc, module, *stage_args)
 
     summary = {"world": json.loads((out / "data" / "world.json").read_text())}
     for name, _, _ in stages(out, args.nproc, common):
@@ -57,6 +82,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         if metrics.is_file():
             summary[name] = json.loads(metrics.read_text())
     print("\n[demo] summary\n" + json.dumps(summary, indent=2, default=str))
+    if "train" in summary:  # the stage-2 evaluation table (models.evaluation.METRIC_KEYS, DIR/test + candidates)
+        from jobs.evaluate import format_table
+
+        print("\n[demo] stage-2 evaluation (SAQRec, best validation checkpoint)\n"
+              + format_table({"SAQRec": summary["train"]}), flush=True)
+        dpo = summary.get("dpo", {})
+        if "before" in dpo and "after" in dpo:
+            print("\n[demo] stage-3 EASQ online DPO, before -> after\n"
+                  + format_table({"before DPO": dpo["before"], "after DPO": dpo["after"]}), flush=True)
     return 0
 
 

@@ -34,8 +34,10 @@ class TowerConfig:
     dim: int = 32  # d of the user vector u and item vector v
     hidden: List[int] = field(default_factory=lambda: [64])  # MLP hidden sizes (ReLU), then Linear -> dim
     user_features: List[str] = field(default_factory=lambda: ["user_id", "user_activity"])
-    item_features: List[str] = field(default_factory=lambda: ["item_id", "author_id", "category_id"])
-    item_dense: List[str] = field(default_factory=lambda: ["duration_s"])  # dense columns on the item side
+    # Item side: by default only what a click-history item has (its id), so that the satisfaction model g
+    # built on these towers can score history items for MLSE (SatisfactionModel.score_history).
+    item_features: List[str] = field(default_factory=lambda: ["item_id"])
+    item_dense: List[str] = field(default_factory=list)  # dense columns on the item side
     history: Optional[str] = "hist_click"  # a sequence feature encoded into the user vector (null = none)
     history_encoder: Literal["mean", "transformer"] = "mean"  # masked mean | 1-layer Transformer + masked mean
     transformer_heads: int = 2
@@ -90,7 +92,7 @@ class SatisfactionConfig:
     """
 
     loss: SatLoss = "ips"
-    clip: float = 0.05
+    clip: float = 0.005
     ips_normalizer: Literal["all", "answered"] = "all"  # all = |D| (unbiased, Thm 4.1); answered = |O| as printed
     hidden: List[int] = field(default_factory=lambda: [64, 32])
     dropout: float = 0.0

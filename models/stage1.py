@@ -175,6 +175,14 @@ class SatisfactionArch(nn.Module):
             e_hat = nn.functional.softplus(self.imputation(h.detach()).squeeze(-1))
         return logit, e_hat
 
+    def history_logits(self, pooled, sequences, dense, items: torch.Tensor) -> torch.Tensor:
+        """Logits of g(u, i) for the batch's users u and items given as item-table rows `items` [B, L, d_e]
+        (the item tower must take exactly one sparse feature and no dense column): [B, L]."""
+        u, _ = self.tower(pooled, sequences, dense)  # the item half is recomputed below, per history item
+        v = self.tower.item_mlp(items)  # [B, L, dim]
+        u = u.unsqueeze(1).expand_as(v)
+        return self.head(torch.cat([u, v, u * v], dim=-1)).squeeze(-1)
+
 
 class SatisfactionLoss(nn.Module):
     """The selected satisfaction objective (+ the DR imputation loss) -> (loss, detached outputs)."""
@@ -261,6 +269,46 @@ class SatisfactionModel(nn.Module):
                 rho = torch.sigmoid(self.propensity.arch(psp.pooled, psp.sequences, batch.dense))
         logit, e_hat = self.arch(sp.pooled, sp.sequences, batch.dense)
         return self.loss_fn(logit, e_hat, rho, batch.labels)
+
+    @torch.no_grad()
+    def score_history(self, batch_or_sparse, feature: str = "hist_click", dense: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
+        """s_hat = g(u, item) for every item of the history `feature` of each row: Tensor[B, L] of probabilities
+        (L = the feature's max_len, left-aligned like `embeddings.tables.padded`, 0 at padding positions).
+
+        MLSE (SAQRec eq. 11) scores the user's CLICK-HISTORY items with g, and a history carries only item
+        ids; so g's item side (pretrain.tower.item_features) must be a single feature of the history's
+        embedding table with no item_dense columns (the default config). Uses g's own frozen tables:
+        pass a Batch (looked up here) or the SparseOutput of this model's `sparse_arch`; `dense` is the
+        batch's dense tensor (only needed by the user tower's features, never by the item side).
+        No autograd graph (g is frozen); call it in eval mode.
+        """
+        from embeddings.tables import SparseOutput
+
+        if isinstance(batch_or_sparse, SparseOutput):
+            sp = batch_or_sparse
+        else:
+            sp = self.sparse_arch(batch_or_sparse.sparse)
+            dense = batch_or_sparse.dense if dense is None else dense
+        data = self.sparse_arch.data
+        tower = self.arch.tower
+        seq = data.feature(feature) if feature in [f.name for f in data.sequence] else None
+        if seq is None:
+            raise ValueError(f"score_history: {feature!r} is not a sequence feature of data.sequence")
+        items = tower.item_features
+        if len(items) != 1 or tower.dense_idx or data.feature(items[0]).table_name != seq.table_name:
+            raise ValueError(
+                f"score_history: g's item side is pretrain.tower.item_features={items} with item_dense "
+                f"columns {tower.dense_idx}; scoring history items needs exactly one feature of the "
+                f"{seq.table_name!r} table (that {feature!r} uses) and item_dense: [] (a history has only item ids)")
+        if feature not in sp.sequences:
+            raise KeyError(f"score_history: sparse output has no sequence {feature!r} (have {sorted(sp.sequences)})")
+        if dense is None:
+            n = sp.sequences[feature].lengths().numel()
+            dense = torch.zeros(n, len(data.dense), device=sp.sequences[feature].values().device)
+        V, mask = padded(sp.sequences[feature], seq.max_len)
+        logits = self.arch.history_logits(sp.pooled, sp.sequences, dense, V)
+        return torch.where(mask, torch.sigmoid(logits), torch.zeros_like(logits))
 
     def frozen_table_keys(self) -> List[str]:
         """state_dict keys of the frozen tables (for tests and checkpoint sanity checks)."""

@@ -1,0 +1,96 @@
+"""`jobs.check_data`: read a directory of Parquet shards through the reader on every rank and account for
+every row, before any training touches it.
+
+    torchrun --nproc_per_node=N -m jobs.check_data --data DIR [--out RUN] [--config CFG] [--set k=v ...]
+        [--no-labels] [--row-filter COLUMN]
+
+Every rank reads its share with pipeline.reader.BatchLoader (the same conversion and validation as
+training); the counts of all ranks are summed: rows read / emitted / rejected (by reason, with
+reader.on_bad_row=skip) / filtered / dropped, OOV hits, batches, and per-rank rows (balance). Written to
+RUN/metrics.json and printed. Bad data (reader.on_bad_row=error) exits 1 with the DataError message,
+which names the file, column, row and problem; every rank reaches the same decision (one gather), so
+no rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import List, Optional
+
+from jobs.cli import build_parser, parse
+from jobs.runtime import get_logger, init_runtime, write_json_atomic
+from pipeline.errors import DataError
+from pipeline.reader import BatchLoader, sum_stats
+
+logger = get_logger("check_data")
+
+
+def read_all(args, cfg, rt) -> dict:
+    """This rank's pass over the data: counts, or {"error": message} on bad data."""
+    started = time.perf_counter()
+    rows = batches = 0
+    try:
+        loader = BatchLoader(args.data, cfg.data, cfg.reader, rank=rt.rank, world_size=rt.world_size,
+                             row_filter=args.row_filter, with_labels=not args.no_labels)
+        for batch in loader:
+            rows += batch.size
+            batches += 1
+        stats = loader.stats()
+    except DataError as exc:
+        return {"error": str(exc)}
+    if stats["rows_emitted"] != rows:
+        return {"error": f"reader accounting: rank {rt.rank} received {rows} rows but the reader counted "
+                         f"{stats['rows_emitted']} emitted"}
+    return {"stats": stats, "rows": rows, "batches": batches, "files": len(loader.files),
+            "fragments": len(loader.fragments), "wall_s": time.perf_counter() - started}
+
+
+def run(args, cfg) -> int:
+    import torch.distributed as dist
+
+    rt = init_runtime(seed=cfg.reader.seed, debug=args.debug)
+    try:
+        mine = read_all(args, cfg, rt)
+        everyone: List[Optional[dict]] = [None] * rt.world_size
+        if rt.world_size > 1:
+            dist.all_gather_object(everyone, mine)
+        else:
+            everyone = [mine]
+        errors = sorted({p["error"] for p in everyone if "error" in p})
+        if errors:
+            if rt.is_main:
+                for err in errors:
+                    print(f"satrank check-data: error: {err}", file=sys.stderr)
+            return 1
+        total = sum_stats([p["stats"] for p in everyone])
+        wall = max(p["wall_s"] for p in everyone)
+        metrics = {**total, "batches": sum(p["batches"] for p in everyone), "world_size": rt.world_size,
+                   "num_workers": cfg.reader.num_workers, "files": everyone[0]["files"],
+                   "fragments": everyone[0]["fragments"], "rows_per_rank": [p["rows"] for p in everyone],
+                   "data": str(args.data), "row_filter": args.row_filter, "with_labels": not args.no_labels,
+                   "wall_s": wall, "rows_per_s": total["rows_read"] / wall if wall > 0 else None}
+        if rt.is_main:
+            if args.out is not None:
+                write_json_atomic(args.out / "metrics.json", metrics)
+            reasons = f" {total['rows_rejected']}" if total["rows_rejected"] else ""
+            print(f"check-data: {args.data}: {total['rows_read']} rows read, {total['rows_emitted']} emitted, "
+                  f"{total['rows_rejected_total']} rejected{reasons}, {total['rows_filtered']} "
+                  f"filtered, {total['rows_dropped']} dropped; {metrics['batches']} batches on {rt.world_size} "
+                  f"rank(s) (rows per rank {metrics['rows_per_rank']}), {wall:.2f}s", flush=True)
+        return 0
+    finally:
+        rt.close()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser("satrank check-data", __doc__.split("\n\n")[0], out_required=False)
+    parser.add_argument("--no-labels", action="store_true", help="the shards have no label columns (candidate sets)")
+    parser.add_argument("--row-filter", default=None, metavar="COLUMN",
+                        help="emit only rows whose 0/1 COLUMN is 1 (e.g. questionnaire_answered); "
+                             "the others count as filtered")
+    args, cfg = parse(parser, argv)
+    return run(args, cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

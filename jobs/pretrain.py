@@ -1,0 +1,53 @@
+"""`jobs.pretrain`: the click model (base ranker) of SAQRec Algorithm 1, whose embedding tables (and towers)
+initialise the satisfaction model (sec. 4.2.2); logit = <u, v> + b, BCE on clicks (eq. 15).
+
+    torchrun --nproc_per_node=N -m jobs.pretrain --data DIR --out RUN [--config CFG] [--set k=v ...]
+        [--resume RUN_OLD]
+
+Trains on DIR/train, evaluates on DIR/valid (click AUC, log loss, ECE; log loss against true_p_click where
+the data has it) and writes RUN/checkpoint (reshardable DCP + config + sharding plan + reader positions),
+RUN/best, RUN/metrics.json and RUN/metrics.jsonl. Settings: `pretrain:` (model) and `train:` with the
+`pretrain_train:` overrides (loop). --resume continues a jobs.pretrain checkpoint at any world size.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from jobs.cli import build_parser
+from jobs.stage1_eval import BinaryEvaluator
+from jobs.trainer import Trainer, eval_reader, run_job, stage_train_config, train_reader
+from models.stage1 import ClickModel
+from pipeline.reader import BatchLoader
+
+STAGE = "pretrain"
+
+
+def run(rt, args, cfg) -> None:
+    train = stage_train_config(cfg, STAGE)
+    torch.manual_seed(train.seed)
+    trainer = Trainer(rt, ClickModel(cfg.data, cfg.embeddings, cfg.pretrain.tower),
+                      emb=cfg.embeddings, train=train, out_dir=args.out, job=STAGE, run_config=cfg)
+    try:
+        train_loader = BatchLoader(args.data / "train", cfg.data, train_reader(cfg.reader, train))
+        valid_loader = BatchLoader(args.data / "valid", cfg.data, eval_reader(cfg.reader))
+        if args.resume is not None:
+            trainer.restore(args.resume, train_loader)
+        fit = trainer.fit(train_loader, valid_loader, BinaryEvaluator("click_prob", "click", "true_p_click"))
+        trainer.write_final(fit)
+    finally:
+        trainer.close()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser("satrank pretrain", __doc__.split("\n\n")[0])
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="continue this jobs.pretrain run (RUN or RUN/checkpoint)")
+    return run_job(parser, argv, run, stage=STAGE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""`jobs.propensity`: the propensity model rho(u, i) = P(questionnaire answered) of SAQRec (eq. 5, Algorithm 1
+lines 2-4), trained with BCE on `questionnaire_answered` over ALL impressions.
+
+    torchrun --nproc_per_node=N -m jobs.propensity --data DIR --out RUN [--config CFG] [--set k=v ...]
+        [--resume RUN_OLD]
+
+RUN/metrics.json on DIR/valid: `auc`, `logloss`, `ece`, `reliability` (equal-width bins: count, mean
+predicted, observed answer rate) and, where the data has true_p_answered, `ideal_logloss_all`. The
+satisfaction job loads RUN/checkpoint into its frozen propensity submodule (IPS weights 1/max(rho, M)),
+so calibration matters as much as ranking. Settings: `propensity:` and `train:` + `propensity_train:`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from jobs.cli import build_parser
+from jobs.stage1_eval import BinaryEvaluator
+from jobs.trainer import Trainer, eval_reader, run_job, stage_train_config, train_reader
+from models.stage1 import PropensityModel
+from pipeline.reader import BatchLoader
+
+STAGE = "propensity"
+
+
+def run(rt, args, cfg) -> None:
+    train = stage_train_config(cfg, STAGE)
+    torch.manual_seed(train.seed)
+    trainer = Trainer(rt, PropensityModel(cfg.data, cfg.embeddings, cfg.propensity),
+                      emb=cfg.embeddings, train=train, out_dir=args.out, job=STAGE, run_config=cfg)
+    try:
+        train_loader = BatchLoader(args.data / "train", cfg.data, train_reader(cfg.reader, train))
+        valid_loader = BatchLoader(args.data / "valid", cfg.data, eval_reader(cfg.reader))
+        if args.resume is not None:
+            trainer.restore(args.resume, train_loader)
+        evaluator = BinaryEvaluator("answer_prob", "questionnaire_answered", "true_p_answered", reliability=True)
+        fit = trainer.fit(train_loader, valid_loader, evaluator)
+        trainer.write_final(fit)
+    finally:
+        trainer.close()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser("satrank propensity", __doc__.split("\n\n")[0])
+    parser.add_argument("--resume", type=Path, default=None, help="continue this jobs.propensity run")
+    return run_job(parser, argv, run, stage=STAGE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""`jobs.satisfaction`: the satisfaction model g(u, i) of SAQRec (eqs. 1, 6; Algorithm 1 lines 5-7) on the
+click model's FROZEN embedding tables, trained on questionnaire answers with the loss `satisfaction.loss`
+(naive eq. 3 | ips eq. 6 | snips | dr); rho comes from a frozen copy of the propensity model.
+
+    torchrun --nproc_per_node=N -m jobs.satisfaction --data DIR --init RUN_BASE [--propensity RUN_P] --out RUN
+        [--config CFG] [--set k=v ...] [--resume RUN_OLD]
+
+--init: a jobs.pretrain run; its tables (and, with satisfaction.init_tower_from_pretrain, its towers) are
+loaded into the sharded model and stay bit-identical (checked: `frozen_tables_changed`). --propensity: a
+jobs.propensity run loaded into the `propensity.` submodule (needed by ips / snips / dr, ignored by naive).
+Both are DCP checkpoints loaded at any world size; a missing path, a directory that is no checkpoint, a
+run of another job or one written for another feature config (fingerprint) is a one-line error.
+
+naive / ips / snips read only answered training rows (reader row_filter questionnaire_answered): every
+batch then holds B answered rows, so ips with ips_normalizer=all is the full-data estimator of Thm 4.1
+rescaled by the constant |D|/B per epoch (same minimiser). dr needs every row (imputation over D).
+Evaluation is on EVERY row of DIR/valid: RUN/metrics.json has `ideal_loss_all` (eq. 2 against
+true_p_satisfied), `auc_true_all` (AUC against satisfaction sampled from true_p_satisfied, fixed seed
+train.seed), `auc_answered`, and the counts `answered_rows`, `batches_no_answered`, `clipped_propensities`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from jobs.cli import build_parser
+from jobs.runtime import get_logger
+from jobs.stage1_eval import SatisfactionEvaluator
+from jobs.trainer import (Trainer, check_checkpoint, eval_reader, local_tables, run_job, stage_train_config,
+                          tables_changed, train_reader)
+from models.stage1 import SatisfactionModel
+from pipeline.config import ConfigError
+from pipeline.reader import BatchLoader
+
+STAGE = "satisfaction"
+logger = get_logger("satisfaction")
+
+
+def _needs_propensity(cfg) -> bool:
+    return cfg.satisfaction.loss != "naive"
+
+
+def precheck(args, cfg) -> None:
+    """Every path argument checked before any process group exists (same failure on every rank)."""
+    if args.resume is not None:
+        check_checkpoint(args.resume, cfg.data, cfg.embeddings, what="--resume", expect_job=STAGE)
+        return
+    if args.init is None:
+        raise ConfigError("--init RUN_BASE (a jobs.pretrain run) is required unless --resume is given")
+    check_checkpoint(args.init, cfg.data, cfg.embeddings, what="--init", expect_job="pretrain")
+    if _needs_propensity(cfg):
+        if args.propensity is None:
+            raise ConfigError(f"--propensity RUN_P (a jobs.propensity run) is required for satisfaction.loss="
+                              f"{cfg.satisfaction.loss}")
+        check_checkpoint(args.propensity, cfg.data, cfg.embeddings, what="--propensity", expect_job="propensity")
+
+
+def run(rt, args, cfg) -> None:
+    train = stage_train_config(cfg, STAGE)
+    sat = cfg.satisfaction
+    torch.manual_seed(train.seed)
+    trainer = Trainer(rt, SatisfactionModel(cfg.data, cfg.embeddings, cfg.pretrain.tower, sat, cfg.propensity),
+                      emb=cfg.embeddings, train=train, out_dir=args.out, job=STAGE, run_config=cfg)
+    try:
+        row_filter = None if sat.loss == "dr" else cfg.data.labels.questionnaire_answered
+        train_loader = BatchLoader(args.data / "train", cfg.data, train_reader(cfg.reader, train),
+                                   row_filter=row_filter)
+        valid_loader = BatchLoader(args.data / "valid", cfg.data, eval_reader(cfg.reader))
+        loaded = {}
+        if args.resume is not None:
+            trainer.restore(args.resume, train_loader)
+        else:
+            mapping = {"sparse_arch.": "sparse_arch."}
+            if sat.init_tower_from_pretrain:
+                mapping["arch.tower."] = "arch.tower."
+            loaded["init"] = {"path": str(args.init), "keys": len(
+                trainer.load_prefixed(args.init, mapping, what="--init", expect_job="pretrain"))}
+            if _needs_propensity(cfg):
+                loaded["propensity"] = {"path": str(args.propensity), "keys": len(trainer.load_prefixed(
+                    args.propensity, {"sparse_arch.": "propensity.sparse_arch.", "arch.": "propensity.arch."},
+                    what="--propensity", expect_job="propensity"))}
+            elif args.propensity is not None:
+                logger.info("satisfaction.loss=naive uses no propensity: --propensity %s is ignored", args.propensity)
+        frozen = local_tables(trainer.dmp)  # every table: g's and the propensity submodule's
+        evaluator = SatisfactionEvaluator(seed=train.seed, clip=sat.clip)
+        fit = trainer.fit(train_loader, valid_loader, evaluator)
+        changed = tables_changed(frozen, trainer.dmp)
+        if changed:
+            logger.error("frozen tables changed during training: %s", changed)
+        trainer.write_final(fit, loss_kind=sat.loss, clip=sat.clip, answered_only_training=row_filter is not None,
+                            loaded=loaded, frozen_tables=sorted(frozen), frozen_tables_changed=changed)
+    finally:
+        trainer.close()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser("satrank satisfaction", __doc__.split("\n\n")[0])
+    parser.add_argument("--init", type=Path, default=None,
+                        help="jobs.pretrain run whose tables (frozen) and towers start g")
+    parser.add_argument("--propensity", type=Path, default=None, help="jobs.propensity run (ips / snips / dr)")
+    parser.add_argument("--resume", type=Path, default=None, help="continue this jobs.satisfaction run")
+    return run_job(parser, argv, run, stage=STAGE, precheck=precheck)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

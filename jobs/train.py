@@ -1,0 +1,135 @@
+"""`jobs.train`: the stage-2 ranker of SAQRec (Algorithm 1 lines 8-10), or one of its ablations / the
+click-only baseline, trained with a frozen stage-1 satisfaction model g; then evaluated on DIR/test,
+the candidate sets and the leave-one-out lists (jobs.evaluate's logic).
+
+    torchrun --nproc_per_node=N -m jobs.train --data DIR --satisfaction RUN_S --out RUN
+        [--config CFG] [--set k=v ...] [--resume RUN_OLD]
+
+- Model: models.ranker_task.RankerTask from `model:` / `loss:` (ablations: --set model.sid=false,
+  model.mlse=false, model.mtl=false, model.variant=click_only). g is built from RUN_S's own config
+  (pretrain.tower, satisfaction, embeddings) and its tables + tower + head are loaded from RUN_S's
+  best checkpoint (jobs.trainer.load_prefixed: resharded, fingerprint-checked, must be a
+  jobs.satisfaction run). "Without unbiased pre-training" = pass a RUN_S trained with
+  --set satisfaction.loss=naive. With mlse and mtl both off g is neither needed nor loaded and
+  --satisfaction may be omitted.
+- Loop: jobs.trainer.Trainer (TrainPipelineSparseDist, uneven ranks padded, evaluation on DIR/valid
+  every `eval_every` epochs, early stopping on `monitor`, RUN/checkpoint + RUN/best, --resume at
+  any world size); settings `train:` with the `ranker_train:` overrides. Around every training
+  epoch the task learns its epoch (L_S vs L_S^mix, eq. 18) and afterwards fits the label-correction
+  Beta mixture on that epoch's losses (collective); the fit travels in the checkpoints.
+- Validation (models.evaluation.RankerEvaluator): loss (total), loss_click, loss_satisfaction
+  (eq. 16), loss_watch_time, click_auc, click_gauc, sat_auc_answered, watch_time_mae/xauc.
+- At the end the weights the trainer ends with (RUN/best's with train.restore_best, else the last) are
+  evaluated: RUN/metrics.json
+  holds models.evaluation.METRIC_KEYS at the top level, plus `valid` (last validation), `fit`
+  (schedule, per-epoch records), `label_correction` (per-epoch fits) and timings.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from jobs.checkpoint import CheckpointError
+from jobs.cli import build_parser
+from jobs.evaluate import (TEACHER_FILE, build_task, evaluate_all, format_table, satisfaction_teacher,
+                           teacher_to_dict)
+from jobs.runtime import get_logger, write_json_atomic
+from jobs.trainer import (Trainer, eval_reader, finite_or_none, load_prefixed, run_job, stage_train_config,
+                          train_reader)
+from models.evaluation import EvaluationConfig, RankerEvaluator
+from models.ranker_task import find_task, needs_teacher
+from pipeline.reader import BatchLoader
+
+STAGE = "ranker"  # config section ranker_train:
+JOB = "train"
+TEACHER_MAP = {"sparse_arch.": "g.sparse_arch.", "arch.tower.": "g.arch.tower.", "arch.head.": "g.arch.head."}
+log = get_logger("train")
+
+
+class RankerTrainer(Trainer):
+    """Trainer that tells the task its epoch and closes each epoch's label correction (eqs. 17-18)."""
+
+    corrections: List[Dict[str, Any]]
+
+    def _train_epoch(self, loader, epoch: int, template) -> bool:
+        task = find_task(self.dmp)
+        task.set_epoch(epoch)
+        finished = super()._train_epoch(loader, epoch, template)
+        if finished:
+            fit = task.end_epoch(epoch)  # collective: every rank gathers the epoch's losses
+            if fit:
+                rec = {"event": "label_correction", "epoch": epoch, **fit}
+                self.corrections = getattr(self, "corrections", []) + [rec]
+                self.writer.log(rec)
+                log.info("label correction fitted on epoch %d losses: %s", epoch, fit)
+        return finished
+
+
+def precheck(args, cfg) -> None:
+    for split in ("train", "valid", "test"):
+        if not (args.data / split).is_dir():
+            raise CheckpointError(f"--data {args.data}: no {split}/ split")
+    if needs_teacher(cfg.model):
+        if args.satisfaction is None:
+            raise CheckpointError("--satisfaction RUN_S is required: model.mlse / model.mtl use the stage-1 "
+                                  "satisfaction model g (set both false, or model.variant=click_only, to train without)")
+        args.teacher, args.teacher_path = satisfaction_teacher(args.satisfaction, cfg.data)
+    else:
+        args.teacher, args.teacher_path = None, None
+
+
+def run(rt, args, cfg) -> None:
+    train = stage_train_config(cfg, STAGE)
+    ecfg = getattr(cfg, "evaluate", None) or EvaluationConfig()
+    started = time.perf_counter()
+    task = build_task(cfg, args.teacher, seed=train.seed)
+    trainer = RankerTrainer(rt, task, emb=cfg.embeddings, train=train, out_dir=args.out, job=JOB, run_config=cfg)
+    try:
+        if rt.is_main:
+            write_json_atomic(args.out / TEACHER_FILE, teacher_to_dict(args.teacher, args.teacher_path and str(args.teacher_path)))
+        loaded: List[str] = []
+        if args.teacher is not None:
+            loaded = load_prefixed(args.teacher_path, trainer.dmp, TEACHER_MAP, cfg.data, args.teacher.emb,
+                                   what="--satisfaction", expect_job="satisfaction")
+            log.info("loaded the frozen satisfaction model g from %s (%d tensors)", args.teacher_path, len(loaded))
+        elif args.satisfaction is not None:
+            log.warning("--satisfaction %s ignored: model.mlse and model.mtl are off, g is not used", args.satisfaction)
+        train_loader = BatchLoader(args.data / "train", cfg.data, train_reader(cfg.reader, train))
+        valid_loader = BatchLoader(args.data / "valid", cfg.data, eval_reader(cfg.reader))
+        if args.resume is not None:
+            trainer.restore(args.resume, train_loader)
+        fit = trainer.fit(train_loader, valid_loader, RankerEvaluator(cfg.loss))
+        restored = fit.get("restored_best")  # the trainer ends on RUN/best's weights when train.restore_best
+        evaluated = f"best (epoch {restored['epoch']})" if restored else "last"
+        final = evaluate_all(trainer.dmp, cfg, ecfg, args.data, rt)
+        m = cfg.model
+        metrics = {**final, "job": JOB, "world_size": rt.world_size, "evaluated_checkpoint": evaluated,
+                   "model": {"variant": m.variant, "sid": m.use_sid, "mlse": m.use_mlse, "mtl": m.use_satisfaction,
+                             "heads": find_task(trainer.dmp).heads},
+                   "teacher": None if args.teacher is None else {"run": str(args.satisfaction),
+                                                                 "loss": args.teacher.satisfaction.loss,
+                                                                 "tensors_loaded": len(loaded)},
+                   "valid": fit["eval"], "fit": {k: v for k, v in fit.items() if k not in ("eval", "last_eval")},
+                   "label_correction": getattr(trainer, "corrections", []),
+                   "evaluation": {"rank_score": ecfg.rank_score, "fusion_sat_weight": ecfg.fusion_sat_weight,
+                                  "k": ecfg.k, "loo_negatives": ecfg.loo_negatives, "loo_seed": ecfg.loo_seed},
+                   "total_s": round(time.perf_counter() - started, 2)}
+        trainer.writer.write_final(finite_or_none(metrics))  # test metrics at the top level, validation under `valid`
+        if rt.is_main:
+            log.info("test metrics (%s checkpoint):\n%s", evaluated, format_table({m.variant: final}))
+    finally:
+        trainer.close()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser("satrank train", __doc__.split("\n\n")[0])
+    parser.add_argument("--satisfaction", type=Path, default=None,
+                        help="jobs.satisfaction run directory (RUN_S) holding the frozen satisfaction model g")
+    parser.add_argument("--resume", type=Path, default=None, help="continue this jobs.train run")
+    return run_job(parser, argv, run, stage=STAGE, precheck=precheck)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
