@@ -13,15 +13,18 @@ not cost more than it brings; so in the same run it measures
                           is identical; embedding lookups count 0) over the FLOP/s of a plain float32
                           matmul measured in the same process with the same threads.
 Every history is full: hist_click 50, hist_satisfied 20, hist_dissatisfied 5 (and hist_skip 20),
-default vocabularies of configs/sim.yaml, one batch of reader.batch_size rows reused per step.
+default vocabularies of configs/sim.yaml, one batch of reader.batch_size rows reused per step. Both models
+live in the same process and are timed in alternating blocks (median block), so a shared machine's
+fluctuating load does not favour either.
 
-    PYTHONPATH=. python bench/train_throughput.py [--config CFG] [--batch-size N] [--steps S] [--threads T]
+    PYTHONPATH=. python bench/train_throughput.py [--config CFG] [--batch-size N] [--steps S] [--rounds R] [--threads T]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -84,34 +87,27 @@ def time_steps(step, steps: int, warmup: int) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps if steps else 0.0
 
 
-def bench_torchrec(cfg, batch, steps: int, warmup: int) -> float:
+def torchrec_stepper(cfg, batch, rt):
+    """(step function, holders) of the sharded task stepped by TrainPipelineSparseDist on `batch` forever."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from embeddings.sharding import shard_model
-    from jobs.runtime import init_runtime
 
-    rt = init_runtime(seed=0, device="cpu")
-    try:
-        dmp, opt = shard_model(build_task(cfg, 0), cfg.embeddings, rt, dense_lr=1e-3, seed=0,
-                               planner_batch_size=batch.size)
-        pipe = TrainPipelineSparseDist(dmp, opt, rt.device)
+    dmp, opt = shard_model(build_task(cfg, 0), cfg.embeddings, rt, dense_lr=1e-3, seed=0, planner_batch_size=batch.size)
+    pipe = TrainPipelineSparseDist(dmp, opt, rt.device)
 
-        class Forever:
-            def __iter__(self):
-                return self
+    class Forever:
+        def __iter__(self):
+            return self
 
-            def __next__(self):
-                return batch
+        def __next__(self):
+            return batch
 
-        it = Forever()
-        sec = time_steps(lambda: pipe.progress(it), steps, warmup)
-        del pipe, dmp, opt
-        return sec
-    finally:
-        rt.close()
+    it = Forever()
+    return (lambda: pipe.progress(it)), [pipe, dmp, opt]
 
 
 def plain_model(cfg):
@@ -132,17 +128,19 @@ def plain_step(task, opt_sparse, opt_dense, batch) -> None:
     opt_dense.step()
 
 
-def matmul_flops_per_s(n: int = 1024, steps: int = 20) -> float:
+def matmul_flops_per_s(n: int = 1024, steps: int = 10, rounds: int = 5) -> float:
+    """float32 [n, n] @ [n, n] FLOP/s (2 n^3 per product), median of `rounds` blocks."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    sec = time_steps(lambda: torch.mm(a, b), steps, 3)
-    return 2.0 * n ** 3 / sec
+    time_steps(lambda: torch.mm(a, b), 0, 3)
+    return 2.0 * n ** 3 / statistics.median(time_steps(lambda: torch.mm(a, b), steps, 0) for _ in range(rounds))
 
 
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None)
     p.add_argument("--batch-size", type=int, default=None, help="rows per step (default reader.batch_size)")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=4, help="steps per timed block")
+    p.add_argument("--rounds", type=int, default=5, help="alternating timed blocks per model (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
@@ -154,24 +152,36 @@ def main(argv: List[str] | None = None) -> int:
     batch, _ = table_to_batch(table, cfg.data)
     lens = {f.name: float(batch.sparse[f.name].lengths().float().mean()) for f in cfg.data.sequence}
 
-    task, o_s, o_d = plain_model(cfg)
-    task.train()
-    plain_sec = time_steps(lambda: plain_step(task, o_s, o_d, batch), args.steps, args.warmup)
-    from torch.utils.flop_counter import FlopCounterMode
+    from jobs.runtime import init_runtime
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        plain_step(task, o_s, o_d, batch)
-    step_flops = counter.get_total_flops()
-    del task, o_s, o_d
+    rt = init_runtime(seed=0, device="cpu")
+    try:
+        task, o_s, o_d = plain_model(cfg)
+        task.train()
+        plain = lambda: plain_step(task, o_s, o_d, batch)  # noqa: E731
+        trec, holders = torchrec_stepper(cfg, batch, rt)
+        from torch.utils.flop_counter import FlopCounterMode
 
-    trec_sec = bench_torchrec(cfg, batch, args.steps, args.warmup)
+        counter = FlopCounterMode(display=False)  # the dense part is identical in both models: count it once
+        with counter:
+            plain()
+        step_flops = counter.get_total_flops()
+        plain_times, trec_times = [], []
+        time_steps(plain, 0, args.warmup)
+        time_steps(trec, 0, args.warmup)
+        for _ in range(args.rounds):  # alternate blocks: a shared machine's load hits both alike
+            plain_times.append(time_steps(plain, args.steps, 0))
+            trec_times.append(time_steps(trec, args.steps, 0))
+        plain_sec, trec_sec = statistics.median(plain_times), statistics.median(trec_times)
+        del holders, trec, task, o_s, o_d
+    finally:
+        rt.close()
     mm = matmul_flops_per_s()
     trec_sps, plain_sps = bs / trec_sec, bs / plain_sec
     achieved = step_flops / trec_sec
     print(json.dumps({
         "bench": "train_throughput", "model": "saqrec full (sid, mlse, mtl, watch_time) + frozen g",
-        "batch_size": bs, "history_lengths": lens, "threads": torch.get_num_threads(), "steps": args.steps,
+        "batch_size": bs, "history_lengths": lens, "threads": torch.get_num_threads(), "steps": args.steps * args.rounds,
         "torchrec_samples_per_s": round(trec_sps, 1), "plain_samples_per_s": round(plain_sps, 1),
         "ratio": round(trec_sps / plain_sps, 3), "step_flops": step_flops,
         "achieved_flops_per_s": achieved, "matmul_flops_per_s": mm, "flops_ratio": round(achieved / mm, 4),

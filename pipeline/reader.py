@@ -290,6 +290,16 @@ class _PackedShards(ShardDataset):
                 group, size = [], 0
 
 
+def _worker_context():
+    """The forkserver context, its server preloading torch, pyarrow and this module once, so each
+    worker starts as a cheap fork of a clean single-threaded process."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "pyarrow.parquet", "pipeline.reader"])
+    return ctx
+
+
 def _dist_rank_world() -> Tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -375,8 +385,11 @@ class BatchLoader:
             self._reset({s: initial_position(self.epoch, s) for s in self.slots})
         dataset = _PackedShards(self.fs, self.fragments, self.converter, self.cfg, rank=self.rank,
                                world_size=self.world_size, epoch=self.epoch, start=copy.deepcopy(self._positions))
+        # forkserver, not fork: a worker forked while the previous pass's feeder threads are still
+        # tearing down can hang forever in CPython's post-fork cleanup (seen under load on 3.11).
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                            pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                            pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                            multiprocessing_context=_worker_context() if self.cfg.num_workers > 0 else None)
         it = iter(loader)
         # Holding the last buffers of each worker keeps them mapped: a worker reusing one is then
         # found in torch's shared-storage cache instead of being mapped (and page-faulted) again.
