@@ -55,7 +55,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _broadcast(obj: Any) -> Any:
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (identity without a process group)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
@@ -63,7 +64,8 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _all_gather(obj: Any) -> List[Any]:
+def all_gather_objects(obj: Any) -> List[Any]:
+    """Every rank's `obj`, in rank order (a one-item list without a process group)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     out: List[Any] = [None] * dist.get_world_size()
@@ -145,8 +147,8 @@ def save_checkpoint(
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"save_checkpoint: extra/rank_extra must be JSON-serialisable: {exc}") from None
     signature = _signature(model, data, emb, config)
-    rank_extras = _all_gather(rank_extra)
-    token = _broadcast(f"{int(time.time() * 1000)}-{os.getpid()}")
+    rank_extras = all_gather_objects(rank_extra)
+    token = broadcast_object(f"{int(time.time() * 1000)}-{os.getpid()}")
     tmp = run_dir / f"{name}.tmp-{token}"
     target = run_dir / name
     state: Dict[str, Any] = {"model": model.state_dict()}
@@ -198,7 +200,7 @@ def _on_rank0(fn, what: str) -> None:
             fn()
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
             err = f"{type(exc).__name__}: {exc}"
-    err = _broadcast(err)
+    err = broadcast_object(err)
     if err is not None:
         raise CheckpointError(f"save_checkpoint: {what} failed on rank 0: {err}")
 

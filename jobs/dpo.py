@@ -41,7 +41,8 @@ from jobs.cli import build_parser
 from jobs.evaluate import TEACHER_FILE, build_task, checkpoint_config, evaluate_all, run_checkpoint, teacher_from_dict
 from jobs.loop import synced_pairs
 from jobs.runtime import get_logger, write_json_atomic
-from jobs.trainer import _all_gather, finite_or_none, first_batch, load_prefixed, run_job, stage_train_config
+from jobs.checkpoint import all_gather_objects
+from jobs.trainer import finite_or_none, first_batch, load_prefixed, run_job, stage_train_config
 from models.dpo import auc
 from models.easq import GROUP_LORA
 from models.easq_task import EasqTask, pad_rows, pair_batch
@@ -242,7 +243,7 @@ def run(rt, args, cfg_cli) -> None:
     save(args, rt, dmp, combined, module, buf, st, theta0, before)
     num = sum(float((p.detach() - theta0[k]).pow(2).sum()) for k, p in backbone.items())
     den = sum(float(v.pow(2).sum()) for v in theta0.values())
-    parts = _all_gather({"logits": torch.cat(st.logits) if st.logits else torch.zeros(0),
+    parts = all_gather_objects({"logits": torch.cat(st.logits) if st.logits else torch.zeros(0),
                          "labels": torch.cat(st.labels) if st.labels else torch.zeros(0), "rows": st.rows,
                          "keys": torch.cat(st.keys) if st.keys else torch.zeros(0, 3, dtype=torch.long)})
     after = evaluate_all(dmp, ecfg_cfg, ecfg, args.data, rt)

@@ -45,7 +45,7 @@ from torch import nn
 from embeddings.config import EmbeddingConfig
 from embeddings.sharding import find_sparse_archs, plan_summary, plan_to_dict, shard_model
 from embeddings.tables import TABLE_KEY, feature_signature
-from jobs.checkpoint import (STATE_DIR, CheckpointError, fingerprint, load_checkpoint, read_meta,
+from jobs.checkpoint import (STATE_DIR, all_gather_objects, broadcast_object, CheckpointError, fingerprint, load_checkpoint, read_meta,
                              save_checkpoint, signature_diff)
 from jobs.loop import LoopStats, run_loop, synced_pairs
 from jobs.runtime import MetricsWriter, Runtime, get_logger, write_json_atomic, write_text_atomic
@@ -159,22 +159,6 @@ def _sum_dicts(dicts: List[Dict[str, float]]) -> Dict[str, float]:
     return out
 
 
-def _all_gather(obj: Any) -> List[Any]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj: Any) -> Any:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class Evaluator(Protocol):
     """Task-specific evaluation. `columns`: 1-D tensors of one real batch's rows (clone views of batch
     tensors); `metrics`: from the columns of every rank's rows and the summed `stats/*` counters."""
@@ -271,7 +255,7 @@ def tables_changed(before: Dict[str, List[torch.Tensor]], module: nn.Module, pre
     mine = sorted(k for k in set(before) | set(now)
                   if k not in before or k not in now or len(before[k]) != len(now[k])
                   or not all(torch.equal(a, b) for a, b in zip(before[k], now[k])))
-    return sorted({k for part in _all_gather(mine) for k in part})
+    return sorted({k for part in all_gather_objects(mine) for k in part})
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -401,7 +385,7 @@ class Trainer:
         template = self._template(loader)
         with torch.no_grad(), reap_loader_threads(loader):
             stats = run_loop(loader, step, self.rt, policy="pad", template=template)
-        parts = _all_gather({"acc": acc, "counters": counters, "padding": stats.padding_steps})
+        parts = all_gather_objects({"acc": acc, "counters": counters, "padding": stats.padding_steps})
         total = _sum_dicts([p["acc"] for p in parts])
         counts = _sum_dicts([p["counters"] for p in parts])
         columns = collector.gather() if evaluator is not None else {}
@@ -414,7 +398,7 @@ class Trainer:
                 result.update(evaluator.metrics(columns, counts))
             result["eval_s"] = time.perf_counter() - started
             result = finite_or_none(result)
-        return _broadcast(result)
+        return broadcast_object(result)
 
     # ------------------------------------------------------------------ training
     def _forward(self, batch: Batch):
@@ -489,7 +473,7 @@ class Trainer:
         wall = time.perf_counter() - started
         loss_sum = float(sums.pop("loss", 0.0))
         counters = {k[6:]: float(v) for k, v in sums.items()}
-        parts = _all_gather({"rows": stats.rows - untrained, "padding": stats.padding_steps,
+        parts = all_gather_objects({"rows": stats.rows - untrained, "padding": stats.padding_steps,
                              "dropped_rows": stats.dropped_rows, "loss_sum": loss_sum, "loss_n": loss_n,
                              "counters": counters, "reader": loader.stats()})
         rows = sum(p["rows"] for p in parts)
