@@ -47,8 +47,9 @@ def stages(out: Path, nproc: int, common: List[str]) -> List[tuple]:
     # stage 3 (EASQ, jobs.dpo): online alignment of the stage-2 ranker; runs once the `train` stage is listed
     names = [name for name, _, _ in run]
     if "train" in names:
+        rho = ["--propensity", str(out / "propensity")] if "propensity" in names else []
         run.insert(names.index("train") + 1, ("dpo", "jobs.dpo", ["--data", data, "--init", str(out / "train"),
-                                                                   "--out", str(out / "dpo"), *common]))
+                                                                   *rho, "--out", str(out / "dpo"), *common]))
     # serving: batch-score the simulated candidate sets with the stage-2 ranker, then export it
     run += [
         ("score", "jobs.score", ["--model", str(out / "train"), "--candidates", f"{data}/candidates",

@@ -1,27 +1,36 @@
 """`jobs.dpo`: stage 3, EASQ online alignment of a trained stage-2 ranker (docs/easq.md, "The online job").
 
-    torchrun --nproc_per_node=N -m jobs.dpo --data DIR --init RUN_MAIN --out RUN [--config CFG] [--set k=v]
-        [--follow --max-wait-s S] [--poll-s S] [--checkpoint-every STEPS] [--sat-only] [--log-keys]
+    torchrun --nproc_per_node=N -m jobs.dpo --data DIR --init RUN_MAIN --out RUN [--propensity RUN_P]
+        [--config CFG] [--set k=v] [--follow --max-wait-s S] [--poll-s S] [--checkpoint-every STEPS]
+        [--sat-only] [--log-keys]
 
 - Model: RUN_MAIN (a jobs.train run: its checkpoint, config.yaml, teacher.json) rebuilt from its own config,
   EASQ pathway installed (models.easq_task.EasqTask, `easq:` from --config/--set), weights loaded (DCP, any
   world size), then sharded. Optimizers per group: fused tables (in backward), `backbone` (backbone dense +
   data-parallel tables, train.dense_optimizer / ranker_train overrides), `lora` (Adam, easq.lr). The backbone
-  optimizer is never stepped on an L_sat-only step (behaviour off and DPO weight x ramp = 0).
+  optimizer is never stepped on an L_sat-only step (behaviour off and DPO weight x ramp = 0) of the isolated
+  pathway; with `easq.pathway: shared` (the baseline) L_sat trains the backbone, so it is stepped every step.
 - Stream: the Parquet shards of DIR/train in file-name order (the simulator's names are time-ordered; the
   job checks the timestamp min/max of consecutive files and records `timestamp_ordered`), each shard read
   once, no shuffle, no epochs; row groups of a shard are split over ranks (pipeline.reader slots).
   --follow re-lists DIR/train after the known shards and waits for new ones until --max-wait-s passes.
 - Prequential: the satisfaction head's logits of each batch come from the forward that trains on it
   (before its update): `prequential_sat_auc` on the answered rows of all ranks.
-- rho: constant 1 (no propensity model is loaded yet: L_sat is the naive BCE on answered rows, clipped
-  weights 1); see docs/easq.md "left to do".
+- rho: with --propensity RUN_P (a jobs.propensity run, checked: exists, job, feature fingerprint), the FROZEN
+  stage-1 propensity model (models.stage1.PropensityModel built from RUN_P's own config.yaml, sharded in a
+  DMP of its own, eval mode, no_grad: its tables stay bit-identical, checked) scores every batch: rho_hat
+  gives L_sat's IPS weights 1 / max(rho_hat, easq.clip) and the pair buffer's weights. Without it rho = 1
+  (L_sat is the plain BCE on answered rows); the log says so and metrics.json has `propensity: null`.
 - Checkpoints every --checkpoint-every steps and at the end: RUN/checkpoint (jobs.checkpoint: model +
   every optimizer, extra: step, shards done, before-metrics; rank_extra: shard + reader position) and
   RUN/easq_state/step-<S>/rank<r>.pt (pair buffer, EasqLoss ramp, prequential columns, theta_0, keys).
   A run with RUN/checkpoint resumes there (same world size and reader workers).
-- RUN/metrics.json: `before`, `after` (jobs.evaluate.evaluate_all on DIR/test + candidates + leave-one-out),
-  prequential_sat_auc, backbone_drift = ||theta_t - theta_0|| / ||theta_0|| (backbone dense), counts.
+- RUN/metrics.json: `before`, `after` (jobs.evaluate.evaluate_all on DIR/test + candidates + leave-one-out,
+  plus `sat_head`: the satisfaction head's AUC on the answered rows of DIR/valid and DIR/test),
+  prequential_sat_auc, backbone_drift = ||theta_t - theta_0|| / ||theta_0|| (backbone dense), counts,
+  `propensity` (null without --propensity).
+- Serving: RUN/checkpoint carries config.yaml and RUN/teacher.json is copied from RUN_MAIN, so jobs.score
+  and jobs.export take RUN like a jobs.train run (models.serving kind `easq`, adapters folded).
 """
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -42,13 +51,15 @@ from jobs.evaluate import TEACHER_FILE, build_task, checkpoint_config, evaluate_
 from jobs.loop import synced_pairs
 from jobs.runtime import get_logger, write_json_atomic
 from jobs.checkpoint import all_gather_objects
-from jobs.trainer import finite_or_none, first_batch, load_prefixed, run_job, stage_train_config
+from jobs.trainer import (check_checkpoint, finite_or_none, first_batch, load_prefixed, local_tables, run_job,
+                          stage_train_config, tables_changed)
 from models.dpo import auc
 from models.easq import GROUP_LORA
 from models.easq_task import EasqTask, pad_rows, pair_batch
 from models.evaluation import EvaluationConfig
 from models.pair_buffer import PairBuffer
 from models.ranker_task import needs_teacher
+from pipeline.errors import DataError
 from pipeline.reader import BatchLoader, list_shards
 
 JOB = "dpo"
@@ -75,6 +86,109 @@ def timestamp_ordered(files: List[str]) -> bool:
             return False
         prev = hi
     return True
+
+
+def propensity_run(run_p: Path, data) -> Tuple[Path, Any]:
+    """(checkpoint dir, RUN_P's own config) of a jobs.propensity run, checked like jobs.satisfaction checks it:
+    a checkpoint, written by jobs.propensity, for these features (fingerprint). Not collective."""
+    try:
+        path = ckpt.resolve(run_p)
+    except ckpt.CheckpointError as exc:
+        raise ckpt.CheckpointError(f"--propensity: {exc}") from None
+    pcfg = checkpoint_config(path)
+    check_checkpoint(path, data, pcfg.embeddings, what="--propensity", expect_job="propensity")
+    return path, pcfg
+
+
+class FrozenPropensity:
+    """The stage-1 propensity model of --propensity RUN_P, FROZEN: models.stage1.PropensityModel built from
+    RUN_P's config (its `embeddings:` and `propensity:` sections; `data:` is the stream's, fingerprint-checked),
+    sharded in a DMP of its own, weights loaded strictly (every key, any world size), always in eval mode and
+    called under no_grad, so no optimizer can ever reach it. `rho(batch)` = its `propensity` output (collective:
+    every rank calls it every step). Not part of the EASQ checkpoint (a resumed run reloads RUN_P)."""
+
+    def __init__(self, run_p: Path, data, rt, seed: int) -> None:
+        from embeddings.sharding import shard_model
+        from models.stage1 import PropensityModel
+
+        self.run = str(run_p)
+        self.path, pcfg = propensity_run(run_p, data)
+        torch.manual_seed(seed)
+        model = PropensityModel(data, pcfg.embeddings, pcfg.propensity)
+        self.dmp, _ = shard_model(model, pcfg.embeddings, rt, seed=seed)
+        self.keys = load_prefixed(self.path, self.dmp, {"": ""}, data, pcfg.embeddings, what="--propensity",
+                                  expect_job="propensity")
+        self.dmp.eval()
+        self.tables = local_tables(self.dmp)
+        self.dense = {k: v.detach().clone() for k, v in self.dmp.state_dict().items()
+                      if k not in self.tables and torch.is_tensor(v) and not hasattr(v, "local_shards")}
+        self.answered, self.rho_sum, self.clipped = 0, 0.0, 0
+
+    @torch.no_grad()
+    def rho(self, batch) -> torch.Tensor:
+        self.dmp.eval()
+        _, out = self.dmp(batch)
+        return out["propensity"].detach().float()
+
+    def observe(self, rho: torch.Tensor, answered: torch.Tensor, clip: float) -> None:
+        r = rho[answered > 0.5].double()
+        self.answered += int(r.numel())
+        self.rho_sum += float(r.sum())
+        self.clipped += int((r < clip).sum())
+
+    def report(self, clip: float) -> Dict[str, Any]:
+        """Collective: where the model came from, whether anything in it moved, rho on the answered rows."""
+        now = self.dmp.state_dict()
+        dense_moved = sorted(k for k, v in self.dense.items() if not torch.equal(now[k], v))
+        parts = all_gather_objects({"n": self.answered, "sum": self.rho_sum, "clipped": self.clipped,
+                                    "dense": dense_moved})
+        changed = tables_changed(self.tables, self.dmp)
+        n = sum(p["n"] for p in parts)
+        return {"run": self.run, "checkpoint": str(self.path), "keys_loaded": len(self.keys),
+                "tables": sorted(self.tables), "tables_changed": changed,
+                "dense_changed": sorted({k for p in parts for k in p["dense"]}), "clip": clip,
+                "answered_rows": n, "rho_mean_answered": sum(p["sum"] for p in parts) / n if n else None,
+                "clipped_share_answered": sum(p["clipped"] for p in parts) / n if n else None}
+
+
+def sat_head_auc(dmp, cfg, uri: Path, rt) -> Dict[str, Any]:
+    """AUC of the satisfaction head's logit (`sat_head_logit`) against `satisfied` on the ANSWERED rows of the
+    split `uri` (reader row_filter), over all ranks (collective). {"auc": None, "rows": 0} without answers."""
+    if not uri.exists():
+        return {"auc": None, "rows": 0}
+    rcfg = dataclasses.replace(cfg.reader, shuffle=False, drop_last=False)
+    loader = BatchLoader(uri, cfg.data, rcfg, row_filter=cfg.data.labels.questionnaire_answered)
+    try:
+        template = first_batch(loader)
+    except DataError:
+        template = None
+    has = all_gather_objects(template is not None)
+    if not all(has):
+        return {"auc": None, "rows": 0}
+    logits, labels = [], []
+    was = dmp.training
+    dmp.eval()
+    try:
+        with torch.no_grad():
+            for batch, real in synced_pairs(loader, rt.device, "pad", template):
+                _, out = dmp(batch)
+                if real:
+                    logits.append(out["sat_head_logit"].detach().cpu())
+                    labels.append(batch.labels["satisfied"].detach().cpu())
+    finally:
+        dmp.train(was)
+    parts = all_gather_objects((torch.cat(logits) if logits else torch.zeros(0),
+                                torch.cat(labels) if labels else torch.zeros(0)))
+    lg, lb = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return {"auc": auc(lg, lb) if lg.numel() else None, "rows": int(lg.numel()),
+            "satisfied_share": float(lb.mean()) if lb.numel() else None}
+
+
+def evaluate_run(dmp, cfg, ecfg, data_dir: Path, rt) -> Dict[str, Any]:
+    """jobs.evaluate.evaluate_all (main heads, DIR/test) + the satisfaction head on DIR/valid and DIR/test."""
+    out = evaluate_all(dmp, cfg, ecfg, data_dir, rt)
+    out["sat_head"] = {split: sat_head_auc(dmp, cfg, data_dir / split, rt) for split in ("valid", "test")}
+    return out
 
 
 def build(args, cfg_cli, rt):
@@ -128,7 +242,7 @@ class State:
         self.rows = 0
 
 
-def save(args, rt, dmp, combined, module, buf, st: State, theta0, before) -> None:
+def save(args, rt, dmp, combined, module, buf, st: State, theta0, before, cfg) -> None:
     d = args.out / STATE / f"step-{st.step}"
     d.mkdir(parents=True, exist_ok=True)
     blob = {"buffer": buf.state_dict(), "loss": module.loss.state_dict(), "theta0": theta0,
@@ -138,20 +252,25 @@ def save(args, rt, dmp, combined, module, buf, st: State, theta0, before) -> Non
     tmp = d / f".rank{rt.rank}.pt.tmp"
     torch.save(blob, tmp)
     tmp.replace(d / f"rank{rt.rank}.pt")
-    extra = finite_or_none({"job": JOB, "step": st.step, "done": st.done, "rows": st.rows, "before": before})
+    extra = finite_or_none({"job": JOB, "step": st.step, "done": st.done, "rows": st.rows, "before": before,
+                            "propensity": None if args.propensity is None else str(args.propensity)})
     ckpt.save_checkpoint(args.out, dmp, combined, extra=extra, rank_extra={"file": st.current, "reader": st.reader},
-                         config=None, data=module.task.data, emb=None)
+                         config=cfg, data=cfg.data, emb=cfg.embeddings)
     if rt.is_main:  # keep the state of this checkpoint only (older ones are unreachable)
         for old in (args.out / STATE).glob("step-*"):
             if old.name != d.name:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def restore(args, rt, dmp, combined, module, buf, st: State):
-    meta = ckpt.load_checkpoint(args.out / "checkpoint", dmp, combined, data=module.task.data)
+def restore(args, rt, dmp, combined, module, buf, st: State, cfg):
+    meta = ckpt.load_checkpoint(args.out / "checkpoint", dmp, combined, data=cfg.data, emb=cfg.embeddings)
     if meta["world_size"] != rt.world_size:
         raise ckpt.CheckpointError(f"{args.out}/checkpoint was written by {meta['world_size']} ranks; resume with as many")
     ex = meta["extra"]
+    mine_p = None if args.propensity is None else str(args.propensity)
+    if ex.get("propensity") != mine_p:
+        raise ckpt.CheckpointError(f"{args.out}/checkpoint was trained with --propensity {ex.get('propensity')}; "
+                                   f"resume with the same (got {mine_p})")
     st.step, st.done, st.rows = ex["step"], list(ex["done"]), ex["rows"]
     mine = meta["rank_extra"][rt.rank]
     st.current, st.reader = mine["file"], mine["reader"]
@@ -169,18 +288,30 @@ def run(rt, args, cfg_cli) -> None:
     dmp, module, cfg, opts, combined, backbone = build(args, cfg_cli, rt)
     ecfg_cfg = cfg
     data, ecfg_e = cfg.data, cfg.easq
+    prop = FrozenPropensity(args.propensity, data, rt, stage_train_config(cfg, "ranker").seed) \
+        if args.propensity is not None else None
+    if prop is None:
+        log.info("no --propensity: rho = 1 for every row (L_sat is the unweighted BCE on answered rows, "
+                 "pair weights 1)")
+    else:
+        log.info("rho from the frozen propensity model of %s (%d tensors); IPS clip M = %s", prop.path,
+                 len(prop.keys), ecfg_e.clip)
     buf, st = PairBuffer.from_config(ecfg_e), State()
     rows_fixed = cfg.reader.batch_size
     pair_rows = 2 * ecfg_e.pairs_per_step
     rcfg = dataclasses.replace(cfg.reader, shuffle=False, drop_last=False)
     args.out.mkdir(parents=True, exist_ok=True)
+    tfile = Path(args.init) / TEACHER_FILE
+    if rt.is_main and tfile.is_file():  # jobs.score / jobs.export rebuild g from it, as for a jobs.train run
+        write_json_atomic(args.out / TEACHER_FILE, __import__("json").loads(tfile.read_text()))
     if (args.out / "checkpoint" / "meta.json").is_file():
-        theta0, before = restore(args, rt, dmp, combined, module, buf, st)
+        theta0, before = restore(args, rt, dmp, combined, module, buf, st, cfg)
     else:
         theta0 = {k: p.detach().clone() for k, p in backbone.items()}
-        before = evaluate_all(dmp, ecfg_cfg, ecfg, args.data, rt)
+        before = evaluate_run(dmp, ecfg_cfg, ecfg, args.data, rt)
     split = args.data / "train"
     bw = 0.0 if args.sat_only else 1.0
+    shared = module.easq.shared  # the baseline: L_sat itself trains the backbone
     template = None
     last_seen, since_ckpt = time.monotonic(), 0
     dmp.train()
@@ -202,9 +333,11 @@ def run(rt, args, cfg_cli) -> None:
             for batch, real in synced_pairs(loader, rt.device, "pad", template):
                 n = batch.size
                 b = pad_rows(batch, rows_fixed, data)
-                rho = None
+                rho = prop.rho(b) if prop is not None else None  # every rank, every step (collective)
                 if real:
-                    buf_rho = torch.ones(n)
+                    buf_rho = rho[:n].cpu() if rho is not None else torch.ones(n)
+                    if prop is not None:
+                        prop.observe(buf_rho, batch.labels["questionnaire_answered"].cpu(), ecfg_e.clip)
                     sample = buf.sample(ecfg_e.pairs_per_step) if len(buf) else None
                 else:
                     buf_rho, sample = None, None
@@ -218,7 +351,7 @@ def run(rt, args, cfg_cli) -> None:
                 loss, out = dmp(b, pb, sample, n, rho, bw, 1.0 if real else 0.0)
                 loss.backward()
                 opts[GROUP_LORA].step()
-                if bw > 0 or dpo_on:  # never on an L_sat-only step (keeps the backbone bit-identical)
+                if bw > 0 or dpo_on or shared:  # never on an isolated L_sat-only step (backbone bit-identical)
                     opts["backbone"].step()
                     if "dp_tables" in opts:
                         opts["dp_tables"].step()
@@ -236,17 +369,21 @@ def run(rt, args, cfg_cli) -> None:
                 since_ckpt += 1
                 st.reader = loader.state_dict()
                 if args.checkpoint_every and since_ckpt >= args.checkpoint_every:
-                    save(args, rt, dmp, combined, module, buf, st, theta0, before)
+                    save(args, rt, dmp, combined, module, buf, st, theta0, before, cfg)
                     since_ckpt = 0
             st.done.append(name)
             st.current, st.reader = None, None
-    save(args, rt, dmp, combined, module, buf, st, theta0, before)
+    save(args, rt, dmp, combined, module, buf, st, theta0, before, cfg)
     num = sum(float((p.detach() - theta0[k]).pow(2).sum()) for k, p in backbone.items())
     den = sum(float(v.pow(2).sum()) for v in theta0.values())
     parts = all_gather_objects({"logits": torch.cat(st.logits) if st.logits else torch.zeros(0),
                          "labels": torch.cat(st.labels) if st.labels else torch.zeros(0), "rows": st.rows,
                          "keys": torch.cat(st.keys) if st.keys else torch.zeros(0, 3, dtype=torch.long)})
-    after = evaluate_all(dmp, ecfg_cfg, ecfg, args.data, rt)
+    after = evaluate_run(dmp, ecfg_cfg, ecfg, args.data, rt)
+    prop_report = prop.report(ecfg_e.clip) if prop is not None else None
+    if prop_report is not None and (prop_report["tables_changed"] or prop_report["dense_changed"]):
+        log.error("the frozen propensity model changed: %s %s", prop_report["tables_changed"],
+                  prop_report["dense_changed"])
     if args.log_keys:
         np.save(args.out / f"keys-rank{rt.rank}.npy", (torch.cat(st.keys) if st.keys else torch.zeros(0, 3)).numpy())
     if rt.is_main:
@@ -258,17 +395,23 @@ def run(rt, args, cfg_cli) -> None:
                    "rows": sum(p["rows"] for p in parts), "steps": st.step, "shards": st.done,
                    "timestamp_ordered": timestamp_ordered([str(split / n) for n in st.done]),
                    "dpo_ramp": module.loss.ramp.weight, "sat_only": bool(args.sat_only),
+                   "pathway": ecfg_e.pathway, "propensity": prop_report,
                    "total_s": round(time.perf_counter() - started, 2)}
         write_json_atomic(args.out / "metrics.json", finite_or_none(metrics))
         log.info("before: %s", {k: before.get(k) for k in ("true_sat@10", "click_auc", "sat_auc_answered")})
         log.info("after:  %s", {k: after.get(k) for k in ("true_sat@10", "click_auc", "sat_auc_answered")})
-    del dmp, combined, opts, module
+        log.info("satisfaction head (%s pathway), answered-row AUC before %s, after %s", ecfg_e.pathway,
+                 {k: v["auc"] for k, v in before.get("sat_head", {}).items()},
+                 {k: v["auc"] for k, v in after["sat_head"].items()})
+    del dmp, combined, opts, module, prop
 
 
 def precheck(args, cfg) -> None:
     if not (args.data / "train").is_dir():
         raise ckpt.CheckpointError(f"--data {args.data}: no train/ split")
     run_checkpoint(args.init)
+    if args.propensity is not None:
+        propensity_run(args.propensity, checkpoint_config(run_checkpoint(args.init)).data)
     if args.follow and args.max_wait_s is None:
         raise ckpt.CheckpointError("--follow needs --max-wait-s S (stop after S seconds without a new shard)")
     if args.checkpoint_every < 0:
@@ -278,6 +421,9 @@ def precheck(args, cfg) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser("satrank dpo", __doc__.split("\n\n")[0])
     parser.add_argument("--init", type=Path, required=True, help="jobs.train run directory (RUN_MAIN)")
+    parser.add_argument("--propensity", type=Path, default=None,
+                        help="jobs.propensity run (RUN_P): rho for L_sat's IPS weights and the pair weights "
+                             "(default: rho = 1)")
     parser.add_argument("--follow", action="store_true", help="wait for new shards in DIR/train")
     parser.add_argument("--max-wait-s", type=float, default=None, help="--follow: stop after this long without new data")
     parser.add_argument("--poll-s", type=float, default=1.0, help="--follow: polling interval")

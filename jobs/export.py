@@ -5,7 +5,8 @@
 
 EXPORT_DIR (published atomically: built in a temp directory beside it, then renamed):
   model.pt        torch.jit.trace of models.serving.ServingModule: the unsharded model (from a DCP
-                  checkpoint of any world size, LoRA merged) with plain-tensor table lookups, the fusion
+                  checkpoint of any world size, LoRA merged; a jobs.dpo run serves its main heads with
+                  the EASQ adapters folded in) with plain-tensor table lookups, the fusion
                   of models.fusion baked in. forward(values int64, lengths int32, dense float32) ->
                   (p_click, p_satisfied, watch_time_pred, score); loads with torch alone (no TorchRec,
                   FBGEMM or project code), batch size free.
@@ -43,7 +44,7 @@ from jobs.runtime import get_logger, init_runtime
 from jobs.score import KNOWN_ERRORS, LoadedModel, load_model, one_line
 from jobs.serve_config import ExportConfig, ServeConfig, load_serve_config
 from models.fusion import FORMULA, effective_weights
-from models.serving import OUTPUTS, ModelScorer, ServingModule, example_inputs, trace
+from models.serving import KINDS, OUTPUTS, ModelScorer, ServingModule, example_inputs, trace
 from pipeline import config as cfgio
 from pipeline.batch import Batch
 from pipeline.config import ConfigError
@@ -307,8 +308,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from jobs.cli import build_parser
 
     parser = build_parser("satrank export", __doc__.split("\n\n")[0], data=True, data_required=False, out=True)
-    parser.add_argument("--model", type=Path, required=True, help="jobs.train run directory or a checkpoint directory")
-    parser.add_argument("--kind", choices=["ranker", "click", "satisfaction"], default=None,
+    parser.add_argument("--model", type=Path, required=True,
+                        help="jobs.train or jobs.dpo run directory, or a checkpoint directory")
+    parser.add_argument("--kind", choices=list(KINDS), default=None,
                         help="model task (default: recognised from the checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)

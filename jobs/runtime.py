@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -22,6 +21,9 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from pipeline.atomic import json_default as _json_default
+from pipeline.atomic import write_json_atomic, write_text_atomic  # noqa: F401  (re-exported for the jobs)
 
 LOGGER_NAME = "satrank"
 
@@ -163,41 +165,7 @@ def get_logger(name: str = "") -> logging.Logger:
     return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
 
 
-# ------------------------------------------------------------------ atomic outputs
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write to a temp file in the same directory, fsync, then os.replace (readers never see halves)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+# ------------------------------------------------------------------ atomic outputs (pipeline.atomic)
 
 
 class MetricsWriter:

@@ -1,13 +1,14 @@
 """`jobs.score`: batch-score candidate sets with a trained model; one scored Parquet shard per input shard.
 
     torchrun --nproc_per_node=N -m jobs.score --model RUN --candidates DIR --out OUT_DIR
-        [--config CFG] [--set score.key=value ...] [--kind ranker|click|satisfaction] [--overwrite]
+        [--config CFG] [--set score.key=value ...] [--kind ranker|easq|click|satisfaction] [--overwrite]
 
 Why this shape: candidate sets are many Parquet shards and a request never spans shards, so whole
 shards go to ranks (shard i -> rank i % N): every output shard maps to one input shard, ranks need no
 collective per batch, and a killed run resumes shard by shard (pipeline.score_writer).
 
-- Model: RUN is a jobs.train run (RUN/best, else RUN/checkpoint; RUN/teacher.json for g) or any
+- Model: RUN is a jobs.train run (RUN/best, else RUN/checkpoint; RUN/teacher.json for g), a jobs.dpo run
+  (EASQ: the main heads serve, the adapters folded in, models.easq_task.EasqTask.serving_task) or any
   checkpoint directory of jobs.checkpoint (stage-1 click / satisfaction models too); the task is
   recognised from its parameter names. Each rank loads it UNSHARDED (models.serving.build_model +
   jobs.checkpoint.load_checkpoint: DCP reshards whatever world size wrote it; LoRA adapters merged)
@@ -44,7 +45,7 @@ from jobs import checkpoint as ckpt
 from jobs.runtime import Runtime, get_logger, init_runtime
 from jobs.serve_config import ScoreConfig, ServeConfig, load_serve_config
 from models.fusion import FORMULA, effective_weights
-from models.serving import ModelScorer, Scorer, build_model, detect_kind, merge_lora
+from models.serving import KINDS, ModelScorer, Scorer, build_model, detect_kind, merge_lora
 from pipeline.config import ConfigError
 from pipeline.convert import Converter
 from pipeline.errors import DataError
@@ -95,7 +96,7 @@ def load_model(model_path: str | Path, kind: Optional[str] = None) -> LoadedMode
         raise ckpt.CheckpointError(f"{path}: {exc}") from None
     run_dir = path.parent if path.name in ("best", "checkpoint") else path
     teacher = None
-    if kind == "ranker" and needs_teacher(cfg.model):
+    if kind in ("ranker", "easq") and needs_teacher(cfg.model):
         tfile = next((p for p in (run_dir / TEACHER_FILE, path / TEACHER_FILE) if p.is_file()), None)
         if tfile is None:
             raise ckpt.CheckpointError(f"{model_path}: the ranker needs its satisfaction model g but "
@@ -110,7 +111,14 @@ def load_model(model_path: str | Path, kind: Optional[str] = None) -> LoadedMode
             f"{path}: the checkpoint holds {len(unknown)} tensor(s) the rebuilt {kind} model lacks, e.g. "
             f"{unknown[:5]} (a different model class, or adapters this job does not know how to rebuild)")
     ckpt.load_checkpoint(path, model)
-    lora = merge_lora(model)
+    if kind == "easq":  # a jobs.dpo run: serve the main heads with the EASQ adapters folded in
+        easq_cfg = model.easq_cfg
+        model = model.serving_task()
+        lora = {**merge_lora(model), "easq": {"pathway": easq_cfg.pathway, "targets": list(easq_cfg.targets),
+                                              "folded": "merged into user_proj / item_proj + item_in",
+                                              "satisfaction_head": "not served (main heads only)"}}
+    else:
+        lora = merge_lora(model)
     return LoadedModel(model.eval(), kind, cfg, meta, path, run_dir, teacher, lora)
 
 
@@ -290,9 +298,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     from jobs.cli import build_parser
 
     parser = build_parser("satrank score", __doc__.split("\n\n")[0], data=False, out=True)
-    parser.add_argument("--model", type=Path, required=True, help="jobs.train run directory or a checkpoint directory")
+    parser.add_argument("--model", type=Path, required=True,
+                        help="jobs.train or jobs.dpo run directory, or a checkpoint directory")
     parser.add_argument("--candidates", type=Path, required=True, help="candidate Parquet shards (a directory or one file)")
-    parser.add_argument("--kind", choices=["ranker", "click", "satisfaction"], default=None,
+    parser.add_argument("--kind", choices=list(KINDS), default=None,
                         help="model task (default: recognised from the checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="replace scores of another run in --out")
     return parser

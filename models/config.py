@@ -59,9 +59,21 @@ class TowerConfig:
 
 @dataclass
 class PretrainConfig:
-    """`pretrain:` the click model, logit = <u, v> + b, trained with BCE on clicks (eq. 15)."""
+    """`pretrain:` the click model, logit = <u, v> + b, trained with BCE on clicks (eq. 15), plus an optional
+    auxiliary watch-time head on [u, v, u*v] (regression of log1p(watch_time_s)) whose gradient also shapes
+    the tables and towers that the satisfaction model later inherits frozen (docs/stage1.md)."""
 
     tower: TowerConfig = field(default_factory=TowerConfig)
+    watch_time_weight: float = 0.0  # 0 = click only (the paper's base ranker)
+    watch_time_rows: Literal["clicked", "all"] = "clicked"  # rows whose watch time is regressed
+
+    def validate(self, path: str) -> None:
+        if self.watch_time_weight < 0:
+            raise ConfigError(f"{path}.watch_time_weight: must be >= 0, got {self.watch_time_weight}")
+
+
+# behaviour label role -> input transform (models.stage1.PropensityArch)
+BEHAVIOUR_INPUTS = {"click": "binary", "skip": "binary", "watch_time_s": "log1p"}
 
 
 @dataclass
@@ -73,13 +85,22 @@ class PropensityConfig:
     )
     dense: List[str] = field(default_factory=lambda: ["duration_s"])
     history: Optional[str] = None  # optionally a masked-mean sequence feature as extra input
+    # Logged behaviour of the impression itself as inputs (every impression has it, answered or not):
+    # click and skip as 0/1, watch_time_s as log1p. Answering follows viewing, so P(o | u, i, behaviour)
+    # is the propensity IPS needs when behaviour drives answering (docs/stage1.md).
+    behaviour: List[str] = field(default_factory=list)
     hidden: List[int] = field(default_factory=lambda: [64, 32])
     dropout: float = 0.0
 
     def validate(self, path: str) -> None:
         _check_hidden(f"{path}.hidden", self.hidden)
         _check_dropout(f"{path}.dropout", self.dropout)
-        if not self.features and not self.dense and self.history is None:
+        for b in self.behaviour:
+            if b not in BEHAVIOUR_INPUTS:
+                raise ConfigError(f"{path}.behaviour: {b!r} is not a behaviour label; choose from {list(BEHAVIOUR_INPUTS)}")
+        if len(set(self.behaviour)) != len(self.behaviour):
+            raise ConfigError(f"{path}.behaviour: duplicate entries in {self.behaviour}")
+        if not self.features and not self.dense and self.history is None and not self.behaviour:
             raise ConfigError(f"{path}: needs at least one input (features, dense or history)")
 
 

@@ -17,6 +17,10 @@ candidate embedding, v_i is linear in e_i; for `user` through a forward hook on 
 satisfaction path reads sg(h_main) + (h_lora - sg(h_lora)), which has the value h + h_lora and the
 gradient of h_lora alone. A fresh adapter (B = 0) leaves every main output bit-identical.
 
+`easq.pathway: shared` builds the baseline instead (an ordinary auxiliary satisfaction tower): no LoRA,
+no stop-gradient, the satisfaction head reads the ranker's u_f, v_i (, v_u) as they are, so L_sat
+trains the backbone and the tables like any auxiliary task; the main path is the plain ranker.
+
 `policy_forward` (dpo_mode adapter_policy) runs the ranker with frozen parameters, detached inputs and
 the adapters ON, so DPO there trains the LoRA only; `reference_forward` is the same model with the
 adapters OFF. `merged()` folds the adapters into a serving module. Parameter groups: backbone
@@ -109,15 +113,20 @@ class EasqRanker(nn.Module):
             raise ValueError(f"easq.dpo_head: {cfg.dpo_head!r} is not a head of this ranker {ranker.heads}")
         self.ranker, self.easq_cfg, self.d = ranker, cfg, ranker.d
         self.cfg = ranker.cfg  # the ModelConfig, read by models.saqrec.ranker_inputs
-        self.lora = nn.ModuleDict()
+        self.shared = cfg.pathway == "shared"
+        lora = {}
         if "item" in cfg.targets:
             extra = ranker.item_proj.in_features if ranker.item_proj is not None else 0
-            self.lora["item"] = LoRABranch(ranker.d + extra, ranker.d, cfg.rank, cfg.alpha, cfg.dropout)
+            lora["item"] = LoRABranch(ranker.d + extra, ranker.d, cfg.rank, cfg.alpha, cfg.dropout)
         if "user" in cfg.targets:
-            self.lora["user"] = LoRABranch(ranker.user_proj.in_features, ranker.d, cfg.rank, cfg.alpha, cfg.dropout)
+            lora["user"] = LoRABranch(ranker.user_proj.in_features, ranker.d, cfg.rank, cfg.alpha, cfg.dropout)
             self._hook = ranker.user_proj.register_forward_hook(self._user_hook)
+        # shared pathway: no adapter. They were still built above, so that both pathways draw the same random
+        # numbers and the satisfaction head below starts from the same weights (a like-for-like comparison).
+        self.lora = nn.ModuleDict({} if self.shared else lora)
         self.sat_head = SatisfactionHead(ranker.d, list(cfg.sat_head_hidden), with_user="user" in cfg.targets)
-        self._user_inject: Optional[torch.Tensor] = None  # set only during a ranker call
+        self._capture = False  # True only during EasqRanker's own ranker calls
+        self._user_inject: Optional[torch.Tensor] = None
         self._v_u: Optional[torch.Tensor] = None
 
     @property
@@ -144,8 +153,11 @@ class EasqRanker(nn.Module):
         return {t: self.lora[t](v) for t, v in self.lora_inputs(x).items()}
 
     def _user_hook(self, module: nn.Module, inputs, output: torch.Tensor) -> Optional[torch.Tensor]:
-        if self._user_inject is None:
-            return None  # adapters off (reference forward, or a plain call of the ranker)
+        if not self._capture:
+            return None  # a plain call of the ranker (e.g. the merged copy's owner): no-op
+        if self._user_inject is None:  # adapters off (reference forward, shared pathway): only record v_u
+            self._v_u = output
+            return None
         v = output + self._user_inject
         self._v_u = v
         return v
@@ -155,15 +167,21 @@ class EasqRanker(nn.Module):
         """One ranker forward with `inject[t]` added to layer t's output; returns (outputs, v_u seen)."""
         if "item" in inject:
             x = dataclasses.replace(x, item=x.item + inject["item"])  # v_i = e_i + ... is linear in e_i
-        self._user_inject, self._v_u = inject.get("user"), None
+        self._capture, self._user_inject, self._v_u = True, inject.get("user"), None
         try:
             return self.ranker(x), self._v_u
         finally:
-            self._user_inject, self._v_u = None, None
+            self._capture, self._user_inject, self._v_u = False, None, None
 
     # ------------------------------------------------------------------ forwards
     def forward(self, x: RankerInputs) -> Dict[str, torch.Tensor]:
-        """Main outputs (h + sg(h_lora)) and `sat_head` (sg(h) + h_lora)."""
+        """Main outputs (h + sg(h_lora)) and `sat_head` (sg(h) + h_lora); shared pathway: the plain ranker's
+        outputs and `sat_head` on its u_f, v_i (, v_u) with the graph kept (an ordinary auxiliary head)."""
+        if self.shared:
+            out, v_u = self._run(x, {})
+            out = dict(out)
+            out[SAT_HEAD] = self.sat_head(out["user"], out["item"], v_u)
+            return out
         delta = self.deltas(x)
         out, v_u = self._run(x, {t: v.detach() for t, v in delta.items()})
         st = lambda h, t: h.detach() + (delta[t] - delta[t].detach()) if t in delta else h.detach()  # noqa: E731
@@ -175,6 +193,8 @@ class EasqRanker(nn.Module):
     def policy_forward(self, x: RankerInputs) -> Dict[str, torch.Tensor]:
         """Adapters ON with the backbone frozen (parameters and inputs out of the graph): gradient reaches the
         LoRA (and, through `sat_head`, the satisfaction head) only. Used by dpo_mode adapter_policy."""
+        if self.shared:
+            raise ValueError("policy_forward: the shared pathway has no adapters (easq.pathway: shared)")
         xd = detach_inputs(x)
         delta = self.deltas(xd)
         with _frozen(self.ranker):  # graph edges are recorded at op time: none reach the backbone

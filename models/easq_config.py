@@ -17,11 +17,16 @@ DpoMode = Literal["easq", "adapter_policy"]
 SatLossKind = Literal["ips", "snips", "pairwise"]
 LogProb = Literal["logit", "log_sigmoid"]
 PairWeight = Literal["product", "mean"]
+Pathway = Literal["isolated", "shared"]
 
 
 @dataclass
 class EasqConfig:
     # ---- LoRA pathway (models.easq.EasqRanker)
+    # isolated: LoRA + satisfaction head behind stop-gradients (L_sat trains only them); shared: the baseline
+    # auxiliary tower, the head reads the ranker's u_f, v_i directly (no LoRA, no stop-gradient), so L_sat
+    # trains the backbone and the tables too (docs/easq.md, "Isolated vs shared")
+    pathway: Pathway = "isolated"
     targets: List[str] = field(default_factory=lambda: ["item"])  # item: v_i layer; user: v_u = user_proj
     rank: int = 4  # r
     alpha: float = 8.0  # delta = (alpha / r) B A x
@@ -32,7 +37,7 @@ class EasqConfig:
     # ---- L_sat (models.dpo.EasqLoss.sat): trains the LoRA + satisfaction head only
     sat_loss: SatLossKind = "ips"  # ips | snips (IPS-weighted BCE on answered rows) | pairwise (on pairs)
     sat_weight: float = 1.0
-    clip: float = 0.05  # M: inverse propensities 1 / max(rho_hat, M)
+    clip: float = 0.005  # M: inverse propensities 1 / max(rho_hat, M); well below the answer rate
     ips_normalizer: Literal["all", "answered"] = "all"  # ips only, see models.losses.ips_loss
     # ---- DPO (models.dpo.dpo_loss)
     dpo_mode: DpoMode = "easq"  # easq: policy = main head, reference = sg(sat head); adapter_policy: ablation
@@ -58,6 +63,10 @@ class EasqConfig:
         def bad(key: str, msg: str) -> ConfigError:
             return ConfigError(f"{path}.{key}: {msg}")
 
+        if self.pathway not in ("isolated", "shared"):
+            raise bad("pathway", f"must be 'isolated' or 'shared', got {self.pathway!r}")
+        if self.pathway == "shared" and self.dpo_mode == "adapter_policy":
+            raise bad("pathway", "'shared' has no adapters; dpo_mode adapter_policy needs pathway: isolated")
         if not self.targets:
             raise bad("targets", f"needs at least one of {list(EASQ_TARGETS)}")
         unknown = [t for t in self.targets if t not in EASQ_TARGETS]

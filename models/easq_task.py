@@ -70,6 +70,16 @@ class EasqTask(nn.Module):
     def heads(self):
         return self.task.heads
 
+    @torch.no_grad()
+    def serving_task(self) -> RankerTask:
+        """The stage-2 RankerTask that serves this model: its ranker replaced by `EasqRanker.merged()` (the main
+        path with the adapters folded into user_proj / item_proj + the item_in matrix; no satisfaction head), in
+        eval mode. Takes the task out of this module (call it once, after the weights are loaded)."""
+        task, merged = self.task, self.easq.merged()
+        task.ranker.ranker = merged
+        object.__setattr__(task.loss_fn, "_ranker", merged.ranker)  # L2 term (unused in eval) on the served copy
+        return task.eval()
+
     def _signals(self, batch: Batch) -> Dict[str, torch.Tensor]:
         t = self.task
         if t.g is None:

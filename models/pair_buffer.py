@@ -2,7 +2,7 @@
 
 What is stored: each kept impression's RAW model inputs as plain tensors (`row_fields`: the ids of
 every single-valued feature, each history padded to its max_len plus its length, the dense row), its
-user/request/item ids, its kind and its clipped inverse propensity. Pairs are RESCORED by the
+user/request/item ids, its kind, its propensity rho_hat and its clipped inverse propensity. Pairs are RESCORED by the
 current model every step (`fields_to_batch` rebuilds a KeyedJaggedTensor Batch of the pair rows), so
 DPO trains the current backbone and tables, never stale activations.
 
@@ -139,7 +139,7 @@ class PairBuffer:
     def _reset(self) -> None:
         self._fields: Dict[str, torch.Tensor] = {}
         self._cap = 0
-        self._meta: Dict[str, list] = {k: [] for k in ("user", "request", "item", "kind", "ipw", "seq", "live")}
+        self._meta: Dict[str, list] = {k: [] for k in ("user", "request", "item", "kind", "ipw", "rho", "seq", "live")}
         self._free: List[int] = []
         self._users: Dict[int, Tuple[List[int], List[int], List[int]]] = {}  # kind-indexed slot lists, oldest first
         self._order: Deque[Tuple[int, int]] = collections.deque()  # (seq, slot) by arrival
@@ -188,13 +188,14 @@ class PairBuffer:
             t = v.new_zeros((new,) + tuple(v.shape[1:]))
             t[: self._cap] = v
             self._fields[k] = t
-        defaults = (("user", 0), ("request", 0), ("item", 0), ("kind", 0), ("ipw", 0.0), ("seq", -1), ("live", False))
+        defaults = (("user", 0), ("request", 0), ("item", 0), ("kind", 0), ("ipw", 0.0), ("rho", 1.0),
+                    ("seq", -1), ("live", False))
         for k, default in defaults:
             self._meta[k].extend([default] * (new - self._cap))
         self._free.extend(range(new - 1, self._cap - 1, -1))  # pop() hands out the lowest slot first
         self._cap = new
 
-    def _place(self, u: int, req: int, item: int, kind: int, ipw: float, seq: int) -> int:
+    def _place(self, u: int, req: int, item: int, kind: int, ipw: float, seq: int, rho: float = 1.0) -> int:
         """Metadata of one row (evicting to keep the bounds); returns its slot."""
         lists = self._users.get(u)
         if lists is not None:
@@ -216,6 +217,7 @@ class PairBuffer:
         m = self._meta
         m["user"][slot], m["request"][slot], m["item"][slot] = u, req, item
         m["kind"][slot], m["ipw"][slot], m["seq"][slot], m["live"][slot] = kind, ipw, seq, True
+        m["rho"][slot] = rho
         self._users.setdefault(u, ([], [], []))[kind].append(slot)
         self._order.append((seq, slot))
         self._live += 1
@@ -273,10 +275,10 @@ class PairBuffer:
         cols = [t.detach().cpu().long()[rows].tolist() for t in (user_id, request_id if request_id is not None else zeros,
                                                                   item_id if item_id is not None else zeros)]
         slots = []
-        for u, req, it, k, w in zip(*cols, kind.tolist(), ipw.tolist()):
+        for u, req, it, k, w, r in zip(*cols, kind.tolist(), ipw.tolist(), rho.tolist()):
             seq = self._next_seq
             self._next_seq += 1
-            slot = self._place(u, req, it, k, w, seq)
+            slot = self._place(u, req, it, k, w, seq, r)
             slots.append(slot)
             self._fresh.append((slot, seq))
         self._write(slots, {k: v.detach().cpu() for k, v in fields.items()}, rows.tolist())
@@ -300,6 +302,16 @@ class PairBuffer:
         it = self._meta["item"]
         return {"dissatisfied": [it[s] for s in lists[0]], "satisfied": [it[s] for s in lists[1]],
                 "skipped": [it[s] for s in lists[2]]}
+
+    def stored(self) -> Dict[str, torch.Tensor]:
+        """Every stored row's user_id, request_id, item_id, kind, rho (the propensity it was added with) and ipw,
+        oldest first (inspection and tests)."""
+        m = self._meta
+        live = sorted((m["seq"][s], s) for s in range(self._cap) if m["live"][s])
+        col = lambda k, dt: torch.tensor([m[k][s] for _, s in live], dtype=dt)  # noqa: E731
+        return {"user_id": col("user", torch.long), "request_id": col("request", torch.long),
+                "item_id": col("item", torch.long), "kind": col("kind", torch.long),
+                "rho": col("rho", torch.float64), "ipw": col("ipw", torch.float64)}
 
     def _randint(self, n: int) -> int:
         return int(torch.randint(n, (1,), generator=self._gen))
@@ -378,7 +390,8 @@ class PairBuffer:
             "version": 1,
             "fields": {k: v[slots].clone() for k, v in self._fields.items()},
             "user": col("user", torch.long), "request": col("request", torch.long), "item": col("item", torch.long),
-            "kind": col("kind", torch.long), "ipw": col("ipw", torch.float64), "seq": col("seq", torch.long),
+            "kind": col("kind", torch.long), "ipw": col("ipw", torch.float64), "rho": col("rho", torch.float64),
+            "seq": col("seq", torch.long),
             "next_seq": self._next_seq,
             "fresh_seq": torch.tensor([sq for s, sq in self._fresh if self._alive(s, sq)], dtype=torch.long),
             "pairable": torch.tensor(self._pairable, dtype=torch.long),
@@ -390,9 +403,10 @@ class PairBuffer:
             raise ValueError(f"pair buffer: unknown state version {st.get('version')!r}")
         self._reset()
         n = int(st["seq"].numel())
-        slots = [self._place(int(u), int(r), int(i), int(k), float(w), int(sq)) for u, r, i, k, w, sq in zip(
-            st["user"].tolist(), st["request"].tolist(), st["item"].tolist(), st["kind"].tolist(),
-            st["ipw"].tolist(), st["seq"].tolist())]
+        rho = st["rho"].tolist() if "rho" in st else [float("nan")] * n  # states written before rho was kept
+        slots = [self._place(int(u), int(r), int(i), int(k), float(w), int(sq), float(p))
+                 for u, r, i, k, w, sq, p in zip(st["user"].tolist(), st["request"].tolist(), st["item"].tolist(),
+                                                 st["kind"].tolist(), st["ipw"].tolist(), st["seq"].tolist(), rho)]
         if n:
             self._write(slots, st["fields"], list(range(n)))
         self._next_seq = int(st["next_seq"])

@@ -7,7 +7,9 @@ its global offsets, so it loads into the unsharded model built here whatever wor
 
 - `detect_kind` / `build_model`: which task a checkpoint holds (from its parameter names) and that
   task rebuilt unsharded from the run config: `ranker` (models.ranker_task.RankerTask, the stage-2
-  SAQRec ranker with its frozen teacher g), `click` (models.stage1.ClickModel) or `satisfaction`
+  SAQRec ranker with its frozen teacher g), `easq` (models.easq_task.EasqTask, a jobs.dpo run: the
+  stage-2 task + LoRA pathway + satisfaction head; after loading, `EasqTask.serving_task()` folds the
+  adapters and serves the main heads), `click` (models.stage1.ClickModel) or `satisfaction`
   (models.stage1.SatisfactionModel). Tables are materialised on CPU (the checkpoint overwrites them).
 - `ModelScorer`: the `Scorer` interface (Batch -> p_click, p_satisfied, watch_time_pred, score) over
   the model's own eval forward (no labels: the loss is None), heads read by output name
@@ -40,7 +42,7 @@ from pipeline.features import DataConfig
 
 HEADS = ("p_click", "p_satisfied", "watch_time_pred")
 OUTPUTS = HEADS + ("score",)
-KINDS = ("ranker", "click", "satisfaction")
+KINDS = ("ranker", "easq", "click", "satisfaction")
 # model output name -> serving head it feeds (all satisfaction-style models name their outputs alike)
 _OUTPUT_OF_HEAD = {"p_click": "click_logit", "p_satisfied": "sat_logit", "watch_time_pred": "watch_time_log1p"}
 
@@ -57,6 +59,8 @@ class Scorer(Protocol):
 def detect_kind(keys: Iterable[str]) -> str:
     """Task of a state dict from its parameter names (with or without the DCP "model." prefix)."""
     names = [k[len("model."):] if k.startswith("model.") else k for k in keys]
+    if any(k.startswith("task.ranker.ranker.sat_head.") for k in names):  # jobs.dpo (models.easq_task.EasqTask)
+        return "easq"
     if any(k.startswith("ranker.") for k in names):
         return "ranker"
     if any(k.startswith("arch.head.") for k in names):
@@ -80,10 +84,16 @@ def build_model(kind: str, cfg: Any, teacher: Any = None, seed: int = 0) -> nn.M
         from models.ranker_task import RankerTask
 
         model: nn.Module = RankerTask(cfg.data, cfg.embeddings, cfg.model, cfg.loss, teacher, seed=seed)
+    elif kind == "easq":
+        from models.easq_task import EasqTask
+        from models.ranker_task import RankerTask
+
+        model = EasqTask(RankerTask(cfg.data, cfg.embeddings, cfg.model, cfg.loss, teacher, seed=seed), cfg.easq)
     elif kind == "click":
         from models.stage1 import ClickModel
 
-        model = ClickModel(cfg.data, cfg.embeddings, cfg.pretrain.tower)
+        model = ClickModel(cfg.data, cfg.embeddings, cfg.pretrain.tower, watch_time_weight=cfg.pretrain.watch_time_weight,
+                           watch_time_rows=cfg.pretrain.watch_time_rows)
     elif kind == "satisfaction":
         from models.stage1 import SatisfactionModel
 

@@ -32,7 +32,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from embeddings.config import EmbeddingConfig
 from embeddings.tables import META, TABLE_KEY, SparseArch, padded
-from models.config import PropensityConfig, SatisfactionConfig, TowerConfig
+from models.config import BEHAVIOUR_INPUTS, PropensityConfig, SatisfactionConfig, TowerConfig
 from models.losses import LossOut, bce_with_logits, dr_imputation_loss, satisfaction_loss
 from models.towers import UserItemTower, check_features, dense_index, masked_mean, mlp
 from pipeline.features import DataConfig
@@ -58,16 +58,46 @@ def _stats_out(out: LossOut, prefix: str = "") -> Dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------- click
 class ClickArch(nn.Module):
-    """logit = <u, v> + b."""
+    """logit = <u, v> + b; with a watch-time head also log1p(watch) prediction = Linear([u, v, u*v])."""
 
-    def __init__(self, data: DataConfig, dims: Dict[str, int], tower: TowerConfig) -> None:
+    def __init__(self, data: DataConfig, dims: Dict[str, int], tower: TowerConfig, watch_time: bool = False) -> None:
         super().__init__()
         self.tower = UserItemTower(data, dims, tower, "pretrain.tower")
         self.bias = nn.Parameter(torch.zeros(1))
+        self.watch_head = nn.Linear(3 * tower.dim, 1) if watch_time else None
 
-    def forward(self, pooled, sequences, dense) -> torch.Tensor:
+    def forward(self, pooled, sequences, dense) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         u, v = self.tower(pooled, sequences, dense)
-        return (u * v).sum(-1) + self.bias
+        watch = None
+        if self.watch_head is not None:
+            watch = self.watch_head(torch.cat([u, v, u * v], dim=-1)).squeeze(-1)
+        return (u * v).sum(-1) + self.bias, watch
+
+
+class ClickTaskLoss(nn.Module):
+    """Click BCE (eq. 15) + weight * MSE(watch pred, log1p(watch_time_s)) on clicked (or all) rows."""
+
+    def __init__(self, weight: float, rows: str) -> None:
+        super().__init__()
+        self.click = BinaryTaskLoss("click", "click", "click_model")
+        self.weight, self.rows = weight, rows
+
+    def forward(self, logit: torch.Tensor, watch: Optional[torch.Tensor], labels: Dict[str, torch.Tensor]
+                ) -> Tuple[Optional[torch.Tensor], Outputs]:
+        loss, out = self.click(logit, labels)
+        if watch is None:
+            return loss, out
+        out["watch_time_pred"] = watch.detach()
+        y = _label(labels, "watch_time_s", self.training, "click_model watch-time head")
+        if loss is None or y is None:
+            return loss, out
+        sq = (watch - torch.log1p(y.clamp_min(0.0))) ** 2
+        mask = labels["click"] if self.rows == "clicked" else torch.ones_like(sq)
+        l_wt = (sq * mask).sum() / mask.sum().clamp_min(1.0)
+        loss = loss + self.weight * l_wt
+        out["loss_watch_time"] = l_wt.detach()
+        out["loss"] = loss.detach()
+        return loss, out
 
 
 class BinaryTaskLoss(nn.Module):
@@ -95,22 +125,28 @@ class ClickModel(nn.Module):
     """Base ranker pre-training (jobs.pretrain). forward(batch) -> (BCE on `click`, outputs)."""
 
     def __init__(
-        self, data: DataConfig, emb: EmbeddingConfig, tower: TowerConfig, sparse_device: torch.device = META
+        self, data: DataConfig, emb: EmbeddingConfig, tower: TowerConfig, sparse_device: torch.device = META,
+        watch_time_weight: float = 0.0, watch_time_rows: str = "clicked",
     ) -> None:
         super().__init__()
         self.sparse_arch = SparseArch(data, emb, device=sparse_device)
-        self.arch = ClickArch(data, _dims(self.sparse_arch), tower)
-        self.loss_fn = BinaryTaskLoss("click", "click", "click_model")
+        self.arch = ClickArch(data, _dims(self.sparse_arch), tower, watch_time=watch_time_weight > 0)
+        self.loss_fn = ClickTaskLoss(watch_time_weight, watch_time_rows)
 
     def forward(self, batch) -> Tuple[Optional[torch.Tensor], Outputs]:
         sp = self.sparse_arch(batch.sparse)
-        logit = self.arch(sp.pooled, sp.sequences, batch.dense)
-        return self.loss_fn(logit, batch.labels)
+        logit, watch = self.arch(sp.pooled, sp.sequences, batch.dense)
+        return self.loss_fn(logit, watch, batch.labels)
 
 
 # ---------------------------------------------------------------------------------------------- propensity
 class PropensityArch(nn.Module):
-    """rho logit = MLP([e(features); mean(history)?; dense cols])."""
+    """rho logit = MLP([e(features); mean(history)?; dense cols; behaviour?]).
+
+    `behaviour` inputs are the impression's own logged click / skip (0/1) / log1p(watch_time_s): observed
+    for every impression, answered or not, so rho(u, i, b) = P(o = 1 | u, i, b) is a valid IPS propensity
+    (it needs s independent of o given (u, i, b), weaker than given (u, i) when behaviour drives answering).
+    """
 
     def __init__(self, data: DataConfig, dims: Dict[str, int], cfg: PropensityConfig) -> None:
         super().__init__()
@@ -123,16 +159,32 @@ class PropensityArch(nn.Module):
             check_features("propensity.history", [cfg.history], [f.name for f in data.sequence], "sequence")
             self.max_len = data.feature(cfg.history).max_len
             hist_dim = dims[cfg.history]
-        in_dim = sum(dims[n] for n in self.features) + hist_dim + len(self.dense_idx)
+        self.behaviour = list(cfg.behaviour)
+        in_dim = sum(dims[n] for n in self.features) + hist_dim + len(self.dense_idx) + len(self.behaviour)
         self.mlp = mlp(in_dim, cfg.hidden, 1, cfg.dropout)
 
-    def forward(self, pooled, sequences: Dict[str, JaggedTensor], dense: torch.Tensor) -> torch.Tensor:
+    def forward(self, pooled, sequences: Dict[str, JaggedTensor], dense: torch.Tensor,
+                labels: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
         parts = [pooled[n] for n in self.features]
         if self.history is not None:
             parts.append(masked_mean(*padded(sequences[self.history], self.max_len)))
         if self.dense_idx:
             parts.append(dense[:, self.dense_idx])
+        if self.behaviour:
+            parts.append(self.behaviour_inputs(labels))
         return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)
+
+    def behaviour_inputs(self, labels: Optional[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        """[B, len(behaviour)] float inputs from the batch's labels (BEHAVIOUR_INPUTS transforms)."""
+        missing = [b for b in self.behaviour if labels is None or b not in labels]
+        if missing:
+            raise ValueError(f"propensity.behaviour needs the batch labels {missing} (present: "
+                             f"{sorted(labels or {})}): rho(u, i, behaviour) cannot score rows without them")
+        cols = []
+        for b in self.behaviour:
+            x = labels[b].float()
+            cols.append(torch.log1p(x.clamp_min(0.0)) if BEHAVIOUR_INPUTS[b] == "log1p" else x)
+        return torch.stack(cols, dim=-1)
 
 
 class PropensityModel(nn.Module):
@@ -148,7 +200,7 @@ class PropensityModel(nn.Module):
 
     def forward(self, batch) -> Tuple[Optional[torch.Tensor], Outputs]:
         sp = self.sparse_arch(batch.sparse)
-        logit = self.arch(sp.pooled, sp.sequences, batch.dense)
+        logit = self.arch(sp.pooled, sp.sequences, batch.dense, batch.labels)
         return self.loss_fn(logit, batch.labels)
 
 
@@ -266,7 +318,7 @@ class SatisfactionModel(nn.Module):
             rho = None
             if self.propensity is not None:
                 psp = self.propensity.sparse_arch(batch.sparse)
-                rho = torch.sigmoid(self.propensity.arch(psp.pooled, psp.sequences, batch.dense))
+                rho = torch.sigmoid(self.propensity.arch(psp.pooled, psp.sequences, batch.dense, batch.labels))
         logit, e_hat = self.arch(sp.pooled, sp.sequences, batch.dense)
         return self.loss_fn(logit, e_hat, rho, batch.labels)
 

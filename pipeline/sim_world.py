@@ -55,12 +55,13 @@ class SimulateConfig:
     sat_bias: float = -0.7
     sat_w_quality: float = 0.8
     sat_w_interest: float = 1.0
+    sat_w_activity: float = 0.4  # + sat_w_activity * (activity - 2): active users are the satisfied ones
     # questionnaire answered: logit = answer_bias + w_act*(activity-2) + w_pop*pop_z + w_click*click + w_sat*sat
     answer_bias: float = -6.3
     answer_w_activity: float = 0.5
     answer_w_popularity: float = 0.4
     answer_w_click: float = 2.0
-    answer_w_satisfied: float = 1.0
+    answer_w_satisfied: float = 0.3
     # watch time
     scroll_mean_s: float = 1.0  # unclicked impressions: Exponential(scroll_mean_s), capped at duration
     watch_beta_satisfied: List[float] = field(default_factory=lambda: [4.0, 1.5])
@@ -234,7 +235,7 @@ def satisfaction_logit(world: World, cfg: SimulateConfig, users: np.ndarray, ite
     """No attractiveness term: click-bait draws clicks but does not satisfy."""
     aff = world.affinity[users, world.item_topic[items]]
     return (cfg.sat_bias + cfg.sat_w_quality * world.quality[items] + cfg.sat_w_interest * aff
-            + world.user_sat_offset[users])
+            + cfg.sat_w_activity * (world.activity[users] - 2.0) + world.user_sat_offset[users])
 
 
 def answer_base_logit(world: World, cfg: SimulateConfig, users: np.ndarray, items: np.ndarray) -> np.ndarray:

@@ -1,6 +1,11 @@
 """jobs.dpo end to end on 2 gloo ranks: a tiny simulated world and a briefly trained stage-2 ranker
 (tests/test_score.py's fixture), then the online EASQ job: before/after metrics, exactly-once consumption
-across a kill + restart (--log-keys), and a zero backbone drift when only L_sat trains."""
+across a kill + restart (--log-keys), a zero backbone drift when only L_sat trains, and rho from a frozen
+stage-1 propensity run (--propensity; jobs.propensity run once on the same world, tests/test_stage1_jobs.py's
+launcher): the buffered rho are that model's outputs for those rows and its tables stay bit-identical.
+
+`dpo_with_propensity(world)` (cached in the world directory) is also the jobs.dpo run that
+tests/test_easq_serving.py scores and exports."""
 from __future__ import annotations
 
 import json
@@ -19,6 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.test_score import RUN_OVERRIDES, build_world, env, kill_tree, torchrun  # noqa: E402
+from tests.test_stage1_jobs import launch, ok  # noqa: E402
 
 SETS = [x for o in RUN_OVERRIDES for x in ("--set", o)] + ["--set", "easq.pairs_per_step=16",
                                                              "--set", "easq.auc_min_per_class=5",
@@ -35,6 +41,28 @@ def world(tmp_path_factory) -> dict:
 def dpo_cmd(world, out: Path, *extra: str) -> list:
     return torchrun(2, "-m", "jobs.dpo", "--data", str(world["data"]), "--init", str(world["run"]),
                     "--out", str(out), *SETS, *extra)
+
+
+CLIP = ("--set", "easq.clip=0.005")  # the world's answer rate is ~2%: the default M = 0.05 clips most rho
+
+
+def propensity_run(world) -> Path:
+    """A jobs.propensity run (1 epoch, 2 ranks) on the serving world, with its vocabularies; cached."""
+    run = world["data"].parent / "propensity"
+    if not (run / "checkpoint" / "meta.json").is_file():
+        sets = [x for o in RUN_OVERRIDES for x in ("--set", o)]
+        ok(launch(2, "jobs.propensity", "--data", world["data"], "--out", run, *sets, "--set", "train.epochs=1"))
+    return run
+
+
+def dpo_with_propensity(world) -> Path:
+    """jobs.dpo --propensity on the serving world (2 ranks, checkpoint at the end only); cached."""
+    run = world["data"].parent / "dpo_propensity"
+    if not (run / "metrics.json").is_file():
+        res = subprocess.run(dpo_cmd(world, run, "--propensity", str(propensity_run(world)), *CLIP,
+                                     "--checkpoint-every", "0"), env=env(), capture_output=True, text=True, timeout=400)
+        assert res.returncode == 0, res.stderr[-4000:]
+    return run
 
 
 def all_keys(data: Path) -> set:
@@ -59,6 +87,9 @@ def test_dpo_job_writes_before_and_after_metrics_and_consumes_every_row_once(wor
             assert k in m[block]
     assert m["before"]["click_auc"] is not None and m["prequential_sat_auc"] is not None
     assert m["backbone_drift"] > 0 and m["timestamp_ordered"] is True
+    assert m["propensity"] is None and m["pathway"] == "isolated"  # no --propensity: rho = 1
+    for block in ("before", "after"):
+        assert m[block]["sat_head"]["valid"]["rows"] > 0 and m[block]["sat_head"]["test"]["auc"] is not None
     keys, n = all_keys(world["data"])
     got = logged(out)
     assert len(got) == n == m["rows"] and set(got) == keys
@@ -91,3 +122,81 @@ def test_sat_only_with_dpo_weight_zero_leaves_the_backbone_bit_identical(world, 
     assert res.returncode == 0, res.stderr[-4000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["backbone_drift"] == 0.0 and m["prequential_answered_rows"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- --propensity
+def _expected_rho(world, run_p: Path) -> dict:
+    """(user_id, request_id, item_id) -> rho of every train row, from RUN_P's propensity model loaded unsharded in
+    this process (built like the job builds it: models.stage1.PropensityModel from RUN_P's own config)."""
+    import torch
+
+    from jobs import checkpoint as ckpt
+    from jobs.evaluate import checkpoint_config
+    from models.stage1 import PropensityModel
+    from pipeline.reader import BatchLoader
+    from pipeline.reader_config import ReaderConfig
+
+    data = checkpoint_config(ckpt.resolve(world["run"])).data
+    pcfg = checkpoint_config(ckpt.resolve(run_p))
+    model = PropensityModel(data, pcfg.embeddings, pcfg.propensity)
+    model.sparse_arch.materialize(seed=123)  # overwritten by the checkpoint
+    ckpt.load_checkpoint(run_p, model)
+    model.eval()
+    out = {}
+    rcfg = ReaderConfig(batch_size=512, num_workers=0, shuffle=False)
+    with torch.no_grad():
+        for batch in BatchLoader(world["data"] / "train", data, rcfg, rank=0, world_size=1):
+            rho = model(batch)[1]["propensity"]
+            keys = zip(*(batch.ids[k].tolist() for k in ("user_id", "request_id", "item_id")))
+            for key, r in zip(keys, rho.tolist()):
+                assert key not in out, f"train key {key} is not unique"
+                out[key] = r
+    return out
+
+
+def test_propensity_run_gives_the_buffered_rho_and_stays_frozen(world):
+    import torch
+
+    run_p = propensity_run(world)
+    run = dpo_with_propensity(world)
+    m = json.loads((run / "metrics.json").read_text())
+    p = m["propensity"]
+    assert p["run"] == str(run_p) and p["keys_loaded"] > 0 and p["tables"]
+    assert p["tables_changed"] == [] and p["dense_changed"] == []  # frozen: bit-identical after every step
+    assert p["answered_rows"] == m["prequential_answered_rows"] > 20
+    assert 0.0 < p["rho_mean_answered"] < 0.5 and p["clip"] == 0.005
+    expected = _expected_rho(world, run_p)
+    step = json.loads((run / "checkpoint" / "meta.json").read_text())["extra"]["step"]
+    stored = [torch.load(run / "easq_state" / f"step-{step}" / f"rank{r}.pt", weights_only=True)["buffer"]
+              for r in (0, 1)]
+    rho = torch.cat([b["rho"] for b in stored])
+    keys = [k for b in stored for k in zip(b["user"].tolist(), b["request"].tolist(), b["item"].tolist())]
+    want = torch.tensor([expected[k] for k in keys], dtype=torch.float64)
+    assert len(keys) == p["answered_rows"]  # every answered row is in a buffer (bounds not reached)
+    assert not bool((rho == 1.0).all()) and float(rho.std()) > 1e-3
+    torch.testing.assert_close(rho, want, rtol=1e-5, atol=1e-6)
+    ipw = torch.cat([b["ipw"] for b in stored])
+    torch.testing.assert_close(ipw, 1.0 / want.clamp_min(0.005), rtol=1e-5, atol=1e-6)  # the pair weights' factors
+
+
+def test_propensity_argument_must_be_a_propensity_run_for_these_features(world, tmp_path, capsys):
+    from jobs.dpo import main
+
+    common = ["--data", str(world["data"]), "--init", str(world["run"]), "--out", str(tmp_path / "o")]
+    assert main([*common, "--propensity", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert "--propensity: checkpoint" in err and "does not exist" in err
+    assert main([*common, "--propensity", str(world["run"])]) == 1  # a jobs.train run
+    err = capsys.readouterr().err
+    assert "--propensity" in err and "expected a jobs.propensity run" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_shared_pathway_sat_only_moves_the_backbone(world, tmp_path):
+    """The baseline's L_sat reaches the backbone (cf. the isolated pathway above: drift exactly 0)."""
+    out = tmp_path / "run"
+    res = subprocess.run(dpo_cmd(world, out, "--sat-only", "--set", "easq.dpo_weight=0", "--set", "easq.pathway=shared",
+                                 "--checkpoint-every", "0"), env=env(), capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-4000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pathway"] == "shared" and m["backbone_drift"] > 0 and m["prequential_answered_rows"] > 0

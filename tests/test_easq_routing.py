@@ -255,3 +255,54 @@ def test_bad_easq_settings_are_clear_errors():
         from_dict(EasqConfig, {"targets": ["items"]}, "easq")
     with pytest.raises(ConfigError, match="easq.beta"):
         from_dict(EasqConfig, {"beta": 0.0}, "easq")
+
+
+@pytest.mark.parametrize("targets", [["item"], ["item", "user"]])
+def test_shared_pathway_is_an_ordinary_auxiliary_head_whose_loss_reaches_backbone_and_tables(targets):
+    """The baseline (easq.pathway: shared): no adapter, no stop-gradient; the main path is the plain ranker."""
+    net = Net(targets, pathway="shared")
+    assert len(net.easq.lora) == 0
+    groups = parameter_groups(net)
+    assert {id(p) for _, p in groups["lora"]} == {id(p) for p in net.easq.sat_head.parameters()}
+    batch, rho = _batch(net)
+    out = net(batch)
+    x = ranker_inputs(net.arch(batch.sparse), batch.dense, net.mcfg, net.data)
+    plain = net.easq.ranker(x)
+    for k, v in plain.items():
+        assert torch.equal(out[k], v), k
+    l_sat = EasqLoss(net.easq.easq_cfg).sat(out[SAT_HEAD], batch.labels, rho).loss
+    backbone = [p for n, p in net.easq.ranker.named_parameters() if not n.startswith(TOWERS)]
+    assert _reaches(_grads(l_sat, list(net.easq.sat_head.parameters())))
+    assert _reaches(_grads(l_sat, backbone))  # e.g. user_proj, item_proj, the history encoders
+    assert _reaches(_grads(l_sat, list(net.arch.parameters())))  # and the embedding tables
+    if "user" in targets:  # v_u feeds the head with its graph
+        assert _reaches(_grads(l_sat, list(net.easq.ranker.user_proj.parameters())))
+    # the isolated pathway with the same seed: the same loss reaches neither (the routing tests above)
+    iso = Net(targets)
+    _trained_adapters(iso)
+    out_i = iso(batch)
+    l_iso = EasqLoss(iso.easq.easq_cfg).sat(out_i[SAT_HEAD], batch.labels, rho).loss
+    assert _silent(_grads(l_iso, list(iso.arch.parameters())))
+    assert _silent(_grads(l_iso, [p for n, p in iso.easq.ranker.named_parameters() if not n.startswith(TOWERS)]))
+
+
+def test_shared_pathway_has_no_adapter_policy_and_its_merged_copy_is_the_plain_ranker():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="easq.pathway: 'shared' has no adapters"):
+        from_dict(EasqConfig, {"pathway": "shared", "dpo_mode": "adapter_policy"}, "easq")
+    with pytest.raises(ConfigError, match="easq.pathway"):
+        from_dict(EasqConfig, {"pathway": "both"}, "easq")
+    net = Net(["item", "user"], pathway="shared")
+    net.eval()
+    batch, _ = _batch(net)
+    x = ranker_inputs(net.arch(batch.sparse), batch.dense, net.mcfg, net.data)
+    with torch.no_grad():
+        served, out = net.easq.merged()(x), net.easq(x)
+    assert all(torch.equal(served[k], out[k]) for k in served)
+
+
+def test_both_pathways_start_the_satisfaction_head_from_the_same_weights():
+    iso, shared = Net(["item", "user"], seed=3), Net(["item", "user"], seed=3, pathway="shared")
+    for (n, a), (_, b) in zip(iso.easq.sat_head.named_parameters(), shared.easq.sat_head.named_parameters()):
+        assert torch.equal(a, b), n

@@ -138,7 +138,7 @@ def test_attractiveness_correlates_with_logged_click_truth_not_satisfaction_trut
 def test_answering_is_missing_not_at_random_and_biases_observed_satisfaction(world_dir, tmp_path):
     _, res = world_dir
     st = res["stats"]
-    assert st["answer_rate_given_satisfied"] > 2 * st["answer_rate_given_dissatisfied"]
+    assert st["answer_rate_given_satisfied"] > 1.2 * st["answer_rate_given_dissatisfied"]
 
     def gap(cfg, out):
         simulate(out, cfg)
@@ -147,11 +147,25 @@ def test_answering_is_missing_not_at_random_and_biases_observed_satisfaction(wor
         return np.mean(t.column("satisfied").to_numpy()) - np.mean(t.column("true_p_satisfied").to_numpy()), t.num_rows
 
     # Visible from the files alone: answered rows are more satisfied than their true probability says...
-    g, n = gap(small(seed=5, answer_bias=-4.0), tmp_path / "mnar")
+    g, n = gap(small(seed=5, answer_bias=-4.0, answer_w_satisfied=1.0), tmp_path / "mnar")
     assert n > 2000 and g > 0.08
     # ...and the gap vanishes when answering ignores satisfaction (missing at random given user, item).
     g0, n0 = gap(small(seed=5, answer_bias=-4.0, answer_w_satisfied=0.0), tmp_path / "mar")
     assert n0 > 2000 and abs(g0) < 0.03
+
+
+def test_active_users_are_more_satisfied_only_through_sat_w_activity(world_dir, tmp_path):
+    def by_bucket(out):
+        t = read_log(out)
+        act, ps = t.column("user_activity").to_numpy(), t.column("true_p_satisfied").to_numpy()
+        return [ps[act == a].mean() for a in range(5)]
+
+    out, _ = world_dir
+    m = by_bucket(out)
+    assert all(b > a for a, b in zip(m, m[1:])) and m[4] - m[0] > 0.1, m
+    simulate(tmp_path / "flat", small(seed=3, sat_w_activity=0.0))
+    m0 = by_bucket(tmp_path / "flat")
+    assert max(m0) - min(m0) < 0.05, m0
 
 
 def test_activity_drives_appearances_and_answering(world_dir):

@@ -204,7 +204,6 @@ def test_propensity_model_learns_that_active_users_answer_more():
     data = data_config()
     torch.manual_seed(0)
     model = materialize(PropensityModel(data, EMB, PropensityConfig(hidden=[16])))
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
 
     def labelled(seed):
         b = make_batch(data, 256, seed=seed)
@@ -213,15 +212,72 @@ def test_propensity_model_learns_that_active_users_answer_more():
         b.labels["questionnaire_answered"] = (torch.rand(256, generator=g) < torch.where(act == 2, 0.8, 0.1)).float()
         return b, act
 
-    for step in range(60):
+    rho, act = _fit_propensity(model, labelled)
+    assert rho[act == 2].mean() > 0.65 and rho[act != 2].mean() < 0.2
+
+
+def _fit_propensity(model, labelled, steps=60, lr=0.02):
+    """Adam on labelled(step) batches, then (rho on the held-out batch labelled(999), its split key)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for step in range(steps):
         b, _ = labelled(step)
         opt.zero_grad()
         model(b)[0].backward()
         opt.step()
-    b, act = labelled(999)
+    b, key = labelled(999)
     model.eval()
-    _, out = model(b)
-    assert out["propensity"][act == 2].mean() > 0.65 and out["propensity"][act != 2].mean() < 0.2
+    return model(b)[1]["propensity"], key
+
+
+def test_propensity_with_behaviour_inputs_learns_that_clicked_impressions_answer_more():
+    """rho(u, i, click): answering that follows the click is learnable only with the click as input."""
+    data = data_config()
+
+    def labelled(seed):
+        b = make_batch(data, 256, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        c = b.labels["click"]
+        b.labels["questionnaire_answered"] = (torch.rand(256, generator=g) < torch.where(c > 0, 0.7, 0.05)).float()
+        return b, c
+
+    gaps = {}
+    for behaviour in ([], ["click"]):
+        torch.manual_seed(0)
+        model = materialize(PropensityModel(data, EMB, PropensityConfig(hidden=[16], behaviour=behaviour)))
+        rho, c = _fit_propensity(model, labelled)
+        gaps[tuple(behaviour)] = float(rho[c > 0].mean() - rho[c == 0].mean())
+    assert gaps[("click",)] > 0.5 and abs(gaps[()]) < 0.15, gaps
+
+
+def test_behaviour_inputs_are_checked_by_config_and_by_batch():
+    with pytest.raises(ConfigError, match=r"propensity\.behaviour.*'satisfied'"):
+        load_config(overrides=["propensity.behaviour=[satisfied]"])
+    data = data_config()
+    model = materialize(PropensityModel(data, EMB, PropensityConfig(hidden=[4], behaviour=["click", "watch_time_s"])))
+    b = make_batch(data, 4, seed=3)
+    b.labels["watch_time_s"] = torch.tensor([0.0, 1.0, 10.0, 100.0])
+    x = model.arch.behaviour_inputs(b.labels)
+    assert torch.equal(x[:, 0], b.labels["click"]) and torch.allclose(x[:, 1], torch.log1p(b.labels["watch_time_s"]))
+    del b.labels["watch_time_s"]
+    with pytest.raises(ValueError, match=r"propensity\.behaviour.*'watch_time_s'"):
+        model(b)
+
+
+def test_click_model_watch_time_head_adds_weighted_mse_on_clicked_rows_only():
+    data = data_config()
+    torch.manual_seed(0)
+    model = materialize(ClickModel(data, EMB, TowerConfig(dim=8), watch_time_weight=0.5))
+    b = make_batch(data, 16, seed=4)
+    b.labels["watch_time_s"] = torch.rand(16, generator=torch.Generator().manual_seed(4)) * 30
+    loss, out = model(b)
+    c = b.labels["click"]
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(out["click_logit"], c)
+    mse = (((out["watch_time_pred"] - torch.log1p(b.labels["watch_time_s"])) ** 2) * c).sum() / c.sum()
+    assert torch.allclose(loss, bce + 0.5 * mse, atol=1e-6) and torch.allclose(out["loss_watch_time"], mse)
+    loss.backward()
+    assert model.arch.watch_head.weight.grad.abs().sum() > 0
+    plain = materialize(ClickModel(data, EMB, TowerConfig(dim=8)))
+    assert plain.arch.watch_head is None and "watch_time_pred" not in plain(b)[1]
 
 
 def test_missing_label_raises_in_training_and_returns_no_loss_in_eval():

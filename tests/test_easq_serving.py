@@ -1,0 +1,112 @@
+"""A jobs.dpo (EASQ) run served like a stage-2 run: models.serving recognises its checkpoint (kind `easq`),
+jobs.score scores it with the adapters folded into the main path (the satisfaction head is not served), and
+jobs.export publishes a TorchScript artifact whose scores match jobs.score's. The run is tests/test_dpo_job.py's
+cached `dpo_with_propensity` on tests/test_score.py's serving world."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.test_dpo_job import dpo_with_propensity  # noqa: E402
+from tests.test_score import SCORE_SET, build_world, env, read_scores, score_cmd  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    return build_world(tmp_path_factory.getbasetemp() / "serving_world")
+
+
+@pytest.fixture(scope="module")
+def dpo_run(world) -> Path:
+    return dpo_with_propensity(world)
+
+
+def _candidates(world, cfg, rows: int = 200):
+    from pipeline.reader import BatchLoader
+    from pipeline.reader_config import ReaderConfig
+
+    rcfg = ReaderConfig(batch_size=rows, num_workers=0, shuffle=False)
+    return next(iter(BatchLoader(world["data"] / "candidates", cfg.data, rcfg, with_labels=False)))
+
+
+def test_dpo_checkpoint_is_recognised_and_served_with_the_adapters_folded(world, dpo_run):
+    from jobs import checkpoint as ckpt
+    from jobs.score import checkpoint_model_keys, load_model
+    from models.easq import SAT_HEAD
+    from models.fusion import FusionConfig
+    from models.saqrec import ranker_inputs
+    from models.serving import ModelScorer, build_model, detect_kind
+
+    path = ckpt.resolve(dpo_run)
+    assert detect_kind(checkpoint_model_keys(path)) == "easq"
+    loaded = load_model(dpo_run)
+    assert loaded.kind == "easq" and loaded.lora["easq"]["targets"] == ["item"]
+    assert loaded.lora["unmerged_branches"] == []  # nothing left to compute at serving time
+    cfg = loaded.cfg
+    batch = _candidates(world, cfg)
+    served = ModelScorer(loaded.model, FusionConfig(), cfg.data)(batch)
+
+    # the unmerged EASQ model (as trained): main path with sg(h_lora) injected, plus the satisfaction head
+    easq = build_model("easq", cfg, loaded.teacher)
+    ckpt.load_checkpoint(path, easq)
+    easq.eval()
+    lora_b = easq.easq.lora["item"].B
+    assert float(lora_b.abs().max()) > 0  # L_sat trained the adapter: folding it matters
+    with torch.no_grad():
+        _, out = easq(batch)
+        t = easq.task
+        signals = t.teacher(t.g.sparse_arch(batch.sparse), batch.dense) if t.g is not None else {}
+        x = ranker_inputs(t.sparse_arch(batch.sparse), batch.dense, easq.easq.cfg, t.data, signals)
+        no_adapter = torch.sigmoid(easq.easq.ranker(x)["click"])  # the same weights, adapters off
+    torch.testing.assert_close(served["p_click"], out["click_prob"].float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(served["p_satisfied"], out["sat_prob"].float(), rtol=0, atol=1e-5)
+    assert float((served["p_click"] - no_adapter).abs().max()) > 1e-5  # the fold is not the identity
+    assert SAT_HEAD not in dict(loaded.model.ranker.ranker.named_children())  # main heads only
+
+    # the stage-2 run it started from scores differently (DPO moved the backbone and the adapter)
+    base = ModelScorer(load_model(world["run"]).model, FusionConfig(), cfg.data)(batch)
+    assert float((base["p_click"] - served["p_click"]).abs().max()) > 1e-4
+
+
+def test_dpo_run_scores_with_jobs_score_and_exports_a_matching_artifact(world, dpo_run, tmp_path):
+    from jobs.export import export
+    from jobs.serve_check import Features, load_module, score_features, verify_artifact
+    from jobs.serve_config import load_serve_config
+
+    out = tmp_path / "scores"
+    res = subprocess.run([sys.executable, *score_cmd(dpo_run, world["data"] / "candidates", out, *SCORE_SET)],
+                         env=env(), capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["complete"] and manifest["totals"]["rows_out"] == manifest["totals"]["rows_in"] == 1200
+    scores = read_scores(out)
+
+    art = tmp_path / "artifact"
+    m = export(dpo_run, art, load_serve_config(), world["data"])
+    assert m["model"]["kind"] == "easq" and m["model"]["lora"]["unmerged_branches"] == []
+    assert m["model"]["heads"] == ["p_click", "p_satisfied", "watch_time_pred"]
+    assert m["metrics"]["job"] == "dpo" and m["export_check"]["source"] == "candidates+synthetic"
+    manifest = verify_artifact(art)
+    module = load_module(art, manifest)
+    got = []
+    for f in sorted((world["data"] / "candidates").glob("part-*.parquet")):
+        t = pq.read_table(f)
+        res = score_features(module, Features(t, manifest["features"], f.name))
+        got.append((t.column("request_id").to_numpy(), t.column("item_id").to_numpy(), res["score"], res["p_click"]))
+    rid, iid, score, p_click = (np.concatenate(c) for c in zip(*got))
+    order = np.lexsort((iid, rid))
+    assert np.array_equal(rid[order], scores.column("request_id").to_numpy())
+    assert np.array_equal(iid[order], scores.column("item_id").to_numpy())
+    assert np.allclose(score[order], scores.column("score").to_numpy(), atol=1e-5)
+    assert np.allclose(p_click[order], scores.column("p_click").to_numpy(), atol=1e-6)
