@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
+from embeddings.config import EmbeddingConfig
 from embeddings.sharding import find_sparse_archs, plan_summary, plan_to_dict
 from embeddings.tables import TABLE_KEY, feature_signature
 from jobs.runtime import write_json_atomic, write_text_atomic
@@ -341,3 +342,93 @@ def load_tables_into(
     if request:
         _dcp_load(request, Path(meta["path"]), "load_tables_into")
     return sorted(wanted)
+
+
+# ------------------------------------------------------------------ partial loads of other runs, frozen-table checks
+def check_checkpoint(path: str | Path, data: Any, emb: EmbeddingConfig, *, what: str,
+                     expect_job: Optional[str] = None) -> Dict[str, Any]:
+    """meta.json of the checkpoint at `path` (RUN or RUN/checkpoint), after checking it exists, is a
+    satrank checkpoint, was written for this feature config (fingerprint) and, with expect_job, by that
+    job. Errors (CheckpointError) start with `what` (e.g. "--init"). Not collective: call it early."""
+    try:
+        meta = read_meta(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+    current = feature_signature(data, emb)
+    if meta["fingerprint"] != fingerprint(current):
+        diff = signature_diff(meta["signature"], current)
+        raise CheckpointError(f"{what}: checkpoint {meta['path']!r} was written for a different feature config "
+                              "(data:/embeddings: fingerprint):\n  " + "\n  ".join(diff))
+    job = (meta.get("extra") or {}).get("job")
+    if expect_job is not None and job != expect_job:
+        raise CheckpointError(f"{what}: checkpoint {meta['path']!r} was written by job {job!r}, expected a "
+                              f"jobs.{expect_job} run")
+    return meta
+
+
+def load_prefixed(path: str | Path, module: nn.Module, mapping: Mapping[str, str], data: Any,
+                  emb: EmbeddingConfig, *, what: str = "checkpoint", expect_job: Optional[str] = None) -> List[str]:
+    """Load the weights under each source prefix of a checkpoint into `module` (plain or a DMP, any world
+    size; DCP reshards) under the mapped target prefix, e.g. {"sparse_arch.": "propensity.sparse_arch."}.
+    Strict per prefix pair: every source key must have a target of the same shape and every target key
+    under the target prefix must be covered. Weights only (no optimizer state). Collective when
+    distributed. Returns the target keys loaded."""
+    meta = check_checkpoint(path, data, emb, what=what, expect_job=expect_job)
+    ckpt = Path(meta["path"])
+    saved = dcp.FileSystemReader(str(ckpt / STATE_DIR)).read_metadata().state_dict_metadata
+    target = module.state_dict()
+    request: Dict[str, Any] = {}
+    target_of: Dict[str, str] = {}
+    for src, dst in mapping.items():
+        src_keys = [k[len("model."):] for k in saved if k.startswith("model." + src)]
+        if not src_keys:
+            raise CheckpointError(f"{what}: checkpoint {str(ckpt)!r} has no weights under {src!r}")
+        mapped = {dst + k[len(src):]: k for k in src_keys}
+        missing = sorted(k for k in target if k.startswith(dst) and k not in mapped)
+        extra = sorted(k for k in mapped if k not in target)
+        if missing or extra:
+            raise CheckpointError(f"{what}: checkpoint {str(ckpt)!r} does not match the model under {dst!r}: "
+                                  f"model keys without a checkpoint weight {missing[:6]}, checkpoint weights "
+                                  f"without a model key {[mapped[k] for k in extra][:6]} (different model config?)")
+        for dkey, skey in mapped.items():
+            shape, saved_shape = tuple(target[dkey].size()), tuple(saved["model." + skey].size)
+            if shape != saved_shape:
+                raise CheckpointError(f"{what}: {skey} has shape {saved_shape} in {str(ckpt)!r} but the model's "
+                                      f"{dkey} has {shape} (different model config?)")
+            request["model." + skey] = target[dkey]
+            target_of["model." + skey] = dkey
+    try:
+        dcp.load(request, checkpoint_id=str(ckpt / STATE_DIR))
+    except dcp.api.CheckpointException as exc:
+        causes = sorted({f"{type(e).__name__}: {e}" for e, _ in exc.failures.values()})
+        raise CheckpointError(f"{what}: loading {str(ckpt)!r} failed: {'; '.join(causes)}") from None
+    # DCP fills the state_dict tensors in place; they share storage with the parameters (checked here, since
+    # TorchRec's sharded modules do not accept a partial load_state_dict).
+    now = module.state_dict()
+    stale = [target_of[k] for k, v in request.items() if not hasattr(v, "local_shards")
+             and not torch.equal(now[target_of[k]], v)]
+    if stale:
+        raise RuntimeError(f"load_prefixed: state_dict tensors of {stale[:4]} are copies; the load did not reach them")
+    return sorted(k for k in target if any(k.startswith(dst) for dst in mapping.values()))
+
+
+def local_tables(module: nn.Module, prefix: str = "") -> Dict[str, List[torch.Tensor]]:
+    """Clones of this rank's part of every embedding table under `prefix` (ShardedTensor local shards, or
+    the whole tensor for unsharded / data-parallel tables): for bit-exact frozen-table checks."""
+    out: Dict[str, List[torch.Tensor]] = {}
+    for key, value in module.state_dict().items():
+        if TABLE_KEY.match(key) and key.startswith(prefix):
+            if hasattr(value, "local_shards"):
+                out[key] = [s.tensor.detach().clone() for s in value.local_shards()]
+            else:
+                out[key] = [value.detach().clone()]
+    return out
+
+
+def tables_changed(before: Dict[str, List[torch.Tensor]], module: nn.Module, prefix: str = "") -> List[str]:
+    """Keys whose local part differs bit-wise from `before`, over all ranks (collective)."""
+    now = local_tables(module, prefix)
+    mine = sorted(k for k in set(before) | set(now)
+                  if k not in before or k not in now or len(before[k]) != len(now[k])
+                  or not all(torch.equal(a, b) for a, b in zip(before[k], now[k])))
+    return sorted({k for part in all_gather_objects(mine) for k in part})

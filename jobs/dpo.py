@@ -50,9 +50,8 @@ from jobs.cli import build_parser
 from jobs.evaluate import TEACHER_FILE, build_task, checkpoint_config, evaluate_all, run_checkpoint, teacher_from_dict
 from jobs.loop import synced_pairs
 from jobs.runtime import get_logger, write_json_atomic
-from jobs.checkpoint import all_gather_objects
-from jobs.trainer import (check_checkpoint, finite_or_none, first_batch, load_prefixed, local_tables, run_job,
-                          stage_train_config, tables_changed)
+from jobs.checkpoint import all_gather_objects, check_checkpoint, load_prefixed, local_tables, tables_changed
+from jobs.trainer import finite_or_none, first_batch, run_job, stage_train_config
 from models.dpo import auc
 from models.easq import GROUP_LORA
 from models.easq_task import EasqTask, pad_rows, pair_batch

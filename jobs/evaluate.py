@@ -63,7 +63,7 @@ def checkpoint_config(path: Path) -> SatrankConfig:
 def satisfaction_teacher(run_s: str | Path, data) -> Tuple[TeacherSpec, Path]:
     """(TeacherSpec, checkpoint dir) of a jobs.satisfaction run (RUN_S/best, else RUN_S/checkpoint): g is
     built from RUN_S's own config; the run must be a jobs.satisfaction run written for these features."""
-    from jobs.trainer import check_checkpoint
+    from jobs.checkpoint import check_checkpoint
 
     try:
         path = run_checkpoint(run_s)

@@ -29,8 +29,8 @@ import torch
 from jobs.cli import build_parser
 from jobs.runtime import get_logger
 from jobs.stage1_eval import SatisfactionEvaluator
-from jobs.trainer import (Trainer, check_checkpoint, eval_reader, local_tables, run_job, stage_train_config,
-                          tables_changed, train_reader)
+from jobs.trainer import Trainer, eval_reader, run_job, stage_train_config, train_reader
+from jobs.checkpoint import check_checkpoint, local_tables, tables_changed
 from models.stage1 import SatisfactionModel
 from pipeline.config import ConfigError
 from pipeline.reader import BatchLoader

@@ -8,7 +8,7 @@ the candidate sets and the leave-one-out lists (jobs.evaluate's logic).
 - Model: models.ranker_task.RankerTask from `model:` / `loss:` (ablations: --set model.sid=false,
   model.mlse=false, model.mtl=false, model.variant=click_only). g is built from RUN_S's own config
   (pretrain.tower, satisfaction, embeddings) and its tables + tower + head are loaded from RUN_S's
-  best checkpoint (jobs.trainer.load_prefixed: resharded, fingerprint-checked, must be a
+  best checkpoint (jobs.checkpoint.load_prefixed: resharded, fingerprint-checked, must be a
   jobs.satisfaction run). "Without unbiased pre-training" = pass a RUN_S trained with
   --set satisfaction.loss=naive. With mlse and mtl both off g is neither needed nor loaded and
   --satisfaction may be omitted.
@@ -31,13 +31,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from jobs.checkpoint import CheckpointError
+from jobs.checkpoint import CheckpointError, load_prefixed
 from jobs.cli import build_parser
 from jobs.evaluate import (TEACHER_FILE, build_task, evaluate_all, format_table, satisfaction_teacher,
                            teacher_to_dict)
 from jobs.runtime import get_logger, write_json_atomic
-from jobs.trainer import (Trainer, eval_reader, finite_or_none, load_prefixed, run_job, stage_train_config,
-                          train_reader)
+from jobs.trainer import Trainer, eval_reader, finite_or_none, run_job, stage_train_config, train_reader
 from models.evaluation import EvaluationConfig, RankerEvaluator
 from models.ranker_task import find_task, needs_teacher
 from pipeline.reader import BatchLoader
