@@ -15,6 +15,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _stage1_helpers import small_data_config  # noqa: E402
 from embeddings.config import EmbeddingConfig  # noqa: E402
 from jobs.config import load_config  # noqa: E402
 from models.config import PropensityConfig, SatisfactionConfig, TowerConfig  # noqa: E402
@@ -24,21 +25,7 @@ from pipeline.batch import Batch  # noqa: E402
 from pipeline.config import ConfigError, from_dict  # noqa: E402
 from pipeline.features import DataConfig  # noqa: E402
 
-DATA = {
-    "sparse": [
-        {"name": "user_id", "column": "user_id", "vocab_size": 12, "table": "user"},
-        {"name": "item_id", "column": "item_id", "vocab_size": 20, "table": "item"},
-        {"name": "author_id", "column": "author_id", "vocab_size": 5, "table": "author"},
-        {"name": "category_id", "column": "category_id", "vocab_size": 4, "out_of_range": "oov", "table": "category"},
-        {"name": "user_activity", "column": "user_activity", "vocab_size": 3, "table": "user_activity"},
-    ],
-    "sequence": [{"name": "hist_click", "column": "hist_click", "vocab_size": 20, "max_len": 5, "table": "item"}],
-    "dense": [{"name": "duration_s", "column": "duration_s", "transform": "log1p"}],
-}
-
-
-def data_config() -> DataConfig:
-    return from_dict(DataConfig, DATA, "data")
+data_config = small_data_config  # the shared small data contract (tests/_stage1_helpers.py)
 
 
 def make_batch(data: DataConfig, n: int, seed: int, hist_lengths=None) -> Batch:
