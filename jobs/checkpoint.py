@@ -432,3 +432,26 @@ def tables_changed(before: Dict[str, List[torch.Tensor]], module: nn.Module, pre
                   if k not in before or k not in now or len(before[k]) != len(now[k])
                   or not all(torch.equal(a, b) for a, b in zip(before[k], now[k])))
     return sorted({k for part in all_gather_objects(mine) for k in part})
+
+
+def checkpoint_config(path: Path):
+    """The resolved run config (jobs.config.SatrankConfig) stored next to a checkpoint (config.yaml)."""
+    from jobs.config import load_config  # jobs.config pulls in every model config; only runs need it
+
+    cfg_file = Path(path) / "config.yaml"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: no config.yaml next to the checkpoint (was it written with config=?)")
+    return load_config(cfg_file)
+
+
+def propensity_run(run_p: Path, data):
+    """(checkpoint dir, RUN_P's own config) of a jobs.propensity run: a checkpoint, written by jobs.propensity,
+    for these features (fingerprint). The propensity model is rebuilt from RUN_P's `propensity:` section, so a
+    run trained with other inputs (e.g. `propensity.behaviour`) loads without repeating its --set. Not collective."""
+    try:
+        path = resolve(run_p)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--propensity: {exc}") from None
+    pcfg = checkpoint_config(path)
+    check_checkpoint(path, data, pcfg.embeddings, what="--propensity", expect_job="propensity")
+    return path, pcfg

@@ -50,7 +50,8 @@ from jobs.cli import build_parser
 from jobs.evaluate import TEACHER_FILE, build_task, checkpoint_config, evaluate_all, run_checkpoint, teacher_from_dict
 from jobs.loop import synced_pairs
 from jobs.runtime import get_logger, write_json_atomic
-from jobs.checkpoint import all_gather_objects, check_checkpoint, load_prefixed, local_tables, tables_changed
+from jobs.checkpoint import (all_gather_objects, check_checkpoint, load_prefixed, local_tables, propensity_run,
+                             tables_changed)
 from jobs.trainer import finite_or_none, first_batch, run_job, stage_train_config
 from models.dpo import auc
 from models.easq import GROUP_LORA
@@ -85,18 +86,6 @@ def timestamp_ordered(files: List[str]) -> bool:
             return False
         prev = hi
     return True
-
-
-def propensity_run(run_p: Path, data) -> Tuple[Path, Any]:
-    """(checkpoint dir, RUN_P's own config) of a jobs.propensity run, checked like jobs.satisfaction checks it:
-    a checkpoint, written by jobs.propensity, for these features (fingerprint). Not collective."""
-    try:
-        path = ckpt.resolve(run_p)
-    except ckpt.CheckpointError as exc:
-        raise ckpt.CheckpointError(f"--propensity: {exc}") from None
-    pcfg = checkpoint_config(path)
-    check_checkpoint(path, data, pcfg.embeddings, what="--propensity", expect_job="propensity")
-    return path, pcfg
 
 
 class FrozenPropensity:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from jobs import checkpoint as ckpt
+from jobs.checkpoint import checkpoint_config  # noqa: F401  (re-exported: serving and tests read run configs here)
 from jobs.cli import build_parser, parse
 from jobs.config import SatrankConfig, load_config
 from jobs.loop import synced_pairs
@@ -50,14 +51,6 @@ def run_checkpoint(run: str | Path, prefer: Sequence[str] = ("best", "checkpoint
         except ckpt.CheckpointError:
             continue
     return ckpt.resolve(run)
-
-
-def checkpoint_config(path: Path) -> SatrankConfig:
-    """The resolved run config stored next to a checkpoint (config.yaml)."""
-    cfg_file = Path(path) / "config.yaml"
-    if not cfg_file.is_file():
-        raise ckpt.CheckpointError(f"{path}: no config.yaml next to the checkpoint (was it written with config=?)")
-    return load_config(cfg_file)
 
 
 def satisfaction_teacher(run_s: str | Path, data) -> Tuple[TeacherSpec, Path]:

@@ -30,7 +30,7 @@ from jobs.cli import build_parser
 from jobs.runtime import get_logger
 from jobs.stage1_eval import SatisfactionEvaluator
 from jobs.trainer import Trainer, eval_reader, run_job, stage_train_config, train_reader
-from jobs.checkpoint import check_checkpoint, local_tables, tables_changed
+from jobs.checkpoint import check_checkpoint, checkpoint_config, local_tables, resolve, tables_changed
 from models.stage1 import SatisfactionModel
 from pipeline.config import ConfigError
 from pipeline.reader import BatchLoader
@@ -58,9 +58,22 @@ def precheck(args, cfg) -> None:
         check_checkpoint(args.propensity, cfg.data, cfg.embeddings, what="--propensity", expect_job="propensity")
 
 
+def propensity_config(args, cfg):
+    """The `propensity:` section the frozen rho model is built from: RUN_P's own (RUN_OLD's on --resume, which
+    recorded it), so a propensity run trained with other inputs loads without repeating its --set."""
+    if not _needs_propensity(cfg):
+        return cfg.propensity
+    src = args.resume if args.resume is not None else args.propensity
+    pcfg = checkpoint_config(resolve(src)).propensity
+    if pcfg != cfg.propensity:
+        logger.info("propensity model built from %s's config: %s", src, pcfg)
+    return pcfg
+
+
 def run(rt, args, cfg) -> None:
     train = stage_train_config(cfg, STAGE)
     sat = cfg.satisfaction
+    cfg.propensity = propensity_config(args, cfg)  # recorded in RUN/config.yaml
     torch.manual_seed(train.seed)
     trainer = Trainer(rt, SatisfactionModel(cfg.data, cfg.embeddings, cfg.pretrain.tower, sat, cfg.propensity),
                       emb=cfg.embeddings, train=train, out_dir=args.out, job=STAGE, run_config=cfg)

@@ -88,7 +88,7 @@ class PropensityConfig:
     # Logged behaviour of the impression itself as inputs (every impression has it, answered or not):
     # click and skip as 0/1, watch_time_s as log1p. Answering follows viewing, so P(o | u, i, behaviour)
     # is the propensity IPS needs when behaviour drives answering (docs/stage1.md).
-    behaviour: List[str] = field(default_factory=list)
+    behaviour: List[str] = field(default_factory=list)  # the paper's rho(u, i); configs/sim.yaml sets [click, watch_time_s]
     hidden: List[int] = field(default_factory=lambda: [64, 32])
     dropout: float = 0.0
 

@@ -56,12 +56,14 @@ class SimulateConfig:
     sat_w_quality: float = 0.8
     sat_w_interest: float = 1.0
     sat_w_activity: float = 0.4  # + sat_w_activity * (activity - 2): active users are the satisfied ones
-    # questionnaire answered: logit = answer_bias + w_act*(activity-2) + w_pop*pop_z + w_click*click + w_sat*sat
-    answer_bias: float = -6.3
+    # questionnaire answered: logit = answer_bias + w_act*(activity-2) + w_pop*pop_z + w_click*click
+    #   + w_watch*(watch_time_s / duration_s) + w_sat*sat
+    answer_bias: float = -6.5
     answer_w_activity: float = 0.5
     answer_w_popularity: float = 0.4
-    answer_w_click: float = 2.0
-    answer_w_satisfied: float = 0.3
+    answer_w_click: float = 0.5
+    answer_w_watch: float = 3.0  # the questionnaire shows in the player: longer views see (and answer) it more
+    answer_w_satisfied: float = 0.0  # MNAR on the realised label: no propensity can undo it
     # watch time
     scroll_mean_s: float = 1.0  # unclicked impressions: Exponential(scroll_mean_s), capped at duration
     watch_beta_satisfied: List[float] = field(default_factory=lambda: [4.0, 1.5])
@@ -244,15 +246,46 @@ def answer_base_logit(world: World, cfg: SimulateConfig, users: np.ndarray, item
             + cfg.answer_w_popularity * world.pop_z[items])
 
 
+_QUAD_NODES = 64  # quadrature points for the expectation of the answer probability over the watch fraction
+
+
+def _beta_nodes(a: float, b: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Midpoint nodes on (0, 1) and normalised Beta(a, b) density weights (deterministic quadrature)."""
+    t = (np.arange(_QUAD_NODES) + 0.5) / _QUAD_NODES
+    w = t ** (a - 1.0) * (1.0 - t) ** (b - 1.0)
+    return t, w / w.sum()
+
+
+def watch_fraction(cfg: SimulateConfig, watch: np.ndarray, duration: np.ndarray) -> np.ndarray:
+    """The share of the video watched, in [0, 1]: the input of the answer logit's watch term."""
+    return np.clip(watch / duration, 0.0, 1.0)
+
+
+def _mean_answer_prob(cfg: SimulateConfig, logit: np.ndarray, click: bool, sat: bool,
+                      duration: np.ndarray) -> np.ndarray:
+    """E[sigma(logit + w_watch * f)] over the watch fraction f given click and satisfaction (docs/simulator.md)."""
+    if cfg.answer_w_watch == 0.0:
+        return _sigmoid(logit)
+    if click:
+        t, w = _beta_nodes(*(cfg.watch_beta_satisfied if sat else cfg.watch_beta_dissatisfied))
+        return _sigmoid(logit[:, None] + cfg.answer_w_watch * t[None, :]) @ w
+    q = (np.arange(_QUAD_NODES) + 0.5) / _QUAD_NODES  # scroll-past: f = min(X, d) / d, X ~ Exp(scroll_mean_s)
+    x = -cfg.scroll_mean_s * np.log1p(-q)
+    f = watch_fraction(cfg, x[None, :], duration[:, None])
+    return _sigmoid(logit[:, None] + cfg.answer_w_watch * f).mean(axis=1)
+
+
 def true_probs(world: World, cfg: SimulateConfig, users: np.ndarray, items: np.ndarray
                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(p_click, p_satisfied, p_answered marginal over click and satisfaction, answer base logit)."""
+    """(p_click, p_satisfied, p_answered marginal over click, satisfaction and watch time, answer base logit)."""
     pc = _sigmoid(click_logit(world, cfg, users, items))
     ps = _sigmoid(satisfaction_logit(world, cfg, users, items))
     base = answer_base_logit(world, cfg, users, items)
-    wc, ws = cfg.answer_w_click, cfg.answer_w_satisfied
-    pa = ((1 - pc) * (1 - ps) * _sigmoid(base) + (1 - pc) * ps * _sigmoid(base + ws)
-          + pc * (1 - ps) * _sigmoid(base + wc) + pc * ps * _sigmoid(base + wc + ws))
+    wc, ws, d = cfg.answer_w_click, cfg.answer_w_satisfied, world.duration[items]
+    pa = ((1 - pc) * (1 - ps) * _mean_answer_prob(cfg, base, False, False, d)
+          + (1 - pc) * ps * _mean_answer_prob(cfg, base + ws, False, True, d)
+          + pc * (1 - ps) * _mean_answer_prob(cfg, base + wc, True, False, d)
+          + pc * ps * _mean_answer_prob(cfg, base + wc + ws, True, True, d))
     return pc, ps, pa, base
 
 

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from pipeline.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from pipeline.features import DataConfig
 from pipeline.sim_world import (HISTORY_CAPS, N_ACTIVITY, HistoryBuffers, SimulateConfig, World, _sigmoid,
-                                build_world, exposure_probs, sample_exposures, true_probs)
+                                build_world, exposure_probs, sample_exposures, true_probs, watch_fraction)
 
 __all__ = ["SimulateConfig", "simulate", "main", "IMPRESSION_SCHEMA", "CANDIDATE_SCHEMA", "check_vocab"]
 
@@ -164,12 +164,15 @@ def _round(world: World, cfg: SimulateConfig, hist: HistoryBuffers, rng: np.rand
     pc, ps, pa_, base = true_probs(world, cfg, users, items)
     u_click, u_sat, u_ans = rng.random((3, b))
     click, sat = u_click < pc, u_sat < ps
-    answered = u_ans < _sigmoid(base + cfg.answer_w_click * click + cfg.answer_w_satisfied * sat)
     dur = world.duration[items]
     f_sat = rng.beta(*cfg.watch_beta_satisfied, size=b)
     f_dis = rng.beta(*cfg.watch_beta_dissatisfied, size=b)
     scroll = rng.exponential(cfg.scroll_mean_s, size=b)
     watch = np.where(click, dur * np.where(sat, f_sat, f_dis), np.minimum(scroll, dur)).astype(np.float32)
+    answer_logit = base + cfg.answer_w_click * click + cfg.answer_w_satisfied * sat
+    if cfg.answer_w_watch != 0.0:
+        answer_logit = answer_logit + cfg.answer_w_watch * watch_fraction(cfg, watch.astype(np.float64), dur)
+    answered = u_ans < _sigmoid(answer_logit)
     skip = watch < cfg.skip_threshold_s
     hcols = _hist_columns(hist, users)  # histories strictly before this round
     for name, mask in (("hist_click", click), ("hist_satisfied", answered & sat),

@@ -43,7 +43,9 @@ from tests.test_stage1_jobs import launch, ok  # noqa: E402
 
 # the serving world's vocabularies (RUN_OVERRIDES), more impressions and common questionnaires
 WORLD = {"users": 300, "items": 400, "authors": 50, "impressions": 12000, "candidate_requests": 60,
-         "candidates_per_request": 20, "shard_rows": 2400, "row_group_rows": 500, "seed": 5, "answer_bias": -3.7}
+         "candidates_per_request": 20, "shard_rows": 2400, "row_group_rows": 500, "seed": 5, "answer_bias": -3.7,
+         # the answer mechanism docs/easq.md's comparison was measured on (the defaults before answer_w_watch)
+         "answer_w_click": 2.0, "answer_w_watch": 0.0, "answer_w_satisfied": 0.3}
 KEEP, PASSES = 0.1, 2
 SETS = [x for o in RUN_OVERRIDES for x in ("--set", o)]
 ARM = [*SETS, "--set", "easq.dpo_weight=0", "--set", "easq.lr=0.01", "--set", "easq.clip=0.005",
@@ -93,7 +95,8 @@ def comparison(tmp_path_factory) -> dict:
     sparsify(world, multi, KEEP, seed=0, passes=PASSES)
     ok(launch(2, "jobs.train", "--data", world, "--out", base / "main", *SETS, "--set", "model.mlse=false",
               "--set", "model.mtl=false", "--set", "ranker_train.epochs=1"))
-    ok(launch(2, "jobs.propensity", "--data", sparse, "--out", base / "propensity", *SETS, "--set", "train.epochs=1"))
+    ok(launch(2, "jobs.propensity", "--data", sparse, "--out", base / "propensity", *SETS, "--set", "train.epochs=1",
+              "--set", "propensity.behaviour=[]"))  # rho(u, i): the regime the figures were measured in
     runs = {p: base / p for p in ("isolated", "shared")}
     procs = [subprocess.Popen(torchrun(1, "-m", "jobs.dpo", "--data", str(multi), "--init", str(base / "main"),
                                        "--propensity", str(base / "propensity"), "--out", str(runs[p]), *ARM,

@@ -31,8 +31,9 @@ from pipeline.rows import read_columns  # noqa: E402
 
 WORLD = {"users": 300, "items": 500, "impressions": 40000, "seed": 0, "click_w_attractiveness": 2.0,
          "sat_w_interest": 2.0, "answer_bias": -2.0, "candidate_requests": 200, "candidates_per_request": 50,
-         "answer_w_satisfied": 1.0, "sat_w_activity": 0.0}  # the answer mechanism MARGIN was measured on
-COMMON = ["reader.num_workers=0", "reader.batch_size=512", "pretrain_train.epochs=3",
+         # the answer mechanism MARGIN was measured on (label MNAR, before answer_w_watch), with rho(u, i)
+         "answer_w_satisfied": 1.0, "sat_w_activity": 0.0, "answer_w_click": 2.0, "answer_w_watch": 0.0}
+COMMON = ["reader.num_workers=0", "propensity.behaviour=[]", "reader.batch_size=512", "pretrain_train.epochs=3",
           "satisfaction_train.epochs=20", "satisfaction_train.eval_every=5", "satisfaction_train.checkpoint_every=0",
           "satisfaction_train.dense_lr=0.003", "satisfaction_train.batch_size=256",
           "ranker_train.epochs=3", "ranker_train.patience=0"]

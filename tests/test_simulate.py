@@ -29,7 +29,8 @@ def small(**kw) -> SimulateConfig:
 @pytest.fixture(scope="module")
 def world_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "w"
-    res = simulate(out, small(seed=3))
+    # answer_bias one nat above the default: enough dissatisfied answers in 30k rows to wrap that ring buffer
+    res = simulate(out, small(seed=3, answer_bias=-5.5))
     return out, res
 
 
@@ -135,7 +136,7 @@ def test_attractiveness_correlates_with_logged_click_truth_not_satisfaction_trut
     assert np.allclose(world.duration[t.column("item_id").to_numpy()], t.column("duration_s").to_numpy(), rtol=1e-6)
 
 
-def test_answering_is_missing_not_at_random_and_biases_observed_satisfaction(world_dir, tmp_path):
+def test_answering_follows_long_views_and_biases_observed_satisfaction(world_dir, tmp_path):
     _, res = world_dir
     st = res["stats"]
     assert st["answer_rate_given_satisfied"] > 1.2 * st["answer_rate_given_dissatisfied"]
@@ -146,14 +147,31 @@ def test_answering_is_missing_not_at_random_and_biases_observed_satisfaction(wor
         t = t.filter(pac.equal(t.column("questionnaire_answered"), 1))
         return np.mean(t.column("satisfied").to_numpy()) - np.mean(t.column("true_p_satisfied").to_numpy()), t.num_rows
 
-    # Visible from the files alone: answered rows are more satisfied than their true probability says...
-    g, n = gap(small(seed=5, answer_bias=-4.0, answer_w_satisfied=1.0), tmp_path / "mnar")
+    # Visible from the files alone: answered rows are more satisfied than their true probability says, when
+    # answering depends on the realised label (MNAR)...
+    g, n = gap(small(seed=5, answer_bias=-3.0, answer_w_satisfied=1.0, answer_w_watch=0.0), tmp_path / "mnar")
     assert n > 2000 and g > 0.08
-    # ...and the gap vanishes when answering ignores satisfaction (missing at random given user, item).
-    g0, n0 = gap(small(seed=5, answer_bias=-4.0, answer_w_satisfied=0.0), tmp_path / "mar")
+    # ...or on the share of the video watched (observed, and longer for satisfied views: the default)...
+    gw, nw = gap(small(seed=5, answer_bias=-4.5, answer_w_satisfied=0.0, answer_w_watch=3.0), tmp_path / "watch")
+    assert nw > 2000 and gw > 0.08
+    # ...and the gap vanishes when answering ignores both (missing at random given user and item).
+    g0, n0 = gap(small(seed=5, answer_bias=-3.0, answer_w_satisfied=0.0, answer_w_watch=0.0), tmp_path / "mar")
     assert n0 > 2000 and abs(g0) < 0.03
 
 
+def test_long_views_answer_more_often_than_short_ones(tmp_path):
+    """The default answer mechanism (answer_w_watch): the questionnaire shows in the player, so the share of the
+    video watched (logged, unlike satisfaction) drives answering; rho(u, i, behaviour) can see it (docs/stage1.md)."""
+    out = tmp_path / "w"
+    simulate(out, small(seed=7, impressions=60000, answer_bias=-4.0, answer_w_satisfied=0.0, answer_w_watch=3.0))
+    t = read_log(out)
+    world = build_world(small(seed=7, answer_bias=-4.0))
+    click = t.column("click").to_numpy() == 1
+    frac = t.column("watch_time_s").to_numpy() / world.duration[t.column("item_id").to_numpy()]
+    ans = t.column("questionnaire_answered").to_numpy() == 1
+    long_view, short_view = click & (frac > 0.6), click & (frac < 0.3)
+    # long views answer more often than short ones: e^(3 * ~0.5) ~ 4x in odds
+    assert ans[long_view].mean() > 2.5 * ans[short_view].mean()
 def test_active_users_are_more_satisfied_only_through_sat_w_activity(world_dir, tmp_path):
     def by_bucket(out):
         t = read_log(out)
@@ -163,7 +181,7 @@ def test_active_users_are_more_satisfied_only_through_sat_w_activity(world_dir, 
     out, _ = world_dir
     m = by_bucket(out)
     assert all(b > a for a, b in zip(m, m[1:])) and m[4] - m[0] > 0.1, m
-    simulate(tmp_path / "flat", small(seed=3, sat_w_activity=0.0))
+    simulate(tmp_path / "flat", small(seed=3, answer_bias=-5.5, sat_w_activity=0.0))
     m0 = by_bucket(tmp_path / "flat")
     assert max(m0) - min(m0) < 0.05, m0
 
