@@ -30,7 +30,7 @@ from jobs.cli import build_parser
 from jobs.runtime import get_logger
 from jobs.stage1_eval import SatisfactionEvaluator
 from jobs.trainer import Trainer, eval_reader, run_job, stage_train_config, train_reader
-from jobs.checkpoint import check_checkpoint, checkpoint_config, local_tables, resolve, tables_changed
+from jobs.checkpoint import check_checkpoint, checkpoint_config, local_tables, propensity_run, resolve, tables_changed
 from models.stage1 import SatisfactionModel
 from pipeline.config import ConfigError
 from pipeline.reader import BatchLoader
@@ -64,7 +64,7 @@ def propensity_config(args, cfg):
     if not _needs_propensity(cfg):
         return cfg.propensity
     src = args.resume if args.resume is not None else args.propensity
-    pcfg = checkpoint_config(resolve(src)).propensity
+    pcfg = (checkpoint_config(resolve(src)) if args.resume is not None else propensity_run(src, cfg.data)[1]).propensity
     if pcfg != cfg.propensity:
         logger.info("propensity model built from %s's config: %s", src, pcfg)
     return pcfg

@@ -256,7 +256,7 @@ def _beta_nodes(a: float, b: float) -> Tuple[np.ndarray, np.ndarray]:
     return t, w / w.sum()
 
 
-def watch_fraction(cfg: SimulateConfig, watch: np.ndarray, duration: np.ndarray) -> np.ndarray:
+def watch_fraction(watch: np.ndarray, duration: np.ndarray) -> np.ndarray:
     """The share of the video watched, in [0, 1]: the input of the answer logit's watch term."""
     return np.clip(watch / duration, 0.0, 1.0)
 
@@ -271,7 +271,7 @@ def _mean_answer_prob(cfg: SimulateConfig, logit: np.ndarray, click: bool, sat: 
         return _sigmoid(logit[:, None] + cfg.answer_w_watch * t[None, :]) @ w
     q = (np.arange(_QUAD_NODES) + 0.5) / _QUAD_NODES  # scroll-past: f = min(X, d) / d, X ~ Exp(scroll_mean_s)
     x = -cfg.scroll_mean_s * np.log1p(-q)
-    f = watch_fraction(cfg, x[None, :], duration[:, None])
+    f = watch_fraction(x[None, :], duration[:, None])
     return _sigmoid(logit[:, None] + cfg.answer_w_watch * f).mean(axis=1)
 
 

@@ -171,7 +171,7 @@ def _round(world: World, cfg: SimulateConfig, hist: HistoryBuffers, rng: np.rand
     watch = np.where(click, dur * np.where(sat, f_sat, f_dis), np.minimum(scroll, dur)).astype(np.float32)
     answer_logit = base + cfg.answer_w_click * click + cfg.answer_w_satisfied * sat
     if cfg.answer_w_watch != 0.0:
-        answer_logit = answer_logit + cfg.answer_w_watch * watch_fraction(cfg, watch.astype(np.float64), dur)
+        answer_logit = answer_logit + cfg.answer_w_watch * watch_fraction(watch.astype(np.float64), dur)
     answered = u_ans < _sigmoid(answer_logit)
     skip = watch < cfg.skip_threshold_s
     hcols = _hist_columns(hist, users)  # histories strictly before this round
