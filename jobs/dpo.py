@@ -49,10 +49,12 @@ from jobs import checkpoint as ckpt
 from jobs.cli import build_parser
 from jobs.evaluate import TEACHER_FILE, build_task, checkpoint_config, evaluate_all, run_checkpoint, teacher_from_dict
 from jobs.loop import synced_pairs
-from jobs.runtime import get_logger, write_json_atomic
+from jobs.runtime import finite_or_none, get_logger, write_json_atomic
+from jobs.stage1_eval import ID_ORDER, canonical_order, sample_labels
 from jobs.checkpoint import (all_gather_objects, check_checkpoint, load_prefixed, local_tables, propensity_run,
                              tables_changed)
-from jobs.trainer import finite_or_none, first_batch, run_job, stage_train_config
+from jobs.readers import first_batch, stage_train_config
+from jobs.trainer import run_job
 from models.dpo import auc
 from models.easq import GROUP_LORA
 from models.easq_task import EasqTask, pad_rows, pair_batch
@@ -61,6 +63,8 @@ from models.pair_buffer import PairBuffer
 from models.ranker_task import needs_teacher
 from pipeline.errors import DataError
 from pipeline.reader import BatchLoader, list_shards
+
+TRUE_P_SATISFIED = "true_p_satisfied"  # truth column of the simulator (pipeline.simulate)
 
 JOB = "dpo"
 STATE = "easq_state"
@@ -139,21 +143,20 @@ class FrozenPropensity:
                 "clipped_share_answered": sum(p["clipped"] for p in parts) / n if n else None}
 
 
-def sat_head_auc(dmp, cfg, uri: Path, rt) -> Dict[str, Any]:
-    """AUC of the satisfaction head's logit (`sat_head_logit`) against `satisfied` on the ANSWERED rows of the
-    split `uri` (reader row_filter), over all ranks (collective). {"auc": None, "rows": 0} without answers."""
+def _sat_head_columns(dmp, cfg, uri: Path, rt, row_filter: Optional[str]) -> Optional[Dict[str, torch.Tensor]]:
+    """The satisfaction head's logit, `satisfied`, `true_p_satisfied` (when the data has it) and the row ids
+    of the split `uri` (rows passing `row_filter`), gathered from all ranks (collective); None without rows."""
     if not uri.exists():
-        return {"auc": None, "rows": 0}
+        return None
     rcfg = dataclasses.replace(cfg.reader, shuffle=False, drop_last=False)
-    loader = BatchLoader(uri, cfg.data, rcfg, row_filter=cfg.data.labels.questionnaire_answered)
+    loader = BatchLoader(uri, cfg.data, rcfg, row_filter=row_filter)
     try:
         template = first_batch(loader)
     except DataError:
         template = None
-    has = all_gather_objects(template is not None)
-    if not all(has):
-        return {"auc": None, "rows": 0}
-    logits, labels = [], []
+    if not all(all_gather_objects(template is not None)):
+        return None
+    cols: Dict[str, List[torch.Tensor]] = {}
     was = dmp.training
     dmp.eval()
     try:
@@ -161,15 +164,37 @@ def sat_head_auc(dmp, cfg, uri: Path, rt) -> Dict[str, Any]:
             for batch, real in synced_pairs(loader, rt.device, "pad", template):
                 _, out = dmp(batch)
                 if real:
-                    logits.append(out["sat_head_logit"].detach().cpu())
-                    labels.append(batch.labels["satisfied"].detach().cpu())
+                    got = {"logit": out["sat_head_logit"], "satisfied": batch.labels["satisfied"],
+                           **{f"id_{k}": batch.ids[k] for k in ID_ORDER if k in batch.ids}}
+                    if TRUE_P_SATISFIED in batch.truth:
+                        got["true_p"] = batch.truth[TRUE_P_SATISFIED]
+                    for k, v in got.items():
+                        cols.setdefault(k, []).append(v.detach().cpu())
     finally:
         dmp.train(was)
-    parts = all_gather_objects((torch.cat(logits) if logits else torch.zeros(0),
-                                torch.cat(labels) if labels else torch.zeros(0)))
-    lg, lb = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return {"auc": auc(lg, lb) if lg.numel() else None, "rows": int(lg.numel()),
-            "satisfied_share": float(lb.mean()) if lb.numel() else None}
+    parts = all_gather_objects({k: torch.cat(v) for k, v in cols.items()})
+    keys = {k for p in parts for k in p}
+    return {k: torch.cat([p[k] for p in parts if k in p]) for k in keys} if keys else None
+
+
+def sat_head_auc(dmp, cfg, uri: Path, rt) -> Dict[str, Any]:
+    """The satisfaction head's AUC on the split `uri`: `auc` against `satisfied` on the ANSWERED rows (the only
+    observed labels: a small, biased sample) and, where the data has `true_p_satisfied` (the simulator),
+    `auc_true_all` against a label drawn from it with a fixed seed over ALL rows in a canonical row order (the
+    same draw as stage 1's `auc_true_all`, whatever the world size; `auc_true_all_ceiling` is the truth's own
+    AUC on that draw). Collective. {"auc": None, "rows": 0} without answers."""
+    c = _sat_head_columns(dmp, cfg, uri, rt, cfg.data.labels.questionnaire_answered)
+    out: Dict[str, Any] = {"auc": None, "rows": 0}
+    if c is not None and c["logit"].numel():
+        lg, lb = c["logit"], c["satisfied"]
+        out = {"auc": auc(lg, lb), "rows": int(lg.numel()), "satisfied_share": float(lb.mean())}
+    a = _sat_head_columns(dmp, cfg, uri, rt, None)
+    if a is not None and "true_p" in a:
+        order = torch.from_numpy(canonical_order(a))
+        drawn = sample_labels(a["true_p"][order], 0)
+        out.update(auc_true_all=auc(a["logit"][order], drawn), auc_true_all_ceiling=auc(a["true_p"][order], drawn),
+                   rows_all=int(drawn.numel()))
+    return out
 
 
 def evaluate_run(dmp, cfg, ecfg, data_dir: Path, rt) -> Dict[str, Any]:

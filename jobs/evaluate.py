@@ -30,7 +30,7 @@ from jobs.cli import build_parser, parse
 from jobs.config import SatrankConfig, load_config
 from jobs.loop import synced_pairs
 from jobs.runtime import Runtime, get_logger, init_runtime, write_json_atomic
-from jobs.trainer import first_batch
+from jobs.readers import first_batch
 from models.evaluation import (METRIC_KEYS, CandidateMetrics, EvaluationConfig, ImpressionMetrics, LooMetrics,
                                build_loo_plan, item_side_columns)
 from models.ranker_task import RankerTask, TeacherSpec, find_task, needs_teacher

@@ -19,7 +19,8 @@ import torch
 
 from jobs.cli import build_parser
 from jobs.stage1_eval import BinaryEvaluator
-from jobs.trainer import Trainer, eval_reader, run_job, stage_train_config, train_reader
+from jobs.readers import eval_reader, stage_train_config, train_reader
+from jobs.trainer import Trainer, run_job
 from models.stage1 import PropensityModel
 from pipeline.reader import BatchLoader
 

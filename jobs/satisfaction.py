@@ -29,7 +29,8 @@ import torch
 from jobs.cli import build_parser
 from jobs.runtime import get_logger
 from jobs.stage1_eval import SatisfactionEvaluator
-from jobs.trainer import Trainer, eval_reader, run_job, stage_train_config, train_reader
+from jobs.readers import eval_reader, stage_train_config, train_reader
+from jobs.trainer import Trainer, run_job
 from jobs.checkpoint import check_checkpoint, checkpoint_config, local_tables, propensity_run, resolve, tables_changed
 from models.stage1 import SatisfactionModel
 from pipeline.config import ConfigError

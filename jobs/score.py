@@ -116,6 +116,7 @@ def load_model(model_path: str | Path, kind: Optional[str] = None) -> LoadedMode
         model = model.serving_task()
         lora = {**merge_lora(model), "easq": {"pathway": easq_cfg.pathway, "targets": list(easq_cfg.targets),
                                               "folded": "merged into user_proj / item_proj + item_in",
+                                              "id_targets": list(easq_cfg.id_targets),  # teacher-only, not served
                                               "satisfaction_head": "not served (main heads only)"}}
     else:
         lora = merge_lora(model)

@@ -35,8 +35,9 @@ from jobs.checkpoint import CheckpointError, load_prefixed
 from jobs.cli import build_parser
 from jobs.evaluate import (TEACHER_FILE, build_task, evaluate_all, format_table, satisfaction_teacher,
                            teacher_to_dict)
-from jobs.runtime import get_logger, write_json_atomic
-from jobs.trainer import Trainer, eval_reader, finite_or_none, run_job, stage_train_config, train_reader
+from jobs.readers import eval_reader, stage_train_config, train_reader
+from jobs.runtime import finite_or_none, get_logger, write_json_atomic
+from jobs.trainer import Trainer, run_job
 from models.evaluation import EvaluationConfig, RankerEvaluator
 from models.ranker_task import find_task, needs_teacher
 from pipeline.reader import BatchLoader

@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import os
 import sys
-import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol
@@ -46,107 +43,17 @@ from embeddings.sharding import find_sparse_archs, plan_summary, plan_to_dict, s
 from jobs.checkpoint import (CheckpointError, all_gather_objects, broadcast_object, check_checkpoint, load_checkpoint,
                              load_prefixed, save_checkpoint)
 from jobs.loop import LoopStats, run_loop, synced_pairs
-from jobs.runtime import MetricsWriter, Runtime, get_logger, write_json_atomic, write_text_atomic
-from jobs.train_config import TrainConfig, resolve_train
+from jobs.readers import first_batch, reap_loader_threads, stage_train_config
+from jobs.runtime import MetricsWriter, Runtime, finite_or_none, get_logger, write_json_atomic, write_text_atomic
+from jobs.train_config import TrainConfig
 from models.calibration import StreamingCollector
 from pipeline import config as cfgio
 from pipeline.batch import Batch
 from pipeline.errors import DataError
 from pipeline.reader import BatchLoader
-from pipeline.reader_config import ReaderConfig
 
 logger = get_logger("trainer")
 PADDING = {"padding": True}  # Batch.position of a padding copy (positions are plain data; the reader never sees it)
-
-
-def stage_train_config(cfg: Any, stage: str) -> TrainConfig:
-    """`train:` with the `<stage>_train:` overrides applied (stage: pretrain | propensity | satisfaction | ...)."""
-    over = getattr(cfg, f"{stage}_train", None)
-    return resolve_train(cfg.train, over, f"{stage}_train")
-
-
-def train_reader(reader: ReaderConfig, train: TrainConfig) -> ReaderConfig:
-    return dataclasses.replace(reader, batch_size=train.batch_size or reader.batch_size,
-                               drop_last=reader.drop_last or train.drop_last)
-
-
-def eval_reader(reader: ReaderConfig) -> ReaderConfig:
-    """Evaluation reads in file order (metrics do not depend on order; this keeps runs comparable)."""
-    return dataclasses.replace(reader, shuffle=False)
-
-
-def first_batch(loader: BatchLoader) -> Batch:
-    """The first batch of `loader`'s data read as one slot in the main process (a padding template for
-    ranks that get no batch at all). DataError when no row survives rejection/filtering."""
-    cfg = dataclasses.replace(loader.cfg, num_workers=0, shuffle=False)
-    conv = loader.converter
-    one = BatchLoader(loader.uri, conv.cfg, cfg, rank=0, world_size=1, row_filter=conv.row_filter,
-                      with_labels=conv.with_labels)
-    it = iter(one)
-    try:
-        batch = next(it, None)
-    finally:
-        it.close()
-    if batch is None:
-        what = f" with {conv.row_filter} = 1" if conv.row_filter else ""
-        raise DataError(f"{loader.uri}: no usable rows{what} (every row was rejected or filtered)")
-    return batch
-
-
-_LINGERING: set = set()  # OS threads seen to outlive a loader pass (long-lived): not waited for again
-
-
-def _task_ids() -> Optional[set]:
-    try:
-        return set(os.listdir("/proc/self/task"))
-    except OSError:  # not Linux: fall back to joining the feeder threads only
-        return None
-
-
-@contextmanager
-def reap_loader_threads(loader: BatchLoader, timeout: float = 5.0):
-    """Around a pass over a BatchLoader with workers: afterwards, wait until every OS thread started during
-    the pass (the DataLoader's queue-feeder threads) has fully exited, so the next DataLoader's fork cannot
-    happen while one of them is still tearing down. On CPython 3.11 a child forked at that moment can hang
-    forever in PyOS_AfterFork_Child (the thread-state list lock is taken before it is re-initialised);
-    seen under load as a rank waiting for its first batch. Threading.join is not enough: it returns
-    before the thread's C-level teardown (which takes that lock) is done."""
-    if loader.cfg.num_workers == 0:  # read in this process: no DataLoader fork, nothing to wait for
-        yield
-        return
-    before = _task_ids()
-    try:
-        yield
-    finally:
-        for t in threading.enumerate():
-            if t is not threading.current_thread() and t.name.startswith("QueueFeederThread"):
-                t.join(timeout)
-        if before is not None:
-            deadline = time.monotonic() + timeout
-            while True:
-                extra = (_task_ids() or set()) - before - _LINGERING
-                if not extra:
-                    break
-                if time.monotonic() > deadline:
-                    logger.debug("threads %s outlived a loader pass; not waited for again", sorted(extra))
-                    _LINGERING.update(extra)
-                    break
-                time.sleep(0.002)
-
-
-def finite_or_none(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None (strict JSON has no NaN), tensors/numpy scalars -> Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(v) for v in obj]
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        obj = obj.item()
-    if hasattr(obj, "item") and not isinstance(obj, (int, float, str, bool)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _sum_dicts(dicts: List[Dict[str, float]]) -> Dict[str, float]:

@@ -4,7 +4,11 @@ A low shared layer h = W0 x of the ranker gets a LoRA branch h_lora = (alpha/r) 
   * target `item` (default): the candidate item-vector layer v_i = e_i + item_proj([attrs; dense]),
     i.e. h = W0 x with x = [e_i; pooled attrs; dense] and W0 = [I | W_item_proj] (+ bias); the LoRA
     sees the candidate's own item embedding, where item quality lives;
-  * target `user`: the user-vector layer v_u = user_proj([pooled user features]) (an nn.Linear).
+  * target `user`: the user-vector layer v_u = user_proj([pooled user features]) (an nn.Linear);
+  * `id_targets` (e.g. user_id, item_id): a LoRA of that feature's embedding table (models.lora.LoRAEmbedding),
+    (alpha/r) B a[id], added to the satisfaction head's user or item input only (teacher-only: per-id
+    satisfaction capacity the main path and serving never read; DPO carries it over). The ids come in
+    RankerInputs.extras under `id_extra_key(name)` (`id_extras(kjt, names)` builds them).
 Two paths read that layer (sg = stop-gradient, `detach`):
   MAIN          h + sg(h_lora)   -> the ranker's fusion and behaviour towers (click, watch time, ...)
                                    which serve. Behaviour losses never reach the LoRA.
@@ -37,11 +41,30 @@ import torch
 from torch import nn
 
 from models.easq_config import EasqConfig
-from models.lora import LoRABranch
+from models.lora import LoRABranch, LoRAEmbedding
 from models.saqrec import RankerInputs, SAQRecRanker, mlp
 
 GROUP_BACKBONE, GROUP_LORA, GROUP_TABLES, GROUP_FROZEN = "backbone", "lora", "tables", "frozen"
 SAT_HEAD = "sat_head"  # output key of the satisfaction head's logit
+
+
+def id_extra_key(name: str) -> str:
+    """RankerInputs.extras key holding the table-row ids [B] of single-valued feature `name`."""
+    return f"ids:{name}"
+
+
+def id_extras(kjt, names: List[str]) -> Dict[str, torch.Tensor]:
+    """{id_extra_key(n): ids [B]} of the single-valued features `names` of a (model-input) KeyedJaggedTensor."""
+    out = {}
+    for n in names:
+        if n not in kjt.keys():
+            raise KeyError(f"easq.id_targets: feature {n!r} is not in the batch (have {kjt.keys()})")
+        jt = kjt[n]
+        if jt.lengths().numel() and bool((jt.lengths() != 1).any()):
+            raise ValueError(f"easq.id_targets: feature {n!r} is not single-valued (a row has "
+                             f"{int(jt.lengths().max())} ids)")
+        out[id_extra_key(n)] = jt.values().long()
+    return out
 
 
 def detach_inputs(x: RankerInputs) -> RankerInputs:
@@ -104,7 +127,8 @@ class EasqRanker(nn.Module):
     (main path) plus `sat_head` (satisfaction-path logit). Exposes `cfg`/`d`/`heads` like the ranker,
     so `RankerFromSparse(EasqRanker(...), data)` works unchanged."""
 
-    def __init__(self, ranker: SAQRecRanker, cfg: EasqConfig) -> None:
+    def __init__(self, ranker: SAQRecRanker, cfg: EasqConfig, id_rows: Optional[Dict[str, int]] = None) -> None:
+        """`id_rows`: table rows of each single-valued sparse feature (needed for `cfg.id_targets`)."""
         super().__init__()
         cfg.validate("easq")
         if not isinstance(ranker, SAQRecRanker):
@@ -121,9 +145,25 @@ class EasqRanker(nn.Module):
         if "user" in cfg.targets:
             lora["user"] = LoRABranch(ranker.user_proj.in_features, ranker.d, cfg.rank, cfg.alpha, cfg.dropout)
             self._hook = ranker.user_proj.register_forward_hook(self._user_hook)
+        id_lora, self.id_sides = {}, {}
+        for name in cfg.id_targets:
+            if name == ranker.cfg.item_feature or name in ranker.cfg.item_attr_features:
+                self.id_sides[name] = "item"
+            elif name in ranker.cfg.user_features:
+                self.id_sides[name] = "user"
+            else:
+                raise ValueError(f"easq.id_targets: {name!r} is neither a user feature (model.user_features "
+                                 f"{ranker.cfg.user_features}) nor the item or an item attribute")
+            if not id_rows or name not in id_rows:
+                raise ValueError(f"easq.id_targets: no table size for {name!r} (a single-valued sparse feature "
+                                 f"of the data; have {sorted(id_rows or {})})")
+            id_lora[name] = LoRAEmbedding(int(id_rows[name]), ranker.d, cfg.rank, cfg.alpha)
         # shared pathway: no adapter. They were still built above, so that both pathways draw the same random
         # numbers and the satisfaction head below starts from the same weights (a like-for-like comparison).
         self.lora = nn.ModuleDict({} if self.shared else lora)
+        self.id_lora = nn.ModuleDict({} if self.shared else id_lora)
+        if self.shared:
+            self.id_sides = {}
         self.sat_head = SatisfactionHead(ranker.d, list(cfg.sat_head_hidden), with_user="user" in cfg.targets)
         self._capture = False  # True only during EasqRanker's own ranker calls
         self._user_inject: Optional[torch.Tensor] = None
@@ -151,6 +191,34 @@ class EasqRanker(nn.Module):
     def deltas(self, x: RankerInputs) -> Dict[str, torch.Tensor]:
         """h_lora per target, [B, d]; gradient reaches only the LoRA parameters."""
         return {t: self.lora[t](v) for t, v in self.lora_inputs(x).items()}
+
+    @property
+    def id_features(self) -> List[str]:
+        """Single-valued features whose ids this pathway reads from RankerInputs.extras (`id_extras`)."""
+        return list(self.id_lora.keys())
+
+    def id_deltas(self, x: RankerInputs) -> Dict[str, torch.Tensor]:
+        """Sum of the id adapters per side (`user`, `item`), [B, d]: added to the satisfaction head's input only."""
+        out: Dict[str, torch.Tensor] = {}
+        for name, adapter in self.id_lora.items():
+            key = id_extra_key(name)
+            if key not in x.extras:
+                raise KeyError(f"easq.id_targets: RankerInputs.extras has no {key!r} (pass id_extras(batch.sparse, "
+                               f"easq.id_features) with the ranker's inputs)")
+            side = self.id_sides[name]
+            d = adapter(x.extras[key])
+            out[side] = out[side] + d if side in out else d
+        return out
+
+    def _sat_head(self, u: torch.Tensor, i: torch.Tensor, u_s: Optional[torch.Tensor],
+                  x: RankerInputs) -> torch.Tensor:
+        """The satisfaction head on (u, i, u_s) plus the id adapters' user / item terms."""
+        idd = self.id_deltas(x)
+        if "user" in idd:
+            u = u + idd["user"]
+        if "item" in idd:
+            i = i + idd["item"]
+        return self.sat_head(u, i, u_s)
 
     def _user_hook(self, module: nn.Module, inputs, output: torch.Tensor) -> Optional[torch.Tensor]:
         if not self._capture:
@@ -186,8 +254,8 @@ class EasqRanker(nn.Module):
         out, v_u = self._run(x, {t: v.detach() for t, v in delta.items()})
         st = lambda h, t: h.detach() + (delta[t] - delta[t].detach()) if t in delta else h.detach()  # noqa: E731
         out = dict(out)
-        out[SAT_HEAD] = self.sat_head(out["user"].detach(), st(out["item"], "item"),
-                                      st(v_u, "user") if v_u is not None else None)
+        out[SAT_HEAD] = self._sat_head(out["user"].detach(), st(out["item"], "item"),
+                                       st(v_u, "user") if v_u is not None else None, x)
         return out
 
     def policy_forward(self, x: RankerInputs) -> Dict[str, torch.Tensor]:
@@ -200,7 +268,7 @@ class EasqRanker(nn.Module):
         with _frozen(self.ranker):  # graph edges are recorded at op time: none reach the backbone
             out, v_u = self._run(xd, delta)
         out = dict(out)
-        out[SAT_HEAD] = self.sat_head(out["user"].detach(), out["item"], v_u)  # item = sg(v_i) + h_lora here
+        out[SAT_HEAD] = self._sat_head(out["user"].detach(), out["item"], v_u, xd)  # item = sg(v_i) + h_lora here
         return out
 
     @torch.no_grad()
@@ -231,7 +299,7 @@ class EasqRanker(nn.Module):
 
     # ------------------------------------------------------------------ groups and serving
     def lora_parameters(self) -> List[nn.Parameter]:
-        return list(self.lora.parameters()) + list(self.sat_head.parameters())
+        return list(self.lora.parameters()) + list(self.id_lora.parameters()) + list(self.sat_head.parameters())
 
     def backbone_parameters(self) -> List[nn.Parameter]:
         return list(self.ranker.parameters())
@@ -241,7 +309,8 @@ class EasqRanker(nn.Module):
         """The main path with the adapters folded in (eval mode): a copy of the ranker whose user_proj
         (target user) and item_proj (target item, attribute/dense columns) carry W0 + (alpha/r) B A,
         plus a d x d `item_in` = I + the adapter's e_i block applied to the candidate embedding (the
-        identity part of v_i cannot absorb it, and the item table is shared with the histories)."""
+        identity part of v_i cannot absorb it, and the item table is shared with the histories). The id
+        adapters (`id_targets`) feed the satisfaction head only, so serving has nothing of them to fold."""
         ranker = copy.deepcopy(self.ranker, memo={id(self): self})  # memo: the hook's owner is not copied
         ranker.user_proj._forward_hooks.clear()  # the copy must not call back into this module
         item_in = None
@@ -311,7 +380,9 @@ def install_easq(task: nn.Module, cfg: EasqConfig) -> EasqRanker:
     base = getattr(holder, "ranker", None)
     if not isinstance(base, SAQRecRanker):
         raise TypeError(f"install_easq: expected task.ranker.ranker to be a SAQRecRanker, got {type(base).__name__}")
-    easq = EasqRanker(base, cfg)
+    data = getattr(task, "data", None)
+    id_rows = {f.name: f.num_rows for f in data.sparse} if data is not None else None
+    easq = EasqRanker(base, cfg, id_rows)
     holder.ranker = easq
     loss_fn = getattr(task, "loss_fn", None)
     if loss_fn is not None and hasattr(loss_fn, "_ranker"):

@@ -28,6 +28,10 @@ class EasqConfig:
     # trains the backbone and the tables too (docs/easq.md, "Isolated vs shared")
     pathway: Pathway = "isolated"
     targets: List[str] = field(default_factory=lambda: ["item"])  # item: v_i layer; user: v_u = user_proj
+    # single-valued sparse features (e.g. user_id, item_id) whose ids get a LoRA of their embedding table
+    # (models.lora.LoRAEmbedding): per-id capacity of the satisfaction path, read by the satisfaction head only
+    # (teacher-only: the main path and serving never see it; DPO carries it over). Empty: none
+    id_targets: List[str] = field(default_factory=list)
     rank: int = 4  # r
     alpha: float = 8.0  # delta = (alpha / r) B A x
     dropout: float = 0.0  # on the LoRA input (training only)
@@ -74,6 +78,8 @@ class EasqConfig:
             raise bad("targets", f"{unknown} are not LoRA targets; choose from {list(EASQ_TARGETS)}")
         if len(set(self.targets)) != len(self.targets):
             raise bad("targets", f"repeated names in {self.targets}")
+        if len(set(self.id_targets)) != len(self.id_targets):
+            raise bad("id_targets", f"repeated names in {self.id_targets}")
         if self.rank < 1:
             raise bad("rank", f"must be >= 1, got {self.rank}")
         if self.alpha <= 0:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from models.dpo import EasqLoss
-from models.easq import SAT_HEAD, EasqRanker, install_easq
+from models.easq import SAT_HEAD, EasqRanker, id_extras, install_easq
 from models.easq_config import EasqConfig
 from models.pair_buffer import PairSample, fields_to_batch, row_fields
 from models.ranker_task import RankerTask
@@ -94,7 +94,7 @@ class EasqTask(nn.Module):
         t = self.task
         sp = t.sparse_arch(batch.sparse)
         signals = self._signals(batch)
-        out = t.ranker(sp, batch.dense, signals)
+        out = t.ranker(sp, batch.dense, {**signals, **id_extras(batch.sparse, self.easq.id_features)})
         n = batch.size if n_real is None else int(n_real)
         if pairs is None:  # evaluation / scoring: RankerTask's outputs (+ the satisfaction head)
             loss, res = t.loss_fn(_head(out, n), _head(batch.labels, n), _head(signals, n))
@@ -102,7 +102,7 @@ class EasqTask(nn.Module):
             return loss, res
         # ---- training step: behaviour (main path) + L_sat (LoRA) + DPO on the pair rows
         psp = t.sparse_arch(pairs.sparse)
-        pextras = {}
+        pextras = id_extras(pairs.sparse, self.easq.id_features)
         psig = self._signals(pairs)
         from models.ranker_task import HISTORY_SCORES
         if HISTORY_SCORES in psig:

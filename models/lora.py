@@ -6,7 +6,8 @@ B starts at zero, so a fresh adapter changes nothing (exactly); A starts like an
 (Kaiming-uniform), so the first gradient step on B is informative. `merge()` folds (alpha/r) B A into
 W0 for serving (one plain nn.Linear, no extra matmul). `LoRABranch` is the adapter alone (delta = the
 low-rank term); EASQ uses it directly where its base layer is not a single nn.Linear (the item-vector
-layer, see models.easq). `apply_lora` replaces named nn.Linear submodules of any module; parameters
+layer, see models.easq). `LoRAEmbedding` is the adapter of an embedding table (peft's embedding LoRA): per
+id an r-dim row a[id], mapped by B (zero at init). `apply_lora` replaces named nn.Linear submodules of any module; parameters
 split into `lora_parameters` and `non_lora_parameters` (separate optimizer groups).
 """
 from __future__ import annotations
@@ -18,19 +19,23 @@ import torch
 from torch import nn
 
 
+def _check_sizes(rank: int, alpha: float, n_in: int, n_out: int, in_name: str) -> None:
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if alpha <= 0:
+        raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"LoRA needs positive sizes, got {in_name}={n_in}, out={n_out}")
+
+
 class LoRABranch(nn.Module):
     """delta(x) = (alpha / r) B A dropout(x): the low-rank update alone; B = 0 at initialisation."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        if alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+        _check_sizes(rank, alpha, in_features, out_features, "in")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"LoRA needs positive sizes, got in={in_features}, out={out_features}")
         self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, float(alpha)
         self.A = nn.Parameter(torch.empty(rank, in_features))
         self.B = nn.Parameter(torch.zeros(out_features, rank))
@@ -52,6 +57,39 @@ class LoRABranch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+class LoRAEmbedding(nn.Module):
+    """delta(ids) = (alpha / r) B a[ids]: a low-rank update of an embedding table of `num_rows` rows, i.e. the
+    table would become E + (alpha / r) a B^T (peft's lora_embedding_A / lora_embedding_B). a ~ N(0, 1) per row,
+    B = 0 at initialisation, so a fresh adapter adds exactly zero. Gives a pathway per-id capacity of its own
+    (rank r per row) without touching the table E."""
+
+    def __init__(self, num_rows: int, out_features: int, rank: int, alpha: float) -> None:
+        super().__init__()
+        _check_sizes(rank, alpha, num_rows, out_features, "rows")
+        self.num_rows, self.out_features, self.rank, self.alpha = num_rows, out_features, rank, float(alpha)
+        self.A = nn.Parameter(torch.randn(num_rows, rank))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"LoRA embedding: ids must be int32/int64, got {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_rows):
+            raise ValueError(f"LoRA embedding: ids must be in [0, {self.num_rows}), got "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        return (nn.functional.embedding(ids, self.A) @ self.B.t()) * self.scale
+
+    def delta_table(self) -> torch.Tensor:
+        """(alpha / r) a B^T, the [rows, out] update the adapter stands for."""
+        return (self.A @ self.B.t()) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"rows={self.num_rows}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
 
 
 class LoRALinear(nn.Module):
@@ -126,11 +164,11 @@ def apply_lora(
 
 
 def _lora_param_ids(module: nn.Module) -> set:
-    return {id(p) for m in module.modules() if isinstance(m, LoRABranch) for p in m.parameters()}
+    return {id(p) for m in module.modules() if isinstance(m, (LoRABranch, LoRAEmbedding)) for p in m.parameters()}
 
 
 def lora_parameters(module: nn.Module) -> List[Tuple[str, nn.Parameter]]:
-    """(name, parameter) of every LoRA adapter (A and B of each LoRABranch) inside `module`."""
+    """(name, parameter) of every LoRA adapter (A and B of each LoRABranch / LoRAEmbedding) inside `module`."""
     ids = _lora_param_ids(module)
     return [(n, p) for n, p in module.named_parameters() if id(p) in ids]
 

@@ -36,7 +36,7 @@ def main(data: str, sat_run: str, out: str, overrides: list) -> None:
     from jobs.evaluate import build_task, run_checkpoint, satisfaction_teacher, checkpoint_config
     from jobs.runtime import init_runtime
     from jobs.train import TEACHER_MAP, RankerTrainer
-    from jobs.trainer import eval_reader, first_batch, stage_train_config, train_reader
+    from jobs.readers import eval_reader, first_batch, stage_train_config, train_reader
     from jobs.checkpoint import load_prefixed
     from models.evaluation import RankerEvaluator
     from models.ranker_task import needs_teacher

@@ -4,7 +4,7 @@ across a kill + restart (--log-keys), a zero backbone drift when only L_sat trai
 stage-1 propensity run (--propensity; jobs.propensity run once on the same world, tests/test_stage1_jobs.py's
 launcher): the buffered rho are that model's outputs for those rows and its tables stay bit-identical.
 
-`dpo_with_propensity(world)` (cached in the world directory) is also the jobs.dpo run that
+`dpo_with_propensity(world)` (cached in the world directory, with per-id adapters `easq.id_targets`) is also the jobs.dpo run that
 tests/test_easq_serving.py scores and exports."""
 from __future__ import annotations
 
@@ -18,11 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from jobs.stage1_eval import ID_ORDER, canonical_order, sample_labels  # noqa: E402
+from models.dpo import auc  # noqa: E402
 from tests.test_score import RUN_OVERRIDES, build_world, env, kill_tree, torchrun  # noqa: E402
 from tests.test_stage1_jobs import launch, ok  # noqa: E402
 
@@ -43,6 +46,7 @@ def dpo_cmd(world, out: Path, *extra: str) -> list:
                     "--out", str(out), *SETS, *extra)
 
 
+ID_ADAPTERS = ("--set", "easq.id_targets=[user_id,item_id]")  # per-id LoRA rows on the satisfaction path
 CLIP = ("--set", "easq.clip=0.005")  # the world's answer rate is ~2%: the default M = 0.05 clips most rho
 
 
@@ -59,7 +63,7 @@ def dpo_with_propensity(world) -> Path:
     """jobs.dpo --propensity on the serving world (2 ranks, checkpoint at the end only); cached."""
     run = world["data"].parent / "dpo_propensity"
     if not (run / "metrics.json").is_file():
-        res = subprocess.run(dpo_cmd(world, run, "--propensity", str(propensity_run(world)), *CLIP,
+        res = subprocess.run(dpo_cmd(world, run, "--propensity", str(propensity_run(world)), *CLIP, *ID_ADAPTERS,
                                      "--checkpoint-every", "0"), env=env(), capture_output=True, text=True, timeout=400)
         assert res.returncode == 0, res.stderr[-4000:]
     return run
@@ -90,6 +94,17 @@ def test_dpo_job_writes_before_and_after_metrics_and_consumes_every_row_once(wor
     assert m["propensity"] is None and m["pathway"] == "isolated"  # no --propensity: rho = 1
     for block in ("before", "after"):
         assert m[block]["sat_head"]["valid"]["rows"] > 0 and m[block]["sat_head"]["test"]["auc"] is not None
+    # all-rows AUC against a label drawn from the truth: every valid row, the stage-1 draw (canonical order)
+    t = pq.read_table(world["data"] / "valid")
+    cols = {f"id_{k}": torch.from_numpy(t.column(k).to_numpy().astype(np.int64)) for k in ID_ORDER}
+    order = torch.from_numpy(canonical_order(cols))
+    true_p = torch.from_numpy(t.column("true_p_satisfied").to_numpy().astype(np.float32))[order]
+    ceiling = auc(true_p, sample_labels(true_p, 0))
+    for block in ("before", "after"):
+        v = m[block]["sat_head"]["valid"]
+        assert v["rows_all"] == t.num_rows and abs(v["auc_true_all_ceiling"] - ceiling) < 1e-9
+        assert 0.0 < v["auc_true_all"] < 1.0
+    assert m["before"]["sat_head"]["valid"]["auc_true_all"] != m["after"]["sat_head"]["valid"]["auc_true_all"]
     keys, n = all_keys(world["data"])
     got = logged(out)
     assert len(got) == n == m["rows"] and set(got) == keys

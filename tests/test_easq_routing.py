@@ -10,9 +10,9 @@ from torch import nn
 
 from embeddings.tables import SparseArch
 from models.dpo import EasqLoss, dpo_loss
-from models.easq import SAT_HEAD, EasqRanker, install_easq, parameter_groups
+from models.easq import SAT_HEAD, EasqRanker, id_extras, install_easq, parameter_groups
 from models.easq_config import EasqConfig
-from models.lora import LoRABranch
+from models.lora import LoRABranch, LoRAEmbedding
 from models.mtl_losses import MultiTaskLoss
 from models.ranker_config import ModelConfig, MultiTaskLossConfig
 from models.saqrec import RankerFromSparse, build_ranker, ranker_inputs
@@ -47,18 +47,24 @@ class Net(nn.Module):
         self.mcfg = _model_cfg()
         torch.manual_seed(seed)
         base = build_ranker(self.mcfg, self.data, self.arch.feature_dim)
-        self.easq = EasqRanker(base, EasqConfig(targets=targets, **easq))
+        self.easq = EasqRanker(base, EasqConfig(targets=targets, **easq), {f.name: f.num_rows for f in self.data.sparse})
         self.head = RankerFromSparse(self.easq, self.data)
 
     def forward(self, batch):
-        return self.head(self.arch(batch.sparse), batch.dense)
+        return self.head(self.arch(batch.sparse), batch.dense, id_extras(batch.sparse, self.easq.id_features))
+
+
+def _inputs(net: Net, batch):
+    """The ranker's inputs of a batch, with the ids the id adapters read."""
+    return ranker_inputs(net.arch(batch.sparse), batch.dense, net.mcfg, net.data,
+                         id_extras(batch.sparse, net.easq.id_features))
 
 
 def _trained_adapters(net: Net, seed: int = 5) -> None:
     """B != 0, as after some training, so that a leak through the LoRA would show in every gradient."""
     g = torch.Generator().manual_seed(seed)
     for m in net.modules():
-        if isinstance(m, LoRABranch):
+        if isinstance(m, (LoRABranch, LoRAEmbedding)):
             with torch.no_grad():
                 m.B.copy_(0.3 * torch.randn(m.B.shape, generator=g))
 
@@ -81,7 +87,7 @@ def _groups(net: Net) -> Dict[str, List[nn.Parameter]]:
     g = {"backbone": [], "towers": [], "lora": [], "sat_head": [], "tables": list(net.arch.parameters())}
     for name, p in net.easq.ranker.named_parameters():
         g["towers" if name.startswith(TOWERS) else "backbone"].append(p)
-    g["lora"] = list(net.easq.lora.parameters())
+    g["lora"] = list(net.easq.lora.parameters()) + list(net.easq.id_lora.parameters())
     g["sat_head"] = list(net.easq.sat_head.parameters())
     assert all(len(v) > 0 for v in g.values()), {k: len(v) for k, v in g.items()}
     return g
@@ -107,15 +113,16 @@ def _losses(net: Net, batch, rho) -> Dict[str, torch.Tensor]:
                     params=net.easq.backbone_parameters())["loss"]
     l_sat = EasqLoss(net.easq.easq_cfg).sat(out[SAT_HEAD], batch.labels, rho).loss
     w, l = torch.tensor([0, 1, 0]), torch.tensor([2, 3, 3])
-    x = ranker_inputs(net.arch(batch.sparse), batch.dense, net.mcfg, net.data)
+    x = _inputs(net, batch)
     sc = net.easq.dpo_scores(x)
     l_dpo = dpo_loss(sc["policy"][w], sc["policy"][l], sc["reference"][w], sc["reference"][l], beta=0.5).loss
     return {"behaviour": behaviour, "sat": l_sat, "dpo": l_dpo}
 
 
-@pytest.mark.parametrize("targets", [["item"], ["user"], ["item", "user"]])
-def test_each_loss_reaches_exactly_its_parameter_groups(targets):
-    net = Net(targets)
+@pytest.mark.parametrize("targets,id_targets", [(["item"], []), (["user"], []), (["item", "user"], []),
+                                               (["item"], ["user_id", "item_id"])])
+def test_each_loss_reaches_exactly_its_parameter_groups(targets, id_targets):
+    net = Net(targets, id_targets=id_targets)
     _trained_adapters(net)
     batch, rho = _batch(net)
     losses = _losses(net, batch, rho)
@@ -138,7 +145,7 @@ def test_adapter_policy_dpo_trains_only_the_lora():
     net = Net(["item", "user"], dpo_mode="adapter_policy")
     _trained_adapters(net)
     batch, _ = _batch(net)
-    x = ranker_inputs(net.arch(batch.sparse), batch.dense, net.mcfg, net.data)
+    x = _inputs(net, batch)
     sc = net.easq.dpo_scores(x)
     w, l = torch.tensor([0, 1]), torch.tensor([2, 3])
     loss = dpo_loss(sc["policy"][w], sc["policy"][l], sc["reference"][w], sc["reference"][l], beta=1.0).loss
@@ -155,8 +162,9 @@ def test_adapter_policy_dpo_trains_only_the_lora():
     torch.testing.assert_close(sc["reference"], plain, rtol=0, atol=0)
 
 
-def test_sat_only_training_leaves_backbone_and_tables_bit_identical():
-    net = Net(["item", "user"])
+@pytest.mark.parametrize("id_targets", [[], ["user_id", "item_id"]])
+def test_sat_only_training_leaves_backbone_and_tables_bit_identical(id_targets):
+    net = Net(["item", "user"], id_targets=id_targets)
     groups = parameter_groups(net)
     assert {k: len(v) > 0 for k, v in groups.items()} == {"backbone": True, "lora": True, "tables": True, "frozen": False}
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
@@ -178,13 +186,44 @@ def test_sat_only_training_leaves_backbone_and_tables_bit_identical():
         assert torch.equal(p, before[name]), f"{name} moved under L_sat only"
     moved = [n for n in lora_names if not torch.equal(dict(net.named_parameters())[n], before[n])]
     assert any(".B" in n for n in moved) and any("sat_head" in n for n in moved)
+    if id_targets:  # the id adapters' rows of the ids seen move too
+        assert {f"easq.id_lora.{f}.A" for f in id_targets} <= set(moved)
+
+
+def test_id_adapters_feed_the_satisfaction_head_only_and_start_at_zero():
+    """easq.id_targets: per-id LoRA rows on the satisfaction path; main outputs and serving never see them."""
+    net, plain = Net(["item"], id_targets=["user_id", "item_id"]), Net(["item"])
+    batch, _ = _batch(net)
+    out = net(batch)
+    head = net.easq.sat_head
+    plain.easq.sat_head.load_state_dict(head.state_dict())
+    torch.testing.assert_close(out[SAT_HEAD], plain(batch)[SAT_HEAD], rtol=0, atol=0)  # B = 0: adds nothing
+    with torch.no_grad():  # train the id adapters only (the item LoRA would move the main path by design)
+        for m in net.easq.id_lora.values():
+            m.B.copy_(0.3 * torch.randn(m.B.shape, generator=torch.Generator().manual_seed(5)))
+    out2 = net(batch)
+    assert (out2[SAT_HEAD] - out[SAT_HEAD]).abs().max() > 1e-3
+    for k in net.easq.ranker.heads:  # the main path is untouched by the id adapters
+        assert torch.equal(out2[k], out[k]), k
+    net.eval()
+    with torch.no_grad():
+        served = net.easq.merged()(_inputs(net, batch))
+        main = net(batch)
+    assert all((served[k] - main[k]).abs().max() < 1e-5 for k in served)
+    x = ranker_inputs(net.arch(batch.sparse), batch.dense, net.mcfg, net.data)  # no ids passed
+    with pytest.raises(KeyError, match="easq.id_targets.*ids:user_id"):
+        net.easq(x)
+    with pytest.raises(ValueError, match="easq.id_targets: 'hist_click'"):
+        Net(["item"], id_targets=["hist_click"])
+    with pytest.raises(ValueError, match="easq.id_targets: no table size for 'user_id'"):
+        EasqRanker(net.easq.ranker, EasqConfig(id_targets=["user_id"]))
 
 
 def test_fresh_adapter_leaves_every_main_output_bit_identical():
     net = Net(["item", "user"])
     batch, _ = _batch(net)
     out = net(batch)
-    x = ranker_inputs(net.arch(batch.sparse), batch.dense, net.mcfg, net.data)
+    x = _inputs(net, batch)
     plain = net.easq.ranker(x)  # the same ranker, called directly: the user hook is a no-op here
     assert set(out) == set(plain) | {SAT_HEAD}
     for k, v in plain.items():
@@ -196,7 +235,7 @@ def test_trained_adapter_changes_the_main_path_and_merged_serving_matches_it():
     _trained_adapters(net)
     net.eval()
     batch, _ = _batch(net)
-    x = ranker_inputs(net.arch(batch.sparse), batch.dense, net.mcfg, net.data)
+    x = _inputs(net, batch)
     with torch.no_grad():
         out, plain = net.easq(x), net.easq.ranker(x)
         serving = net.easq.merged()
@@ -212,7 +251,7 @@ def test_dpo_weight_zero_ramp_keeps_the_graph_but_gives_zero_gradients():
     net = Net(["item"])
     _trained_adapters(net)
     batch, rho = _batch(net)
-    x = ranker_inputs(net.arch(batch.sparse), batch.dense, net.mcfg, net.data)
+    x = _inputs(net, batch)
     loss_fn = EasqLoss(net.easq.easq_cfg)
 
     class Pairs:
@@ -266,7 +305,7 @@ def test_shared_pathway_is_an_ordinary_auxiliary_head_whose_loss_reaches_backbon
     assert {id(p) for _, p in groups["lora"]} == {id(p) for p in net.easq.sat_head.parameters()}
     batch, rho = _batch(net)
     out = net(batch)
-    x = ranker_inputs(net.arch(batch.sparse), batch.dense, net.mcfg, net.data)
+    x = _inputs(net, batch)
     plain = net.easq.ranker(x)
     for k, v in plain.items():
         assert torch.equal(out[k], v), k
@@ -296,7 +335,7 @@ def test_shared_pathway_has_no_adapter_policy_and_its_merged_copy_is_the_plain_r
     net = Net(["item", "user"], pathway="shared")
     net.eval()
     batch, _ = _batch(net)
-    x = ranker_inputs(net.arch(batch.sparse), batch.dense, net.mcfg, net.data)
+    x = _inputs(net, batch)
     with torch.no_grad():
         served, out = net.easq.merged()(x), net.easq(x)
     assert all(torch.equal(served[k], out[k]) for k in served)

@@ -52,6 +52,7 @@ def test_dpo_checkpoint_is_recognised_and_served_with_the_adapters_folded(world,
     assert detect_kind(checkpoint_model_keys(path)) == "easq"
     loaded = load_model(dpo_run)
     assert loaded.kind == "easq" and loaded.lora["easq"]["targets"] == ["item"]
+    assert loaded.lora["easq"]["id_targets"] == ["user_id", "item_id"]  # the run trains per-id adapters too
     assert loaded.lora["unmerged_branches"] == []  # nothing left to compute at serving time
     cfg = loaded.cfg
     batch = _candidates(world, cfg)
@@ -63,6 +64,7 @@ def test_dpo_checkpoint_is_recognised_and_served_with_the_adapters_folded(world,
     easq.eval()
     lora_b = easq.easq.lora["item"].B
     assert float(lora_b.abs().max()) > 0  # L_sat trained the adapter: folding it matters
+    assert all(float(m.B.abs().max()) > 0 for m in easq.easq.id_lora.values())  # trained, and never served:
     with torch.no_grad():
         _, out = easq(batch)
         t = easq.task
@@ -73,6 +75,7 @@ def test_dpo_checkpoint_is_recognised_and_served_with_the_adapters_folded(world,
     torch.testing.assert_close(served["p_satisfied"], out["sat_prob"].float(), rtol=0, atol=1e-5)
     assert float((served["p_click"] - no_adapter).abs().max()) > 1e-5  # the fold is not the identity
     assert SAT_HEAD not in dict(loaded.model.ranker.ranker.named_children())  # main heads only
+    assert not [n for n, _ in loaded.model.named_parameters() if "id_lora" in n]
 
     # the stage-2 run it started from scores differently (DPO moved the backbone and the adapter)
     base = ModelScorer(load_model(world["run"]).model, FusionConfig(), cfg.data)(batch)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.lora import LoRABranch, LoRALinear, apply_lora, lora_parameters, merge_lora, non_lora_parameters
+from models.lora import LoRABranch, LoRAEmbedding, LoRALinear, apply_lora, lora_parameters, merge_lora, non_lora_parameters
 
 
 @pytest.fixture(autouse=True)
@@ -105,3 +105,20 @@ def test_apply_lora_rejects_bad_targets_with_a_clear_error():
         LoRABranch(3, 3, rank=0, alpha=1.0)
     with pytest.raises(ValueError, match="input has 4 features, expected 3"):
         LoRABranch(3, 3, rank=1, alpha=1.0)(torch.zeros(2, 4))
+
+
+def test_embedding_adapter_starts_at_zero_and_is_a_low_rank_update_of_the_table():
+    torch.manual_seed(0)
+    ad = LoRAEmbedding(num_rows=9, out_features=5, rank=2, alpha=4.0)
+    ids = torch.tensor([0, 3, 3, 8])
+    assert torch.equal(ad(ids), torch.zeros(4, 5))
+    with torch.no_grad():
+        ad.B.copy_(torch.randn(5, 2))
+    expect = 2.0 * ad.A[ids] @ ad.B.t()  # (alpha / r) B a[id], by hand
+    torch.testing.assert_close(ad(ids), expect, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ad.delta_table()[ids], expect, rtol=0, atol=1e-6)
+    assert lora_parameters(nn.Sequential(ad)) == [("0.A", ad.A), ("0.B", ad.B)]
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 9\), got \[0, 9\]"):
+        ad(torch.tensor([0, 9]))
+    with pytest.raises(TypeError, match="int32/int64"):
+        ad(torch.tensor([0.0]))
