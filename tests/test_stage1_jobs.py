@@ -226,6 +226,21 @@ def test_the_gain_needs_the_behaviour_aware_propensity(ips, ips_ui, propensity_u
     assert i["ideal_loss_all"] < u["ideal_loss_all"] - IPS_MARGIN, (i["ideal_loss_all"], u["ideal_loss_all"])
 
 
+def test_resuming_an_ips_run_rebuilds_rho_from_the_old_runs_config(world, ips_ui, tmp_path):
+    """--resume RUN_OLD takes rho's `propensity:` section from RUN_OLD (here behaviour [], unlike the embedded
+    default), so the frozen propensity model restores without repeating --set; no further epoch: the resumed
+    run evaluates exactly like the old one."""
+    old = metrics(ips_ui)
+    same = tmp_path / "same"
+    ok(launch(2, "jobs.satisfaction", "--data", world, "--resume", ips_ui, "--out", same,
+              "--set", "satisfaction.loss=ips", *CLIP, *FAST,
+              "--set", f"satisfaction_train.epochs={old['fit']['epochs_completed']}"))
+    new = metrics(same)
+    assert yaml.safe_load((same / "config.yaml").read_text())["propensity"]["behaviour"] == []
+    assert new["fit"]["resumed"] and new["fit"]["steps"] == old["fit"]["steps"]
+    assert new["ideal_loss_all"] == pytest.approx(old["ideal_loss_all"], abs=1e-6)
+
+
 def test_frozen_click_tables_are_bit_identical_in_the_satisfaction_checkpoint(pretrain, propensity, ips):
     m = metrics(ips)
     assert m["frozen_tables_changed"] == [] and len(m["frozen_tables"]) == 10  # g's 5 + the propensity's 5
