@@ -53,18 +53,16 @@ class RankerTrainer(Trainer):
 
     corrections: List[Dict[str, Any]]
 
-    def _train_epoch(self, loader, epoch: int, template) -> bool:
-        task = find_task(self.dmp)
-        task.set_epoch(epoch)
-        finished = super()._train_epoch(loader, epoch, template)
-        if finished:
-            fit = task.end_epoch(epoch)  # collective: every rank gathers the epoch's losses
-            if fit:
-                rec = {"event": "label_correction", "epoch": epoch, **fit}
-                self.corrections = getattr(self, "corrections", []) + [rec]
-                self.writer.log(rec)
-                log.info("label correction fitted on epoch %d losses: %s", epoch, fit)
-        return finished
+    def on_epoch_start(self, epoch: int) -> None:
+        find_task(self.dmp).set_epoch(epoch)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        fit = find_task(self.dmp).end_epoch(epoch)  # collective: every rank gathers the epoch's losses
+        if fit:
+            rec = {"event": "label_correction", "epoch": epoch, **fit}
+            self.corrections = getattr(self, "corrections", []) + [rec]
+            self.writer.log(rec)
+            log.info("label correction fitted on epoch %d losses: %s", epoch, fit)
 
 
 def precheck(args, cfg) -> None:

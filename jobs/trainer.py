@@ -338,6 +338,13 @@ class Trainer:
         logger.info("eval after epoch %d (step %d): %s", epoch, st.step,
                     ", ".join(f"{k}={v:.5g}" for k, v in scalars.items() if isinstance(v, float)))
 
+    def on_epoch_start(self, epoch: int) -> None:
+        """Hook for subclasses: called on every rank before epoch `epoch` trains (also when it resumes mid-epoch)."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Hook for subclasses: called on every rank once epoch `epoch` has trained to its end, before its
+        evaluation and checkpoint (collectives allowed: every rank calls it at the same point)."""
+
     def fit(self, train_loader: BatchLoader, valid_loader: Optional[BatchLoader] = None,
             evaluator: Optional[Evaluator] = None) -> Dict[str, Any]:
         """Train `train.epochs` epochs (from the restored state), evaluating and checkpointing on schedule;
@@ -349,10 +356,12 @@ class Trainer:
             epoch = st.epoch
             if not st.mid_epoch:
                 train_loader.set_epoch(epoch)
+            self.on_epoch_start(epoch)
             finished = self._train_epoch(train_loader, epoch, template)
             st.mid_epoch = not finished
             if not finished:
                 break
+            self.on_epoch_end(epoch)
             st.epoch = epoch + 1
             last = st.epoch >= cfg.epochs or self._max_steps_reached()
             if valid_loader is not None and (last or (cfg.eval_every and st.epoch % cfg.eval_every == 0)):

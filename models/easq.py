@@ -385,6 +385,6 @@ def install_easq(task: nn.Module, cfg: EasqConfig) -> EasqRanker:
     easq = EasqRanker(base, cfg, id_rows)
     holder.ranker = easq
     loss_fn = getattr(task, "loss_fn", None)
-    if loss_fn is not None and hasattr(loss_fn, "_ranker"):
-        object.__setattr__(loss_fn, "_ranker", base)  # L2 over the backbone only
+    if loss_fn is not None and hasattr(loss_fn, "set_l2_module"):
+        loss_fn.set_l2_module(base)  # L2 over the backbone only
     return easq

@@ -77,7 +77,7 @@ class EasqTask(nn.Module):
         eval mode. Takes the task out of this module (call it once, after the weights are loaded)."""
         task, merged = self.task, self.easq.merged()
         task.ranker.ranker = merged
-        object.__setattr__(task.loss_fn, "_ranker", merged.ranker)  # L2 term (unused in eval) on the served copy
+        task.loss_fn.set_l2_module(merged.ranker)  # L2 term (unused in eval) on the served copy
         return task.eval()
 
     def _signals(self, batch: Batch) -> Dict[str, torch.Tensor]:

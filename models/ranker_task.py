@@ -107,7 +107,13 @@ class RankerLoss(nn.Module):
         self.mtl = MultiTaskLoss(loss_cfg, model_cfg, seed=seed)
         self.gamma = loss_cfg.gamma
         self.epoch = 0
-        object.__setattr__(self, "_ranker", ranker)  # for the L2 term (dense ranker parameters only)
+        self.set_l2_module(ranker)
+
+    def set_l2_module(self, module: nn.Module) -> None:
+        """The module whose parameters the L2 term (loss.gamma) covers: the dense ranker by default; EASQ points it
+        at the backbone alone (models.easq.install_easq). Held outside the module tree, so its parameters are
+        not registered twice (state_dict and optimizers see them through the ranker only)."""
+        object.__setattr__(self, "_ranker", module)
 
     def forward(self, out: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor],
                 teacher: Dict[str, torch.Tensor]) -> Tuple[Optional[torch.Tensor], Dict[str, Any]]:
