@@ -143,13 +143,13 @@ class FrozenPropensity:
                 "clipped_share_answered": sum(p["clipped"] for p in parts) / n if n else None}
 
 
-def _sat_head_columns(dmp, cfg, uri: Path, rt, row_filter: Optional[str]) -> Optional[Dict[str, torch.Tensor]]:
-    """The satisfaction head's logit, `satisfied`, `true_p_satisfied` (when the data has it) and the row ids
-    of the split `uri` (rows passing `row_filter`), gathered from all ranks (collective); None without rows."""
+def _sat_head_columns(dmp, cfg, uri: Path, rt) -> Optional[Dict[str, torch.Tensor]]:
+    """The satisfaction head's logit, `answered`, `satisfied`, `true_p_satisfied` (when the data has it) and the
+    row ids of every row of the split `uri`, gathered from all ranks (collective); None without rows."""
     if not uri.exists():
         return None
     rcfg = dataclasses.replace(cfg.reader, shuffle=False, drop_last=False)
-    loader = BatchLoader(uri, cfg.data, rcfg, row_filter=row_filter)
+    loader = BatchLoader(uri, cfg.data, rcfg)
     try:
         template = first_batch(loader)
     except DataError:
@@ -165,6 +165,7 @@ def _sat_head_columns(dmp, cfg, uri: Path, rt, row_filter: Optional[str]) -> Opt
                 _, out = dmp(batch)
                 if real:
                     got = {"logit": out["sat_head_logit"], "satisfied": batch.labels["satisfied"],
+                           "answered": batch.labels["questionnaire_answered"],
                            **{f"id_{k}": batch.ids[k] for k in ID_ORDER if k in batch.ids}}
                     if TRUE_P_SATISFIED in batch.truth:
                         got["true_p"] = batch.truth[TRUE_P_SATISFIED]
@@ -182,13 +183,13 @@ def sat_head_auc(dmp, cfg, uri: Path, rt) -> Dict[str, Any]:
     observed labels: a small, biased sample) and, where the data has `true_p_satisfied` (the simulator),
     `auc_true_all` against a label drawn from it with a fixed seed over ALL rows in a canonical row order (the
     same draw as stage 1's `auc_true_all`, whatever the world size; `auc_true_all_ceiling` is the truth's own
-    AUC on that draw). Collective. {"auc": None, "rows": 0} without answers."""
-    c = _sat_head_columns(dmp, cfg, uri, rt, cfg.data.labels.questionnaire_answered)
+    AUC on that draw). One pass over the split. Collective. {"auc": None, "rows": 0} without answers."""
+    a = _sat_head_columns(dmp, cfg, uri, rt)
     out: Dict[str, Any] = {"auc": None, "rows": 0}
-    if c is not None and c["logit"].numel():
-        lg, lb = c["logit"], c["satisfied"]
+    m = a["answered"] > 0.5 if a is not None else None
+    if m is not None and bool(m.any()):
+        lg, lb = a["logit"][m], a["satisfied"][m]
         out = {"auc": auc(lg, lb), "rows": int(lg.numel()), "satisfied_share": float(lb.mean())}
-    a = _sat_head_columns(dmp, cfg, uri, rt, None)
     if a is not None and "true_p" in a:
         order = torch.from_numpy(canonical_order(a))
         drawn = sample_labels(a["true_p"][order], 0)
