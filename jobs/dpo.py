@@ -50,7 +50,7 @@ from jobs.cli import build_parser
 from jobs.evaluate import TEACHER_FILE, build_task, checkpoint_config, evaluate_all, run_checkpoint, teacher_from_dict
 from jobs.loop import synced_pairs
 from jobs.runtime import finite_or_none, get_logger, write_json_atomic
-from jobs.stage1_eval import ID_ORDER, canonical_order, sample_labels
+from jobs.stage1_eval import auc_vs_drawn_truth, canonical_order, row_ids
 from jobs.checkpoint import (all_gather_objects, check_checkpoint, load_prefixed, local_tables, propensity_run,
                              tables_changed)
 from jobs.readers import first_batch, stage_train_config
@@ -165,8 +165,7 @@ def _sat_head_columns(dmp, cfg, uri: Path, rt) -> Optional[Dict[str, torch.Tenso
                 _, out = dmp(batch)
                 if real:
                     got = {"logit": out["sat_head_logit"], "satisfied": batch.labels["satisfied"],
-                           "answered": batch.labels["questionnaire_answered"],
-                           **{f"id_{k}": batch.ids[k] for k in ID_ORDER if k in batch.ids}}
+                           "answered": batch.labels["questionnaire_answered"], **row_ids(batch)}
                     if TRUE_P_SATISFIED in batch.truth:
                         got["true_p"] = batch.truth[TRUE_P_SATISFIED]
                     for k, v in got.items():
@@ -192,9 +191,7 @@ def sat_head_auc(dmp, cfg, uri: Path, rt) -> Dict[str, Any]:
         out = {"auc": auc(lg, lb), "rows": int(lg.numel()), "satisfied_share": float(lb.mean())}
     if a is not None and "true_p" in a:
         order = torch.from_numpy(canonical_order(a))
-        drawn = sample_labels(a["true_p"][order], 0)
-        out.update(auc_true_all=auc(a["logit"][order], drawn), auc_true_all_ceiling=auc(a["true_p"][order], drawn),
-                   rows_all=int(drawn.numel()))
+        out.update(auc_vs_drawn_truth(a["logit"][order], a["true_p"][order], 0))
     return out
 
 

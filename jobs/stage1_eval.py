@@ -25,8 +25,9 @@ from models.calibration import auc, binary_metrics, log_loss, reliability_table,
 ID_ORDER = ("request_id", "user_id", "item_id", "timestamp")
 
 
-def _ids(batch) -> Dict[str, torch.Tensor]:
-    return {f"id_{k}": batch.ids[k].clone() for k in ID_ORDER if k in batch.ids}
+def row_ids(batch) -> Dict[str, torch.Tensor]:
+    """The batch's id columns (`id_request_id`, ...; those present), the keys `canonical_order` sorts by."""
+    return {f"id_{k}": batch.ids[k].detach().cpu().clone() for k in ID_ORDER if k in batch.ids}
 
 
 def canonical_order(columns: Dict[str, torch.Tensor]) -> np.ndarray:
@@ -41,6 +42,14 @@ def sample_labels(p: torch.Tensor, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(p.shape[0], generator=g, dtype=torch.float64) < p.double()).to(torch.float32)
 
+
+def auc_vs_drawn_truth(pred: torch.Tensor, true_p: torch.Tensor, seed: int) -> Dict[str, Any]:
+    """AUC of `pred` on ALL rows against a label drawn from `true_p` (`sample_labels`, rows already in
+    `canonical_order`): `auc_true_all`, the truth's own AUC on the same draw `auc_true_all_ceiling`, `rows_all`
+    and `sampled_satisfied_rate`."""
+    drawn = sample_labels(true_p, seed)
+    return {"auc_true_all": auc(pred, drawn), "auc_true_all_ceiling": auc(true_p, drawn),
+            "rows_all": int(drawn.numel()), "sampled_satisfied_rate": float(drawn.mean())}
 
 class BinaryEvaluator:
     """Probability `prob_key` of the model outputs against label `label` (and truth column `truth`)."""
@@ -86,7 +95,7 @@ class SatisfactionEvaluator:
         satisfied = torch.where(answered > 0.5, batch.labels["satisfied"].detach().float().cpu(),
                                 torch.zeros_like(answered))
         cols = {"sat_prob": outputs["sat_prob"].detach().float().cpu().clone(), "answered": answered.clone(),
-                "satisfied": satisfied, **_ids(batch)}
+                "satisfied": satisfied, **row_ids(batch)}
         if self.truth in batch.truth:
             cols["true_p"] = batch.truth[self.truth].detach().float().cpu().clone()
         if "propensity" in outputs:
@@ -105,18 +114,14 @@ class SatisfactionEvaluator:
         out.update({
             "auc_answered": out["answered_auc"],
             "answered_rows": answered,
-            "rows_all": int(pred.numel()),
             "batches_no_answered": int(counters.get("empty", 0)),
             "clipped_propensities": int(counters.get("clipped", 0)),
             "seed": self.seed,
         })
         if true_p is not None:
-            sampled = sample_labels(true_p, self.seed)
-            out["auc_true_all"] = auc(pred, sampled)
-            out["auc_true_all_ceiling"] = auc(true_p, sampled)  # the truth itself on the same draw
-            out["sampled_satisfied_rate"] = float(sampled.mean())
+            out.update(auc_vs_drawn_truth(pred, true_p, self.seed))  # + the truth itself on the same draw
         else:
-            out["auc_true_all"] = float("nan")
+            out.update(auc_true_all=float("nan"), rows_all=int(pred.numel()))
             out["ideal_loss_all"] = float("nan")
         if "propensity" in c:
             rho = c["propensity"]

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from models.easq_config import EasqConfig
-from models.lora import LoRABranch, LoRAEmbedding
+from models.lora import LoRABranch, LoRAEmbedding, require
 from models.saqrec import RankerInputs, SAQRecRanker, mlp
 
 GROUP_BACKBONE, GROUP_LORA, GROUP_TABLES, GROUP_FROZEN = "backbone", "lora", "tables", "frozen"
@@ -60,9 +60,10 @@ def id_extras(kjt, names: List[str]) -> Dict[str, torch.Tensor]:
         if n not in kjt.keys():
             raise KeyError(f"easq.id_targets: feature {n!r} is not in the batch (have {kjt.keys()})")
         jt = kjt[n]
-        if jt.lengths().numel() and bool((jt.lengths() != 1).any()):
-            raise ValueError(f"easq.id_targets: feature {n!r} is not single-valued (a row has "
-                             f"{int(jt.lengths().max())} ids)")
+        if jt.lengths().numel():
+            lengths = jt.lengths()
+            require((lengths == 1).all(), lambda: f"easq.id_targets: feature {n!r} is not single-valued (ids per "
+                                                  f"row from {int(lengths.min())} to {int(lengths.max())})")
         out[id_extra_key(n)] = jt.values().long()
     return out
 
@@ -122,6 +123,16 @@ class SatisfactionHead(nn.Module):
         return self.net(torch.cat(parts, dim=-1)).squeeze(-1)
 
 
+def _id_side(name: str, model_cfg) -> str:
+    """`item` or `user`: which input of the satisfaction head an `easq.id_targets` feature's adapter adds to."""
+    if name == model_cfg.item_feature or name in model_cfg.item_attr_features:
+        return "item"
+    if name in model_cfg.user_features:
+        return "user"
+    raise ValueError(f"easq.id_targets: {name!r} is neither a user feature (model.user_features "
+                     f"{model_cfg.user_features}) nor the item or an item attribute")
+
+
 class EasqRanker(nn.Module):
     """SAQRecRanker + LoRA pathway + satisfaction head. forward(RankerInputs) -> the ranker's outputs
     (main path) plus `sat_head` (satisfaction-path logit). Exposes `cfg`/`d`/`heads` like the ranker,
@@ -145,25 +156,17 @@ class EasqRanker(nn.Module):
         if "user" in cfg.targets:
             lora["user"] = LoRABranch(ranker.user_proj.in_features, ranker.d, cfg.rank, cfg.alpha, cfg.dropout)
             self._hook = ranker.user_proj.register_forward_hook(self._user_hook)
-        id_lora, self.id_sides = {}, {}
-        for name in cfg.id_targets:
-            if name == ranker.cfg.item_feature or name in ranker.cfg.item_attr_features:
-                self.id_sides[name] = "item"
-            elif name in ranker.cfg.user_features:
-                self.id_sides[name] = "user"
-            else:
-                raise ValueError(f"easq.id_targets: {name!r} is neither a user feature (model.user_features "
-                                 f"{ranker.cfg.user_features}) nor the item or an item attribute")
+        sides = {name: _id_side(name, ranker.cfg) for name in cfg.id_targets}
+        for name in sides:
             if not id_rows or name not in id_rows:
                 raise ValueError(f"easq.id_targets: no table size for {name!r} (a single-valued sparse feature "
                                  f"of the data; have {sorted(id_rows or {})})")
-            id_lora[name] = LoRAEmbedding(int(id_rows[name]), ranker.d, cfg.rank, cfg.alpha)
+        id_lora = {name: LoRAEmbedding(int(id_rows[name]), ranker.d, cfg.rank, cfg.alpha) for name in sides}
         # shared pathway: no adapter. They were still built above, so that both pathways draw the same random
         # numbers and the satisfaction head below starts from the same weights (a like-for-like comparison).
         self.lora = nn.ModuleDict({} if self.shared else lora)
         self.id_lora = nn.ModuleDict({} if self.shared else id_lora)
-        if self.shared:
-            self.id_sides = {}
+        self.id_sides: Dict[str, str] = {} if self.shared else sides
         self.sat_head = SatisfactionHead(ranker.d, list(cfg.sat_head_hidden), with_user="user" in cfg.targets)
         self._capture = False  # True only during EasqRanker's own ranker calls
         self._user_inject: Optional[torch.Tensor] = None

@@ -13,7 +13,7 @@ split into `lora_parameters` and `non_lora_parameters` (separate optimizer group
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -59,6 +59,17 @@ class LoRABranch(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
 
 
+def require(cond: torch.Tensor, message: Callable[[], str]) -> None:
+    """Raise ValueError(message()) unless the 0-d bool tensor `cond` holds. On CPU the check is immediate; on an
+    accelerator it is a device-side assert (`torch._assert_async`, no host sync in the training step), whose
+    message is the text without the offending values."""
+    if cond.device.type == "cpu":
+        if not bool(cond):
+            raise ValueError(message())
+    else:
+        torch._assert_async(cond, "a per-step input check failed (rerun on CPU for the values)")
+
+
 class LoRAEmbedding(nn.Module):
     """delta(ids) = (alpha / r) B a[ids]: a low-rank update of an embedding table of `num_rows` rows, i.e. the
     table would become E + (alpha / r) a B^T (peft's lora_embedding_A / lora_embedding_B). a ~ N(0, 1) per row,
@@ -79,9 +90,10 @@ class LoRAEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"LoRA embedding: ids must be int32/int64, got {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_rows):
-            raise ValueError(f"LoRA embedding: ids must be in [0, {self.num_rows}), got "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
+        if ids.numel():
+            in_range = (ids.min() >= 0) & (ids.max() < self.num_rows)
+            require(in_range, lambda: f"LoRA embedding: ids must be in [0, {self.num_rows}), got "
+                                      f"[{int(ids.min())}, {int(ids.max())}]")
         return (nn.functional.embedding(ids, self.A) @ self.B.t()) * self.scale
 
     def delta_table(self) -> torch.Tensor:

@@ -296,6 +296,18 @@ def test_bad_easq_settings_are_clear_errors():
         from_dict(EasqConfig, {"beta": 0.0}, "easq")
 
 
+def test_id_adapter_ids_must_be_one_per_row_of_a_feature_in_the_batch():
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    kjt = KeyedJaggedTensor.from_lengths_sync(["user_id", "hist_click"], torch.tensor([3, 5, 7, 1, 2, 0]),
+                                              torch.tensor([1, 1, 1, 2, 0, 0]))
+    assert torch.equal(id_extras(kjt, ["user_id"])["ids:user_id"], torch.tensor([3, 5, 7]))
+    with pytest.raises(ValueError, match=r"feature 'hist_click' is not single-valued \(ids per row from 0 to 2\)"):
+        id_extras(kjt, ["hist_click"])
+    with pytest.raises(KeyError, match="feature 'item_id' is not in the batch"):
+        id_extras(kjt, ["item_id"])
+
+
 @pytest.mark.parametrize("targets", [["item"], ["item", "user"]])
 def test_shared_pathway_is_an_ordinary_auxiliary_head_whose_loss_reaches_backbone_and_tables(targets):
     """The baseline (easq.pathway: shared): no adapter, no stop-gradient; the main path is the plain ranker."""
