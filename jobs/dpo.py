@@ -191,7 +191,7 @@ def sat_head_auc(dmp, cfg, uri: Path, rt) -> Dict[str, Any]:
         out = {"auc": auc(lg, lb), "rows": int(lg.numel()), "satisfied_share": float(lb.mean())}
     if a is not None and "true_p" in a:
         order = torch.from_numpy(canonical_order(a))
-        out.update(auc_vs_drawn_truth(a["logit"][order], a["true_p"][order], 0))
+        out.update(auc_vs_drawn_truth(torch.sigmoid(a["logit"][order].double()), a["true_p"][order], 0))  # same order
     return out
 
 
