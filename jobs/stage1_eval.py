@@ -51,6 +51,7 @@ def auc_vs_drawn_truth(pred: torch.Tensor, true_p: torch.Tensor, seed: int) -> D
     return {"auc_true_all": auc(pred, drawn), "auc_true_all_ceiling": auc(true_p, drawn),
             "rows_all": int(drawn.numel()), "sampled_satisfied_rate": float(drawn.mean())}
 
+
 class BinaryEvaluator:
     """Probability `prob_key` of the model outputs against label `label` (and truth column `truth`)."""
 
