@@ -55,7 +55,7 @@ from jobs.checkpoint import (all_gather_objects, check_checkpoint, load_prefixed
                              tables_changed)
 from jobs.readers import first_batch, stage_train_config
 from jobs.trainer import run_job
-from models.dpo import auc
+from models.ranking_metrics import auc_or_nan
 from models.easq import GROUP_LORA
 from models.easq_task import EasqTask, pad_rows, pair_batch
 from models.evaluation import EvaluationConfig
@@ -188,10 +188,10 @@ def sat_head_auc(dmp, cfg, uri: Path, rt) -> Dict[str, Any]:
     m = a["answered"] > 0.5 if a is not None else None
     if m is not None and bool(m.any()):
         lg, lb = a["logit"][m], a["satisfied"][m]
-        out = {"auc": auc(lg, lb), "rows": int(lg.numel()), "satisfied_share": float(lb.mean())}
+        out = {"auc": auc_or_nan(lg, lb), "rows": int(lg.numel()), "satisfied_share": float(lb.mean())}
     if a is not None and "true_p" in a:
         order = torch.from_numpy(canonical_order(a))
-        out.update(auc_vs_drawn_truth(torch.sigmoid(a["logit"][order].double()), a["true_p"][order], 0))  # same order
+        out.update(auc_vs_drawn_truth(a["logit"][order], a["true_p"][order], 0))
     return out
 
 
@@ -400,7 +400,7 @@ def run(rt, args, cfg_cli) -> None:
     if rt.is_main:
         lg, lb = torch.cat([p["logits"] for p in parts]), torch.cat([p["labels"] for p in parts])
         metrics = {"job": JOB, "world_size": rt.world_size, "init": str(args.init), "before": before, "after": after,
-                   "prequential_sat_auc": auc(lg, lb) if lg.numel() else None,
+                   "prequential_sat_auc": auc_or_nan(lg, lb) if lg.numel() else None,
                    "prequential_answered_rows": int(lg.numel()),
                    "backbone_drift": (num ** 0.5) / (den ** 0.5) if den > 0 else None,
                    "rows": sum(p["rows"] for p in parts), "steps": st.step, "shards": st.done,

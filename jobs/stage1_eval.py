@@ -44,7 +44,7 @@ def sample_labels(p: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def auc_vs_drawn_truth(pred: torch.Tensor, true_p: torch.Tensor, seed: int) -> Dict[str, Any]:
-    """AUC of `pred` on ALL rows against a label drawn from `true_p` (`sample_labels`, rows already in
+    """AUC of `pred` (any score: logits or probabilities) on ALL rows against a label drawn from `true_p` (`sample_labels`, rows already in
     `canonical_order`): `auc_true_all`, the truth's own AUC on the same draw `auc_true_all_ceiling`, `rows_all`
     and `sampled_satisfied_rate`."""
     drawn = sample_labels(true_p, seed)

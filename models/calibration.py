@@ -3,7 +3,7 @@ plus `StreamingCollector`, which gathers (pred, label, extras) over batches and 
 
 Why: the satisfaction model is a reward model whose *probabilities* are consumed downstream
 (SAQRec sec. 4.3-4.4 uses s_hat as features and pseudo-labels), so calibration matters as much as
-ranking. All functions take probabilities in [0, 1] (not logits) and 1-D tensors; labels may be hard
+ranking. All functions take 1-D tensors of probabilities in [0, 1] (not logits; `auc` takes any score); labels may be hard
 0/1 or soft (e.g. the simulator's true_p_satisfied) for log loss and ECE. Metrics are computed on
 the full concatenated predictions (gathered across ranks), never averaged per rank.
 """
@@ -14,7 +14,8 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from torchmetrics.classification import BinaryAUROC
+
+from models.ranking_metrics import auc_or_nan
 
 
 def _check(name: str, preds: torch.Tensor, labels: torch.Tensor) -> None:
@@ -27,15 +28,12 @@ def _check(name: str, preds: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def auc(preds: torch.Tensor, labels: torch.Tensor) -> float:
-    """Exact ROC AUC via torchmetrics BinaryAUROC (ties count 1/2). NaN when only one class is present."""
-    _check("auc", preds, labels)
-    labels = labels.long()
-    if labels.numel() == 0 or labels.min() == labels.max():
-        return float("nan")
-    if not bool(((labels == 0) | (labels == 1)).all()):
-        raise ValueError("auc: labels must be 0/1")
-    metric = BinaryAUROC(thresholds=None)
-    return float(metric(preds.detach().cpu().double(), labels.cpu()))
+    """Exact ROC AUC of any score (ties count 1/2), `models.ranking_metrics.auc_or_nan`: NaN when only one class
+    is present."""
+    if preds.dim() != 1 or preds.shape != labels.shape:
+        raise ValueError(f"auc: preds and labels must be 1-D of equal length, got {tuple(preds.shape)} and "
+                         f"{tuple(labels.shape)}")
+    return auc_or_nan(preds, labels)
 
 
 def log_loss(preds: torch.Tensor, labels: torch.Tensor, eps: float = 1e-7) -> float:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from models.easq import SAT_HEAD
 from models.easq_config import EasqConfig
 from models.losses import LossOut, satisfaction_loss
+from models.ranking_metrics import auc
 
 
 def _graph_zero(t: torch.Tensor) -> torch.Tensor:
@@ -99,18 +100,6 @@ def pairwise_sat_loss(s_w: torch.Tensor, s_l: torch.Tensor, weights: Optional[to
     loss = torch.where(denom > 0, (per * w).sum() / denom.clamp_min(torch.finfo(per.dtype).tiny), torch.zeros_like(denom))
     loss = loss + _graph_zero(s_w) + _graph_zero(s_l)
     return LossOut(loss, {"pairs": torch.tensor(float(s_w.numel()), device=s_w.device), "weight_sum": denom.detach()})
-
-
-def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """ROC AUC (Mann-Whitney, ties counted 1/2); NaN when a class is missing."""
-    s, y = scores.detach().double().flatten().cpu(), labels.detach().flatten().cpu() > 0.5
-    n_pos, n = int(y.sum()), y.numel()
-    if n_pos == 0 or n_pos == n:
-        return float("nan")
-    _, inv, counts = torch.unique(s, return_inverse=True, return_counts=True)
-    start = counts.cumsum(0) - counts
-    rank = (start.double() + (counts.double() + 1) / 2)[inv]  # average 1-based rank of each tie group
-    return float((rank[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos)))
 
 
 class DpoRamp:

@@ -126,11 +126,13 @@ def rank_metrics(scores: torch.Tensor, ks: Sequence[int] = (1, 5, 10), ndcg_ks: 
 
 # ---------------------------------------------------------------------------------- AUC and GAUC
 def auc(pred, label) -> float:
-    """Exact ROC AUC via torchmetrics `BinaryAUROC(thresholds=None)`; tied predictions count 1/2.
+    """Exact ROC AUC via torchmetrics `BinaryAUROC(thresholds=None)`; tied predictions count 1/2. Any score
+    (logits, probabilities, ranks): only the order matters. Raises when a class is missing (`auc_or_nan` doesn't).
 
     torchmetrics applies a sigmoid to predictions outside [0, 1]; in float32 that saturates large
     logits into ties, so predictions are first replaced by their dense ranks scaled to [0, 1]
-    (float64, order- and tie-preserving: AUC depends on order only)."""
+    (float64, order- and tie-preserving: AUC depends on order only). The project's one AUC: the stage-1
+    calibration report, the EASQ ramp and prequential monitor and the evaluation all call it."""
     from torchmetrics.classification import BinaryAUROC
 
     p = _np1d(pred, "pred")
@@ -142,6 +144,17 @@ def auc(pred, label) -> float:
     _, dense = np.unique(p, return_inverse=True)
     scaled = torch.from_numpy(dense.reshape(-1).astype(np.float64) / max(1, int(dense.max())))
     return float(BinaryAUROC(thresholds=None)(scaled, torch.from_numpy(y)))
+
+
+def auc_or_nan(pred, label) -> float:
+    """`auc`, but NaN instead of an error when there are no rows or one class is missing: for monitors over
+    small windows and for splits that may hold no answered row."""
+    p, y = _np1d(pred, "pred"), _binary(_np1d(label, "label"), "label")
+    if len(p) != len(y):
+        raise ValueError(f"length mismatch: pred {len(p)}, label {len(y)}")
+    if len(y) == 0 or y.min() == y.max():
+        return float("nan")
+    return auc(p, y)
 
 
 class GaucResult(NamedTuple):

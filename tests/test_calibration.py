@@ -31,10 +31,10 @@ def test_auc_matches_pair_count_with_ties_half():
     assert auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), labels) == pytest.approx(0.75)
 
 
-def test_auc_single_class_is_nan_and_logits_are_rejected():
+def test_auc_single_class_is_nan_and_logits_rank_like_their_probabilities():
     assert math.isnan(auc(torch.tensor([0.2, 0.3]), torch.tensor([1, 1])))
-    with pytest.raises(ValueError, match="probabilities"):
-        auc(torch.tensor([-2.0, 3.0]), torch.tensor([0, 1]))
+    logits, labels = torch.tensor([-2.0, 3.0, 0.5, 0.5, 40.0]), torch.tensor([0, 1, 0, 1, 1])
+    assert auc(logits, labels) == auc(torch.sigmoid(logits.double()), labels) == pytest.approx(11 / 12)  # 5 wins + 1 tie of 6
 
 
 def test_log_loss_exact_and_accepts_soft_labels():

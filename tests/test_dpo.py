@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.dpo import DpoRamp, EasqLoss, auc, dpo_loss, logprob_margin, pair_accuracy, pairwise_sat_loss
+from models.dpo import DpoRamp, EasqLoss, dpo_loss, logprob_margin, pair_accuracy, pairwise_sat_loss
 from models.easq import SAT_HEAD, EasqRanker
 from models.easq_config import EasqConfig
 from models.pair_buffer import KIND_DISSATISFIED, KIND_SATISFIED, PairBuffer, fields_to_batch, row_fields
@@ -78,10 +78,7 @@ def test_reference_gets_no_gradient_and_empty_or_zero_weight_pairs_give_an_exact
 
 
 # ------------------------------------------------------------------------------------------ ramp
-def test_auc_on_hand_examples_with_ties():
-    assert auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == 0.75
-    assert auc(torch.tensor([0.5, 0.5, 0.9]), torch.tensor([1, 0, 1])) == 0.75  # tie counts 1/2
-    assert math.isnan(auc(torch.tensor([0.1, 0.2]), torch.tensor([1, 1])))
+def test_pair_accuracy_counts_ties_half():
     scores = torch.tensor([3.0, 1.0, 2.0, 2.0])
     assert pair_accuracy(scores, torch.tensor([0, 1, 2]), torch.tensor([1, 0, 3])) == 0.5  # 1 + 0 + tie 1/2
 

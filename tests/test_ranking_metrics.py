@@ -1,6 +1,7 @@
 """Exact evaluation metrics: leave-one-out ranks with ties, AUC/GAUC, XAUC, top-k truth, and the
 accumulator gathering across two real gloo ranks."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.ranking_metrics import (MetricAccumulator, auc, click_metrics, gauc, loo_ranks, mae,
+from models.ranking_metrics import (MetricAccumulator, auc, auc_or_nan, click_metrics, gauc, loo_ranks, mae,
                                     metrics_from_ranks, rank_metrics, standard_metrics, topk_true_mean,
                                     truth_topk_metrics, watch_time_metrics, xauc)
 
@@ -77,9 +78,14 @@ def test_auc_keeps_large_logits_apart():
     assert auc(torch.tensor([30.0, 20.0, -5.0]), torch.tensor([1, 0, 0])) == 1.0
 
 
-def test_auc_needs_both_classes():
+def test_auc_needs_both_classes_where_auc_or_nan_gives_nan():
     with pytest.raises(ValueError, match="both classes"):
         auc(torch.tensor([0.1, 0.2]), torch.tensor([1, 1]))
+    assert math.isnan(auc_or_nan(torch.tensor([0.1, 0.2]), torch.tensor([1, 1])))
+    assert math.isnan(auc_or_nan(torch.tensor([]), torch.tensor([])))
+    assert auc_or_nan(torch.tensor([0.5, 0.5, 0.9]), torch.tensor([1, 0, 1])) == 0.75  # tie counts 1/2
+    with pytest.raises(ValueError, match="labels must be 0/1"):
+        auc_or_nan(torch.tensor([0.1, 0.2]), torch.tensor([0.3, 1.0]))
 
 
 def test_gauc_weights_groups_by_size_and_skips_single_class_groups():
