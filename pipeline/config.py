@@ -7,6 +7,7 @@ default is visible in `configs/`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 import yaml
 
 T = TypeVar("T")
+# a number in exponent notation without a dot (1e-3, 5E+2): a float in YAML 1.2, a string to PyYAML (YAML 1.1)
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -72,6 +75,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string: only 1.0e-3 is a float there
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)

@@ -32,6 +32,17 @@ def test_wrong_type_is_an_error_naming_the_path():
         load_config(overrides=["reader.on_bad_row=ignore"])
 
 
+def test_exponent_notation_without_a_dot_is_a_number_for_float_keys():
+    # PyYAML (YAML 1.1) reads 1e-3 as the string '1e-3'; a float key takes it as the number
+    cfg = load_config(overrides=["easq.lr=1e-3", "easq.alpha=5E+1", "train.dense_lr=+2.5e-4"])
+    assert (cfg.easq.lr, cfg.easq.alpha, cfg.train.dense_lr) == (1e-3, 50.0, 2.5e-4)
+    for bad in ("1e-3x", "e-3", "1e"):
+        with pytest.raises(ConfigError, match=r"easq\.lr: expected a number"):
+            load_config(overrides=[f"easq.lr={bad}"])
+    with pytest.raises(ConfigError, match=r"reader\.batch_size: expected an integer"):
+        load_config(overrides=["reader.batch_size=1e3"])  # an int key stays strict
+
+
 def test_features_sharing_a_table_must_agree_on_rows():
     with pytest.raises(ConfigError, match="sharing table 'item'"):
         load_config(overrides=["data.sequence.hist_click.vocab_size=10"])
