@@ -62,8 +62,9 @@ def id_extras(kjt, names: List[str]) -> Dict[str, torch.Tensor]:
         jt = kjt[n]
         if jt.lengths().numel():
             lengths = jt.lengths()
-            require((lengths == 1).all(), lambda: f"easq.id_targets: feature {n!r} is not single-valued (ids per "
-                                                  f"row from {int(lengths.min())} to {int(lengths.max())})")
+            what = f"easq.id_targets: feature {n!r} is not single-valued"
+            require((lengths == 1).all(),
+                    lambda: f"{what} (ids per row from {int(lengths.min())} to {int(lengths.max())})", what)
         out[id_extra_key(n)] = jt.values().long()
     return out
 

@@ -59,15 +59,15 @@ class LoRABranch(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
 
 
-def require(cond: torch.Tensor, message: Callable[[], str]) -> None:
+def require(cond: torch.Tensor, message: Callable[[], str], static: str) -> None:
     """Raise ValueError(message()) unless the 0-d bool tensor `cond` holds. On CPU the check is immediate; on an
-    accelerator it is a device-side assert (`torch._assert_async`, no host sync in the training step), whose
-    message is the text without the offending values."""
+    accelerator it is a device-side assert (`torch._assert_async`, no host sync in the training step) whose message
+    is `static`, the check's text without the offending values (naming them would need the sync)."""
     if cond.device.type == "cpu":
         if not bool(cond):
             raise ValueError(message())
     else:
-        torch._assert_async(cond, "a per-step input check failed (rerun on CPU for the values)")
+        torch._assert_async(cond, f"{static} (rerun on CPU for the values)")
 
 
 class LoRAEmbedding(nn.Module):
@@ -92,8 +92,8 @@ class LoRAEmbedding(nn.Module):
             raise TypeError(f"LoRA embedding: ids must be int32/int64, got {ids.dtype}")
         if ids.numel():
             in_range = (ids.min() >= 0) & (ids.max() < self.num_rows)
-            require(in_range, lambda: f"LoRA embedding: ids must be in [0, {self.num_rows}), got "
-                                      f"[{int(ids.min())}, {int(ids.max())}]")
+            bound = f"LoRA embedding: ids must be in [0, {self.num_rows})"
+            require(in_range, lambda: f"{bound}, got [{int(ids.min())}, {int(ids.max())}]", bound)
         return (nn.functional.embedding(ids, self.A) @ self.B.t()) * self.scale
 
     def delta_table(self) -> torch.Tensor:

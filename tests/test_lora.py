@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.lora import LoRABranch, LoRAEmbedding, LoRALinear, apply_lora, lora_parameters, merge_lora, non_lora_parameters
+from models.lora import (LoRABranch, LoRAEmbedding, LoRALinear, apply_lora, lora_parameters, merge_lora,
+                         non_lora_parameters, require)
 
 
 @pytest.fixture(autouse=True)
@@ -122,3 +123,13 @@ def test_embedding_adapter_starts_at_zero_and_is_a_low_rank_update_of_the_table(
         ad(torch.tensor([0, 9]))
     with pytest.raises(TypeError, match="int32/int64"):
         ad(torch.tensor([0.0]))
+
+
+def test_input_checks_raise_on_cpu_and_assert_on_device_with_the_static_text(monkeypatch):
+    with pytest.raises(ValueError, match="^ids 7 and 9$"):
+        require(torch.tensor(False), lambda: "ids 7 and 9", "ids out of range")
+    require(torch.tensor(True), lambda: 1 / 0, "never read")  # the message is built only on failure
+    asserted = []  # off the CPU: a device-side assert, no host sync, so no values in its text
+    monkeypatch.setattr(torch, "_assert_async", lambda cond, msg: asserted.append((cond.device.type, msg)))
+    require(torch.tensor(False, device="meta"), lambda: 1 / 0, "ids out of range")
+    assert asserted == [("meta", "ids out of range (rerun on CPU for the values)")]
