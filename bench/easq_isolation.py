@@ -63,6 +63,8 @@ ARMS: Dict[str, List[str]] = {
     "shared_own_adam": ["easq.pathway=shared", "easq.lr=0.01"],
     "shared_fast_all": ["easq.pathway=shared", "easq.lr=0.01", "train.dense_lr=0.01"],
     "isolated_id_adapters": ["easq.pathway=isolated", "easq.lr=0.01", "easq.id_targets=[user_id,item_id]"],
+    # the pathway with its LoRA scaled to nothing: the satisfaction head alone on stop-gradient features
+    "isolated_no_lora": ["easq.pathway=isolated", "easq.lr=0.001", "easq.alpha=1e-8"],
 }
 BASELINE = "plain"
 

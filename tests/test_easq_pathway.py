@@ -14,8 +14,9 @@ true satisfaction probability (the answered rows alone are ~400 a split and bias
 
 Measured over 5 seeds (docs/easq.md): isolated ahead in 5 of 5 on both splits, by +0.013 / +0.015 on average
 (+0.021 / +0.023 at seed 0, the seed run here). The test asserts that order at seed 0 with a margin of 0.01 on the
-mean of the two splits. Where it does not hold (the per-id-starved world W1, a shared head given its own faster
-optimizer) is documented there too.
+mean of the two splits. What wins is the pathway's LoRA branch (the head alone behind the stop-gradient is 0.006
+behind the plain tower); where the order does not hold (the per-id-starved world W1, a shared head given its own
+faster optimizer) is documented there too.
 """
 from __future__ import annotations
 
