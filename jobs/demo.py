@@ -60,6 +60,20 @@ def stages(out: Path, nproc: int, common: List[str]) -> List[tuple]:
     return run
 
 
+def dpo_gate_line(dpo: dict, run: Path) -> str:
+    """Whether L_DPO acted: its ramp at the end, and the gate (the satisfaction head's prequential answered-AUC
+    against easq.ramp_threshold) that holds it at 0 until the head is good enough to be the reference."""
+    from pipeline.config import load_yaml
+
+    threshold = load_yaml(run / "checkpoint" / "config.yaml").get("easq", {}).get("ramp_threshold")
+    preq = dpo.get("prequential_sat_auc")
+    line = (f"[demo] DPO ramp at the end: {dpo.get('dpo_ramp')} (satisfaction head's prequential answered-AUC "
+            f"{'n/a' if preq is None else f'{preq:.3f}'}, ramp threshold {threshold})")
+    if not dpo.get("dpo_ramp"):
+        line += ": the gate stayed shut, so the change above is the pathway and the behaviour losses, not L_DPO"
+    return line
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="satrank demo", description=__doc__)
     parser.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
@@ -92,6 +106,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "before" in dpo and "after" in dpo:
             print("\n[demo] stage-3 EASQ online DPO, before -> after\n"
                   + format_table({"before DPO": dpo["before"], "after DPO": dpo["after"]}), flush=True)
+            print(dpo_gate_line(dpo, out / "dpo"), flush=True)
     return 0
 
 

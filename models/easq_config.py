@@ -48,7 +48,7 @@ class EasqConfig:
     dpo_head: str = "click"  # main-head output whose logit is the policy's log-probability
     beta: float = 1.0
     logprob: LogProb = "logit"  # logit: z (per-user softmax, normaliser cancels) | log_sigmoid: log sigma(z)
-    dpo_weight: float = 1.0  # weight of L_DPO once the ramp is at 1
+    dpo_weight: float = 0.03  # weight of L_DPO once the ramp is at 1 (docs/easq.md: 1.0 wrecks the click model)
     ramp_threshold: float = 0.6  # satisfaction head's running answered-AUC that starts the ramp
     ramp_updates: int = 1000  # updates from 0 to full weight once the threshold is cleared (0 = jump)
     auc_window: int = 8192  # most recent answered rows in the running AUC

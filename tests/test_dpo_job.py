@@ -215,3 +215,15 @@ def test_shared_pathway_sat_only_moves_the_backbone(world, tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["pathway"] == "shared" and m["backbone_drift"] > 0 and m["prequential_answered_rows"] > 0
+
+
+def test_demo_says_whether_the_dpo_gate_opened(world):
+    from jobs.demo import dpo_gate_line
+
+    run = dpo_with_propensity(world)  # its config.yaml has easq.ramp_threshold 0 (SETS)
+    m = json.loads((run / "metrics.json").read_text())
+    opened = dpo_gate_line({**m, "dpo_ramp": 1.0}, run)
+    assert "ramp at the end: 1.0" in opened and "ramp threshold 0.0" in opened and "stayed shut" not in opened
+    assert f"prequential answered-AUC {m['prequential_sat_auc']:.3f}" in opened
+    shut = dpo_gate_line({**m, "dpo_ramp": 0.0}, run)
+    assert "ramp at the end: 0.0" in shut and "the gate stayed shut" in shut and "not L_DPO" in shut
