@@ -65,6 +65,8 @@ ARMS: Dict[str, List[str]] = {
     "isolated_id_adapters": ["easq.pathway=isolated", "easq.lr=0.01", "easq.id_targets=[user_id,item_id]"],
     # the pathway with its LoRA scaled to nothing: the satisfaction head alone on stop-gradient features
     "isolated_no_lora": ["easq.pathway=isolated", "easq.lr=0.001", "easq.alpha=1e-8"],
+    # DPO on (the default weight, a short ramp once the gate opens): compare with isolated_fast, its DPO-off control
+    "isolated_fast_dpo": ["easq.pathway=isolated", "easq.lr=0.01", "easq.dpo_weight=0.03", "easq.ramp_updates=50"],
 }
 BASELINE = "plain"
 
