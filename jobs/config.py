@@ -36,6 +36,7 @@ class SatrankConfig:
     propensity_train: TrainOverrides = field(default_factory=TrainOverrides)
     satisfaction_train: TrainOverrides = field(default_factory=TrainOverrides)
     ranker_train: TrainOverrides = field(default_factory=TrainOverrides)  # jobs.train (stage 2)'s changes to train:
+    dpo_train: TrainOverrides = field(default_factory=TrainOverrides)  # jobs.dpo (stage 3)'s changes to train:
     evaluate: EvaluationConfig = field(default_factory=EvaluationConfig)  # models.evaluation, jobs.evaluate / jobs.train
     easq: EasqConfig = field(default_factory=EasqConfig)  # stage 3 (models.easq_config, jobs.dpo)
     score: ScoreConfig = field(default_factory=ScoreConfig)  # jobs.score (fusion of the towers)

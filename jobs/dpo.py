@@ -7,7 +7,7 @@
 - Model: RUN_MAIN (a jobs.train run: its checkpoint, config.yaml, teacher.json) rebuilt from its own config,
   EASQ pathway installed (models.easq_task.EasqTask, `easq:` from --config/--set), weights loaded (DCP, any
   world size), then sharded. Optimizers per group: fused tables (in backward), `backbone` (backbone dense +
-  data-parallel tables, train.dense_optimizer / ranker_train overrides), `lora` (Adam, easq.lr). The backbone
+  data-parallel tables, train.dense_optimizer / dpo_train overrides), `lora` (Adam, easq.lr). The backbone
   optimizer is never stepped on an L_sat-only step (behaviour off and DPO weight x ramp = 0) of the isolated
   pathway; with `easq.pathway: shared` (the baseline) L_sat trains the backbone, so it is stepped every step.
 - Stream: the Parquet shards of DIR/train in file-name order (the simulator's names are time-ordered; the
@@ -218,7 +218,7 @@ def build(args, cfg_cli, rt):
     teacher = teacher_from_dict(__import__("json").loads(tfile.read_text())) if tfile.is_file() else None
     if needs_teacher(cfg.model) and teacher is None:
         raise ckpt.CheckpointError(f"--init {args.init}: the model needs its satisfaction model g but {tfile} is missing")
-    train = stage_train_config(cfg, "ranker")
+    train = stage_train_config(cfg, "dpo")
     module = EasqTask(build_task(cfg, teacher, seed=train.seed), cfg.easq)
     dmp, _ = shard_model(module, cfg.embeddings, rt, dense_lr=train.dense_lr, seed=train.seed)
     mapping = dict(MAP)
@@ -299,7 +299,7 @@ def run(rt, args, cfg_cli) -> None:
     dmp, module, cfg, opts, combined, backbone = build(args, cfg_cli, rt)
     ecfg_cfg = cfg
     data, ecfg_e = cfg.data, cfg.easq
-    prop = FrozenPropensity(args.propensity, data, rt, stage_train_config(cfg, "ranker").seed) \
+    prop = FrozenPropensity(args.propensity, data, rt, stage_train_config(cfg, "dpo").seed) \
         if args.propensity is not None else None
     if prop is None:
         log.info("no --propensity: rho = 1 for every row (L_sat is the unweighted BCE on answered rows, "

@@ -43,6 +43,15 @@ def test_exponent_notation_without_a_dot_is_a_number_for_float_keys():
         load_config(overrides=["reader.batch_size=1e3"])  # an int key stays strict
 
 
+def test_each_training_job_has_its_own_train_overrides():
+    from jobs.readers import stage_train_config
+
+    cfg = load_config(overrides=["dpo_train.dense_lr=0.01", "ranker_train.dense_lr=0.002", "train.seed=7"])
+    dpo, ranker = stage_train_config(cfg, "dpo"), stage_train_config(cfg, "ranker")
+    assert (dpo.dense_lr, ranker.dense_lr) == (0.01, 0.002)
+    assert dpo.seed == ranker.seed == 7 and load_config().dpo_train.dense_lr is None  # null inherits train:
+
+
 def test_features_sharing_a_table_must_agree_on_rows():
     with pytest.raises(ConfigError, match="sharing table 'item'"):
         load_config(overrides=["data.sequence.hist_click.vocab_size=10"])
