@@ -55,12 +55,12 @@ from jobs.checkpoint import (all_gather_objects, check_checkpoint, load_prefixed
                              tables_changed)
 from jobs.readers import first_batch, stage_train_config
 from jobs.trainer import run_job
-from models.ranking_metrics import auc_or_nan
 from models.easq import GROUP_LORA
 from models.easq_task import EasqTask, pad_rows, pair_batch
 from models.evaluation import EvaluationConfig
 from models.pair_buffer import PairBuffer
 from models.ranker_task import needs_teacher
+from models.ranking_metrics import auc_or_nan
 from pipeline.errors import DataError
 from pipeline.reader import BatchLoader, list_shards
 

@@ -3,8 +3,8 @@ plus `StreamingCollector`, which gathers (pred, label, extras) over batches and 
 
 Why: the satisfaction model is a reward model whose *probabilities* are consumed downstream
 (SAQRec sec. 4.3-4.4 uses s_hat as features and pseudo-labels), so calibration matters as much as
-ranking. All functions take 1-D tensors of probabilities in [0, 1] (not logits; `auc` takes any score); labels may be hard
-0/1 or soft (e.g. the simulator's true_p_satisfied) for log loss and ECE. Metrics are computed on
+ranking. All functions take 1-D tensors of probabilities in [0, 1] (not logits; `auc` takes any score);
+labels may be hard 0/1 or soft (e.g. the simulator's true_p_satisfied) for log loss and ECE. Metrics are computed on
 the full concatenated predictions (gathered across ranks), never averaged per rank.
 """
 from __future__ import annotations
