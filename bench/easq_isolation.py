@@ -147,10 +147,10 @@ def run_arms(data: Path, main: Path, out: Path, seed: int, arms: Sequence[str], 
                                               *_sets(SETS + COMMON + ARMS[a] + [f"train.seed={seed}"])),
                                      cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for a in batch}  # each run is deterministic on its own, whatever runs beside it
+        errors = {a: p.communicate(timeout=900)[1] for a, p in procs.items()}  # wait for every run of the batch
         for a, p in procs.items():
-            _, err = p.communicate(timeout=900)
             if p.returncode != 0:
-                raise RuntimeError(f"jobs.dpo, arm {a!r}, seed {seed} failed (exit {p.returncode}):\n{err[-4000:]}")
+                raise RuntimeError(f"jobs.dpo, arm {a!r}, seed {seed} failed (exit {p.returncode}):\n{errors[a][-4000:]}")
             result[a] = json.loads((out / a / "metrics.json").read_text())
     return result
 
