@@ -13,7 +13,9 @@
 - Stream: the Parquet shards of DIR/train in file-name order (the simulator's names are time-ordered; the
   job checks the timestamp min/max of consecutive files and records `timestamp_ordered`), each shard read
   once, no shuffle, no epochs; row groups of a shard are split over ranks (pipeline.reader slots).
-  --follow re-lists DIR/train after the known shards and waits for new ones until --max-wait-s passes.
+  --follow re-lists DIR/train after the known shards and waits for new ones until --max-wait-s passes without
+  one (rank 0 lists and decides, every rank follows; caught up, it checkpoints before it waits unless
+  --checkpoint-every is 0).
 - Prequential: the satisfaction head's logits of each batch come from the forward that trains on it
   (before its update): `prequential_sat_auc` on the answered rows of all ranks.
 - rho: with --propensity RUN_P (a jobs.propensity run, checked: exists, job, feature fingerprint), the FROZEN
@@ -72,8 +74,28 @@ MAP = {"sparse_arch.": "task.sparse_arch.", "ranker.ranker.": "task.ranker.ranke
 log = get_logger("dpo")
 
 
-def shard_files(split: Path) -> List[str]:
-    return list_shards(str(split))[1]
+def pending_shards(split: Path, done: List[str], follow: bool) -> List[str]:
+    """The shards of `split` not consumed yet, in file-name (= time) order. Names starting with '.' or '_' are
+    writes in flight (`pipeline.reader.list_shards`: a producer writes `.part-N.parquet` and renames it). With
+    --follow an empty split is waited on instead of refused."""
+    try:
+        files = list_shards(str(split))[1]
+    except DataError:
+        if not follow:
+            raise
+        files = []
+    return [f for f in files if Path(f).name not in done]
+
+
+def next_shards(split: Path, done: List[str], args, last_seen: float, rt) -> tuple:
+    """(shards to consume now, stop?), decided by rank 0 and broadcast: the ranks read the same shards and leave
+    the loop together. Ranks listing on their own could disagree (a shard landing between two listings, one
+    rank's --max-wait-s running out first) and then wait in different collectives forever."""
+    decision = None
+    if rt.is_main:
+        files = pending_shards(split, done, args.follow)
+        decision = (files, not files and (not args.follow or time.monotonic() - last_seen > args.max_wait_s))
+    return ckpt.broadcast_object(decision)
 
 
 def timestamp_ordered(files: List[str]) -> bool:
@@ -327,10 +349,15 @@ def run(rt, args, cfg_cli) -> None:
     last_seen, since_ckpt = time.monotonic(), 0
     dmp.train()
     while True:
-        files = [f for f in shard_files(split) if Path(f).name not in st.done]
-        if not files:
-            if not args.follow or time.monotonic() - last_seen > args.max_wait_s:
-                break
+        files, stop = next_shards(split, st.done, args, last_seen, rt)
+        if stop:
+            break
+        if not files:  # --follow, caught up: checkpoint once, then poll for the next shard
+            if since_ckpt and args.checkpoint_every:
+                log.info("caught up after %d shards; checkpointing and waiting for new shards in %s "
+                         "(up to %ss)", len(st.done), split, args.max_wait_s)
+                save(args, rt, dmp, combined, module, buf, st, theta0, before, cfg)
+                since_ckpt = 0
             time.sleep(args.poll_s)
             continue
         last_seen = time.monotonic()

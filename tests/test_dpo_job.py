@@ -9,6 +9,7 @@ tests/test_easq_serving.py scores and exports."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -128,6 +129,45 @@ def test_killed_after_first_checkpoint_and_restarted_consumes_each_remaining_row
     keys, n = all_keys(world["data"])
     got = logged(out)
     assert len(got) == n and set(got) == keys  # union = all rows, no duplicates
+
+
+def test_follow_waits_for_shards_that_land_later_and_consumes_each_row_once(world, tmp_path):
+    """--follow, the production shape: started with only the first train shard, the job catches up, checkpoints and
+    waits; the later shards land while it waits (written under a dot name and renamed, as a producer does, so no
+    rank reads half a file) and are consumed, every row exactly once over both ranks; with no new shard for
+    --max-wait-s it ends on its own."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("valid", "test", "candidates"):
+        (data / split).symlink_to(world["data"] / split)
+    shards = sorted((world["data"] / "train").glob("part-*.parquet"))
+    assert len(shards) >= 2
+    (data / "train").mkdir()
+    shutil.copy(shards[0], data / "train" / shards[0].name)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(dpo_cmd({"data": data, "run": world["run"]}, out, "--log-keys", "--follow",
+                                    "--max-wait-s", "6", "--poll-s", "0.2", "--checkpoint-every", "1000"),
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline, meta = time.time() + 300, out / "checkpoint" / "meta.json"
+        while not (meta.is_file() and json.loads(meta.read_text())["extra"]["done"] == [shards[0].name]):
+            assert proc.poll() is None, proc.communicate()[1][-4000:]  # it must wait, not end, when caught up
+            assert time.time() < deadline, "the job never caught up with the first shard"
+            time.sleep(0.2)
+        for f in shards[1:]:  # land the rest while it waits
+            shutil.copy(f, data / "train" / f".{f.name}")
+            (data / "train" / f".{f.name}").rename(data / "train" / f.name)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    assert proc.returncode == 0, err[-4000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["shards"] == [f.name for f in shards] and m["timestamp_ordered"] is True
+    keys, n = all_keys(world["data"])
+    got = logged(out)
+    assert len(got) == n == m["rows"] and set(got) == keys
 
 
 def test_sat_only_with_dpo_weight_zero_leaves_the_backbone_bit_identical(world, tmp_path):
