@@ -8,6 +8,10 @@ same invocation on the same data and seeds; prints ONE JSON line with every arm'
 the paired differences against `plain`.
 
     PYTHONPATH=. python bench/easq_isolation.py [--seeds 0,1,2,3,4] [--arms isolated,plain] [--work DIR]
+    PYTHONPATH=. python bench/easq_isolation.py --keep 1.0 --arms isolated_fast_dpo --baseline isolated_fast
+
+The second form is the DPO measurement: every answer kept, DPO at the default weight against its DPO-off control
+(`diff_vs_baseline` then holds DPO's true_sat@10 gain and click-AUC change per seed).
 
 World W2: 300 users, 60 items, 10 authors, 40,000 impressions (seed 5), common questionnaires (answer_bias -3.7, ~11 %
 answered) so that after thinning each item keeps about six answers. Seed s = which answers are kept
@@ -155,7 +159,8 @@ def run_arms(data: Path, main: Path, out: Path, seed: int, arms: Sequence[str], 
     return result
 
 
-HEAD_KEYS = ("all_valid", "all_test", "answered_valid", "answered_test", "prequential", "click_auc", "backbone_drift")
+HEAD_KEYS = ("all_valid", "all_test", "answered_valid", "answered_test", "prequential", "click_auc", "true_sat@10",
+             "backbone_drift", "dpo_ramp")
 
 
 def head_aucs(m: Mapping) -> Dict[str, float]:
@@ -164,32 +169,36 @@ def head_aucs(m: Mapping) -> Dict[str, float]:
     return {"all_valid": sh["valid"]["auc_true_all"], "all_test": sh["test"]["auc_true_all"],
             "answered_valid": sh["valid"]["auc"], "answered_test": sh["test"]["auc"],
             "prequential": m["prequential_sat_auc"], "click_auc": m["after"]["click_auc"],
-            "backbone_drift": m["backbone_drift"]}
+            "true_sat@10": m["after"]["true_sat@10"], "backbone_drift": m["backbone_drift"], "dpo_ramp": m["dpo_ramp"]}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated thinning / train seeds")
     ap.add_argument("--arms", default="isolated,plain", help=f"comma-separated, from {','.join(ARMS)}")
+    ap.add_argument("--baseline", default=BASELINE, help=f"the arm the others are paired with (default {BASELINE})")
+    ap.add_argument("--keep", type=float, default=KEEP,
+                    help=f"share of the training answers kept (default {KEEP}; 1.0 keeps every answer, the DPO regime)")
     ap.add_argument("--work", type=Path, default=None, help="working directory (default: a temporary one)")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = [a for a in args.arms.split(",") if a]
-    if BASELINE not in arms:
-        arms.append(BASELINE)
+    baseline = args.baseline
+    if baseline not in arms:
+        arms.append(baseline)
     with tempfile.TemporaryDirectory(prefix="easq_isolation_") as tmp:
         work = args.work or Path(tmp)
         paths = build_world(work)
         per_seed = {}
         for s in seeds:
             data = work / f"thinned_s{s}"
-            counts = sparsify(paths["world"], data, KEEP, seed=s, passes=PASSES)
+            counts = sparsify(paths["world"], data, args.keep, seed=s, passes=PASSES)
             runs = run_arms(data, paths["main"], work / f"runs_s{s}", s, arms)
             per_seed[s] = {"kept_answers": counts["kept"], **{a: head_aucs(m) for a, m in runs.items()}}
-    keys = ("all_valid", "all_test", "answered_valid", "answered_test")
-    diffs = {a: {k: [per_seed[s][a][k] - per_seed[s][BASELINE][k] for s in seeds] for k in keys}
-             for a in arms if a != BASELINE}
-    out = {"bench": "easq_isolation", "baseline": BASELINE, "world": WORLD, "keep": KEEP, "passes": PASSES,
+    keys = ("all_valid", "all_test", "answered_valid", "answered_test", "true_sat@10", "click_auc")
+    diffs = {a: {k: [per_seed[s][a][k] - per_seed[s][baseline][k] for s in seeds] for k in keys}
+             for a in arms if a != baseline}
+    out = {"bench": "easq_isolation", "baseline": baseline, "world": WORLD, "keep": args.keep, "passes": PASSES,
            "seeds": seeds, "per_seed": per_seed,
            "mean": {a: {k: float(np.mean([per_seed[s][a][k] for s in seeds])) for k in HEAD_KEYS} for a in arms},
            "diff_vs_baseline": {a: {k: {"mean": float(np.mean(v)), "wins": int(sum(x > 0 for x in v)), "of": len(v)}
