@@ -144,25 +144,25 @@ def test_follow_waits_for_shards_that_land_later_and_consumes_each_row_once(worl
     assert len(shards) >= 2
     (data / "train").mkdir()
     shutil.copy(shards[0], data / "train" / shards[0].name)
-    out = tmp_path / "run"
-    proc = subprocess.Popen(dpo_cmd({"data": data, "run": world["run"]}, out, "--log-keys", "--follow",
-                                    "--max-wait-s", "6", "--poll-s", "0.2", "--checkpoint-every", "1000"),
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    out, log = tmp_path / "run", tmp_path / "stderr.log"
+    with log.open("w") as err:  # a file, not a pipe: nobody reads the job's log while it runs
+        proc = subprocess.Popen(dpo_cmd({"data": data, "run": world["run"]}, out, "--log-keys", "--follow",
+                                        "--max-wait-s", "6", "--poll-s", "0.2", "--checkpoint-every", "1000"),
+                                env=env(), stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     try:
         deadline, meta = time.time() + 300, out / "checkpoint" / "meta.json"
         while not (meta.is_file() and json.loads(meta.read_text())["extra"]["done"] == [shards[0].name]):
-            assert proc.poll() is None, proc.communicate()[1][-4000:]  # it must wait, not end, when caught up
+            assert proc.poll() is None, log.read_text()[-4000:]  # it must wait, not end, when caught up
             assert time.time() < deadline, "the job never caught up with the first shard"
             time.sleep(0.2)
         for f in shards[1:]:  # land the rest while it waits
             shutil.copy(f, data / "train" / f".{f.name}")
             (data / "train" / f".{f.name}").rename(data / "train" / f.name)
-        _, err = proc.communicate(timeout=300)
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             kill_tree(proc.pid)
-    assert proc.returncode == 0, err[-4000:]
+    assert proc.returncode == 0, log.read_text()[-4000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["shards"] == [f.name for f in shards] and m["timestamp_ordered"] is True
     keys, n = all_keys(world["data"])
