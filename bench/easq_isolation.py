@@ -186,6 +186,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     baseline = args.baseline
     if baseline not in arms:
         arms.append(baseline)
+    unknown = [a for a in arms if a not in ARMS]  # refused before the world is built, not after
+    if unknown:
+        ap.error(f"--arms/--baseline: unknown arm(s) {unknown}; choose from {sorted(ARMS)}")
+    if not 0.0 < args.keep <= 1.0:
+        ap.error(f"--keep must be in (0, 1], got {args.keep}")
     with tempfile.TemporaryDirectory(prefix="easq_isolation_") as tmp:
         work = args.work or Path(tmp)
         paths = build_world(work)
