@@ -28,7 +28,7 @@ endif
 install: $(VENV)/.installed-$(DEVICE)
 
 demo: install
-	$(PY) -m jobs.demo --out $(RUN) --nproc $(NPROC)
+	$(PY) -m satrank.jobs.demo --out $(RUN) --nproc $(NPROC)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -1,14 +1,14 @@
 """EASQ's isolated satisfaction pathway against a plain auxiliary satisfaction tower, answers ten times sparser.
 
 Issue 5's comparison (docs/easq.md, "Isolated vs shared"), rerunnable: one simulated world, one stage-2 ranker, the
-training split's questionnaire answers thinned to 10 % (`sparsify`), then jobs.dpo once per arm and seed with DPO
+training split's questionnaire answers thinned to 10 % (`sparsify`), then satrank.jobs.dpo once per arm and seed with DPO
 off, so the arms differ only in where L_sat's gradient goes. The baseline (`plain`: `easq.pathway: shared`, the
 satisfaction head on the ranker's features with their graph, trained with the model's one optimizer) runs in the
 same invocation on the same data and seeds; prints ONE JSON line with every arm's satisfaction-head AUC per seed and
 the paired differences against `plain`.
 
-    PYTHONPATH=. python bench/easq_isolation.py [--seeds 0,1,2,3,4] [--arms isolated,plain] [--work DIR]
-    PYTHONPATH=. python bench/easq_isolation.py --keep 1.0 --arms isolated_fast_dpo --baseline isolated_fast
+    python bench/easq_isolation.py [--seeds 0,1,2,3,4] [--arms isolated,plain] [--work DIR]
+    python bench/easq_isolation.py --keep 1.0 --arms isolated_fast_dpo --baseline isolated_fast
 
 The second form is the DPO measurement: every answer kept, DPO at the default weight against its DPO-off control
 (`diff_vs_baseline` then holds DPO's true_sat@10 gain and click-AUC change per seed).
@@ -39,8 +39,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 WORLD = {"users": 300, "items": 60, "authors": 10, "impressions": 40000, "candidate_requests": 60,
          "candidates_per_request": 20, "shard_rows": 8000, "row_group_rows": 500, "seed": 5, "answer_bias": -3.7,
@@ -114,7 +112,7 @@ def torchrun(nproc: int, module: str, *args) -> List[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _sets(overrides: Sequence[str]) -> List[str]:
@@ -127,26 +125,26 @@ def _check(proc: subprocess.CompletedProcess, what: str) -> None:
 
 
 def build_world(work: Path) -> Dict[str, Path]:
-    """work/world (the simulated splits) and work/main (the stage-2 ranker: jobs.train, 2 ranks, 2 epochs)."""
-    from pipeline.sim_world import SimulateConfig
-    from pipeline.simulate import simulate
+    """work/world (the simulated splits) and work/main (the stage-2 ranker: satrank.jobs.train, 2 ranks, 2 epochs)."""
+    from satrank.pipeline.sim.world import SimulateConfig
+    from satrank.pipeline.sim.simulate import simulate
 
     world, main = work / "world", work / "main"
     simulate(world, SimulateConfig(**WORLD), overwrite=True)
-    _check(subprocess.run(torchrun(2, "jobs.train", "--data", world, "--out", main, *_sets(SETS + MAIN_SETS)),
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900), "jobs.train (stage 2)")
+    _check(subprocess.run(torchrun(2, "satrank.jobs.train", "--data", world, "--out", main, *_sets(SETS + MAIN_SETS)),
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900), "satrank.jobs.train (stage 2)")
     return {"world": world, "main": main}
 
 
 def run_arms(data: Path, main: Path, out: Path, seed: int, arms: Sequence[str], parallel: int = 2) -> Dict[str, dict]:
-    """jobs.dpo once per arm on `data` (1 rank each, `parallel` side by side); returns each run's metrics.json."""
+    """satrank.jobs.dpo once per arm on `data` (1 rank each, `parallel` side by side); returns each run's metrics.json."""
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"--arms: unknown arm(s) {unknown}; choose from {sorted(ARMS)}")
     result: Dict[str, dict] = {}
     for start in range(0, len(arms), parallel):
         batch = list(arms[start:start + parallel])
-        procs = {a: subprocess.Popen(torchrun(1, "jobs.dpo", "--data", data, "--init", main, "--out", out / a,
+        procs = {a: subprocess.Popen(torchrun(1, "satrank.jobs.dpo", "--data", data, "--init", main, "--out", out / a,
                                               "--checkpoint-every", "0",
                                               *_sets(SETS + COMMON + ARMS[a] + [f"train.seed={seed}"])),
                                      cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -154,7 +152,7 @@ def run_arms(data: Path, main: Path, out: Path, seed: int, arms: Sequence[str], 
         errors = {a: p.communicate(timeout=900)[1] for a, p in procs.items()}  # wait for every run of the batch
         for a, p in procs.items():
             if p.returncode != 0:
-                raise RuntimeError(f"jobs.dpo, arm {a!r}, seed {seed} failed (exit {p.returncode}):\n{errors[a][-4000:]}")
+                raise RuntimeError(f"satrank.jobs.dpo, arm {a!r}, seed {seed} failed (exit {p.returncode}):\n{errors[a][-4000:]}")
             result[a] = json.loads((out / a / "metrics.json").read_text())
     return result
 

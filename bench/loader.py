@@ -3,7 +3,7 @@
 Why: the reader must not be the bottleneck of training; its target is >= 0.5 of the raw scan
 rate and >= 200k rows/s per core with histories of 50/20/5 ids. Prints ONE JSON line.
 
-    PYTHONPATH=. python bench/loader.py [--data DIR] [--config CFG] [--batch-size N] [--workers W]
+    python bench/loader.py [--data DIR] [--config CFG] [--batch-size N] [--workers W]
 
 Without --data a temporary canonical dataset (full histories, --rows rows) is written first.
 """
@@ -19,17 +19,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import pyarrow  # noqa: E402
 import pyarrow.dataset as pads  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import config as cfgio  # noqa: E402
-from pipeline.features import DataConfig  # noqa: E402
-from pipeline.reader import BatchLoader  # noqa: E402
-from pipeline.reader_config import ReaderConfig  # noqa: E402
-from pipeline.testdata import write_dataset  # noqa: E402
+from satrank.pipeline import config as cfgio  # noqa: E402
+from satrank.pipeline.features import DataConfig  # noqa: E402
+from satrank.pipeline.reader import BatchLoader  # noqa: E402
+from satrank.pipeline.reader_config import ReaderConfig  # noqa: E402
+from satrank.pipeline.sim.testdata import write_dataset  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sim.yaml"
 

@@ -1,18 +1,18 @@
-"""Serving benchmark: batch-scoring throughput (jobs.score on N ranks) and the exported artifact's latency.
+"""Serving benchmark: batch-scoring throughput (satrank.jobs.score on N ranks) and the exported artifact's latency.
 
 Why: candidate sets are scored offline at scale and the artifact answers online requests; both costs
 belong in the report. Prints ONE JSON line:
-  score_rows_per_s   jobs.score with --nproc ranks (torchrun, gloo): rows scored / scoring wall time
+  score_rows_per_s   satrank.jobs.score with --nproc ranks (torchrun, gloo): rows scored / scoring wall time
                      (model load and process start excluded; the manifest's run record)
   p50_ms_100 / p99_ms_100, p50_ms_1000 / p99_ms_1000   latency of model.pt (TorchScript, fp32, CPU,
                      `--threads` intra-op threads) for one request of 100 candidates / 10 requests of
-                     100, inputs already tensors (the Parquet -> tensor step of jobs.serve_check excluded)
+                     100, inputs already tensors (the Parquet -> tensor step of satrank.jobs.serve_check excluded)
 
-    PYTHONPATH=. python bench/serving.py [--work DIR] [--requests 1000] [--nproc 2] [--iters 300]
+    python bench/serving.py [--work DIR] [--requests 1000] [--nproc 2] [--iters 300]
 
 The model is the SAQRec ranker of configs/sim.yaml (full vocabularies, teacher g inside) with its
 seeded initial weights: cost does not depend on training, so no training run is needed. The candidate
-world is simulated (pipeline.simulate) with `--requests` requests of 100 candidates in shards of 10.
+world is simulated (satrank.pipeline.sim.simulate) with `--requests` requests of 100 candidates in shards of 10.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -35,8 +34,8 @@ import torch  # noqa: E402
 
 
 def make_world(work: Path, requests: int) -> Path:
-    from pipeline.sim_world import SimulateConfig
-    from pipeline.simulate import simulate
+    from satrank.pipeline.sim.world import SimulateConfig
+    from satrank.pipeline.sim.simulate import simulate
 
     data = work / "data"
     if not (data / "world.json").exists():
@@ -47,12 +46,12 @@ def make_world(work: Path, requests: int) -> Path:
 
 
 def make_model(work: Path) -> Path:
-    """An untrained ranker checkpoint (+ teacher.json) in jobs.train's format."""
-    from jobs.checkpoint import save_checkpoint
-    from jobs.config import load_config
-    from jobs.evaluate import TEACHER_FILE, teacher_to_dict
-    from models.ranker_task import TeacherSpec
-    from models.serving import build_model
+    """An untrained ranker checkpoint (+ teacher.json) in satrank.jobs.train's format."""
+    from satrank.jobs.engine.checkpoint import save_checkpoint
+    from satrank.jobs.config import load_config
+    from satrank.jobs.evaluate import TEACHER_FILE, teacher_to_dict
+    from satrank.models.ranker.task import TeacherSpec
+    from satrank.models.serving.module import build_model
 
     run = work / "run"
     if not (run / "checkpoint" / "meta.json").exists():
@@ -67,22 +66,22 @@ def make_model(work: Path) -> Path:
 def score_throughput(work: Path, data: Path, run: Path, nproc: int) -> dict:
     out = work / f"scores{nproc}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor-interval=0.1",
-           f"--nproc_per_node={nproc}", "-m", "jobs.score", "--model", str(run), "--candidates",
+           f"--nproc_per_node={nproc}", "-m", "satrank.jobs.score", "--model", str(run), "--candidates",
            str(data / "candidates"), "--out", str(out), "--overwrite"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"jobs.score failed:\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"satrank.jobs.score failed:\n{res.stderr[-3000:]}")
     run_rec = json.loads((out / "_manifest.json").read_text())["runs"][-1]
     return {"score_rows_per_s": run_rec["rows_per_s"], "score_rows": run_rec["rows_scored"],
             "score_wall_s": run_rec["scoring_wall_s"], "score_job_s": round(time.perf_counter() - t0, 2)}
 
 
 def latency(work: Path, data: Path, run: Path, iters: int, threads: int) -> dict:
-    from jobs.export import export
-    from jobs.serve_check import Features, load_module, verify_artifact
-    from jobs.serve_config import load_serve_config
+    from satrank.jobs.export import export
+    from satrank.jobs.serve_check import Features, load_module, verify_artifact
+    from satrank.jobs.config.serve import load_serve_config
 
     art = work / "artifact"
     export(run, art, load_serve_config(), data, overwrite=True)

@@ -2,7 +2,7 @@
 
 Why: the TorchRec path (sharded SparseArch, FBGEMM fused optimizer, TrainPipelineSparseDist) must
 not cost more than it brings; so in the same run it measures
-  torchrec_samples_per_s  RankerTask sharded by embeddings.sharding.shard_model in a 1-process world
+  torchrec_samples_per_s  RankerTask sharded by satrank.embeddings.sharding.shard_model in a 1-process world
                           (DMP, fused rowwise Adagrad on the tables, dense Adam), stepped by
                           TrainPipelineSparseDist;
   plain_samples_per_s     the SAME dense model (same RankerTask, ranker and g's dense parts) whose two
@@ -17,7 +17,7 @@ default vocabularies of configs/sim.yaml, one batch of reader.batch_size rows re
 live in the same process and are timed in alternating blocks (median block), so a shared machine's
 fluctuating load does not favour either.
 
-    PYTHONPATH=. python bench/train_throughput.py [--config CFG] [--batch-size N] [--steps S] [--rounds R] [--threads T]
+    python bench/train_throughput.py [--config CFG] [--batch-size N] [--steps S] [--rounds R] [--threads T]
 """
 from __future__ import annotations
 
@@ -30,17 +30,16 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor  # noqa: E402
 
-from embeddings.tables import SparseOutput, table_specs  # noqa: E402
-from jobs.config import load_config  # noqa: E402
-from models.ranker_task import RankerTask, TeacherSpec  # noqa: E402
-from pipeline.convert import table_to_batch  # noqa: E402
-from pipeline.testdata import make_table  # noqa: E402
+from satrank.embeddings.tables import SparseOutput, table_specs  # noqa: E402
+from satrank.jobs.config import load_config  # noqa: E402
+from satrank.models.ranker.task import RankerTask, TeacherSpec  # noqa: E402
+from satrank.pipeline.convert import table_to_batch  # noqa: E402
+from satrank.pipeline.sim.testdata import make_table  # noqa: E402
 
 
 class PlainSparseArch(nn.Module):
@@ -94,7 +93,7 @@ def torchrec_stepper(cfg, batch, rt):
     """(step function, holders) of the sharded task stepped by TrainPipelineSparseDist on `batch` forever."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from embeddings.sharding import shard_model
+    from satrank.embeddings.sharding import shard_model
 
     dmp, opt = shard_model(build_task(cfg, 0), cfg.embeddings, rt, dense_lr=1e-3, seed=0, planner_batch_size=batch.size)
     pipe = TrainPipelineSparseDist(dmp, opt, rt.device)
@@ -152,7 +151,7 @@ def main(argv: List[str] | None = None) -> int:
     batch, _ = table_to_batch(table, cfg.data)
     lens = {f.name: float(batch.sparse[f.name].lengths().float().mean()) for f in cfg.data.sequence}
 
-    from jobs.runtime import init_runtime
+    from satrank.jobs.engine.runtime import init_runtime
 
     rt = init_runtime(seed=0, device="cpu")
     try:

@@ -2,14 +2,14 @@
 
 Which tables exist comes from the data contract (`data:`): one table per distinct `table` name.
 This section only says how they are sized, sharded and optimised; a table named here that no
-feature uses is an error (checked in `embeddings.tables.table_specs`, which sees both sections).
+feature uses is an error (checked in `satrank.embeddings.tables.table_specs`, which sees both sections).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Dict, Literal, Optional
 
-from pipeline.config import ConfigError
+from satrank.pipeline.config import ConfigError
 
 ShardingKind = Literal["row_wise", "table_wise", "column_wise", "data_parallel"]
 FusedOptimizerKind = Literal["rowwise_adagrad", "exact_adagrad", "adam", "sgd"]

@@ -34,11 +34,11 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from embeddings.config import EmbeddingConfig, FusedOptimizerConfig
-from embeddings.tables import TABLE_KEY, SparseArch, TableSpec, init_embedding_weights
-from pipeline.config import ConfigError
+from satrank.embeddings.config import EmbeddingConfig, FusedOptimizerConfig
+from satrank.embeddings.tables import TABLE_KEY, SparseArch, TableSpec, init_embedding_weights
+from satrank.pipeline.config import ConfigError
 
-logger = logging.getLogger("satrank.embeddings")  # configured by jobs.runtime.setup_logging
+logger = logging.getLogger("satrank.embeddings")  # configured by satrank.jobs.engine.runtime.setup_logging
 
 _FUSED_CLASSES = {
     "rowwise_adagrad": trec_optim.RowWiseAdagrad,
@@ -52,7 +52,7 @@ CPU_FUSED_OPTIMIZERS = ("rowwise_adagrad", "exact_adagrad", "sgd")  # FBGEMM CPU
 
 
 class RuntimeLike(Protocol):
-    """What sharding needs from jobs.runtime.Runtime (kept structural: embeddings never imports jobs)."""
+    """What sharding needs from satrank.jobs.engine.runtime.Runtime (kept structural: embeddings never imports jobs)."""
 
     rank: int
     world_size: int
@@ -102,7 +102,7 @@ def _constraints(specs: List[TableSpec], device_type: str) -> Dict[str, Paramete
         if s.sharding not in allowed:
             kind = "EmbeddingCollection (sequence)" if s.sequence else "EmbeddingBagCollection (pooled)"
             raise ConfigError(
-                f"embeddings.tables.{s.name}.sharding: {s.sharding!r} is not supported by TorchRec for "
+                f"satrank.embeddings.tables.{s.name}.sharding: {s.sharding!r} is not supported by TorchRec for "
                 f"{kind} tables on {device_type}; supported: {sorted(allowed)}"
             )
         out[s.name] = ParameterConstraints(sharding_types=[s.sharding])
@@ -149,7 +149,7 @@ def shard_model(
     - embedding tables: sharding per `cfg.tables[...].sharding` (default `cfg.sharding`), fused
       optimizer `cfg.optimizer` applied inside backward (no step() needed for them);
     - dense parameters: DDP + `dense_optimizer` ("adam" | "adagrad" | "sgd") at `dense_lr`;
-    - embedding weights are set to the seeded init of `embeddings.tables.init_embedding_weights`
+    - embedding weights are set to the seeded init of `satrank.embeddings.tables.init_embedding_weights`
       (identical for any world size / sharding); dense weights are whatever `model` holds (build it
       after seeding; DDP broadcasts rank 0's copy).
     `optimizer.step()` steps the dense part; `dmp.plan` is the ShardingPlan (see plan_to_dict).
@@ -157,7 +157,7 @@ def shard_model(
     """
     archs = find_sparse_archs(model)
     if not archs:
-        raise ValueError("shard_model: the model contains no embeddings.tables.SparseArch")
+        raise ValueError("shard_model: the model contains no satrank.embeddings.tables.SparseArch")
     opt_cls, opt_kwargs = fused_optimizer_spec(cfg.optimizer)
     specs: List[TableSpec] = [s for _, arch in archs for s in arch.specs]
     device = runtime.device

@@ -1,10 +1,10 @@
-"""`jobs.check_data`: read a directory of Parquet shards through the reader on every rank and account for
+"""`satrank.jobs.check_data`: read a directory of Parquet shards through the reader on every rank and account for
 every row, before any training touches it.
 
-    torchrun --nproc_per_node=N -m jobs.check_data --data DIR [--out RUN] [--config CFG] [--set k=v ...]
+    torchrun --nproc_per_node=N -m satrank.jobs.check_data --data DIR [--out RUN] [--config CFG] [--set k=v ...]
         [--no-labels] [--row-filter COLUMN]
 
-Every rank reads its share with pipeline.reader.BatchLoader (the same conversion and validation as
+Every rank reads its share with satrank.pipeline.reader.BatchLoader (the same conversion and validation as
 training); the counts of all ranks are summed: rows read / emitted / rejected (by reason, with
 reader.on_bad_row=skip) / filtered / dropped, OOV hits, batches, and per-rank rows (balance). Written to
 RUN/metrics.json and printed. Bad data (reader.on_bad_row=error) exits 1 with the DataError message,
@@ -17,10 +17,10 @@ import sys
 import time
 from typing import List, Optional
 
-from jobs.cli import build_parser, parse
-from jobs.runtime import get_logger, init_runtime, write_json_atomic
-from pipeline.errors import DataError
-from pipeline.reader import BatchLoader, sum_stats
+from satrank.jobs.engine.cli import build_parser, parse
+from satrank.jobs.engine.runtime import get_logger, init_runtime, write_json_atomic
+from satrank.pipeline.errors import DataError
+from satrank.pipeline.reader import BatchLoader, sum_stats
 
 logger = get_logger("check_data")
 

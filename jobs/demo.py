@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from pipeline import simulate
+from satrank.pipeline.sim import simulate
 
 
 def torchrun(nproc: int, module: str, *args: str) -> None:
@@ -33,28 +33,28 @@ def stages(out: Path, nproc: int, common: List[str]) -> List[tuple]:
     """(name, module, args) for every stage after simulation, in pipeline order."""
     data = str(out / "data")
     run = [
-        ("check-data", "jobs.check_data", ["--data", f"{data}/train", "--out", str(out / "check_data"), *common]),
+        ("check-data", "satrank.jobs.check_data", ["--data", f"{data}/train", "--out", str(out / "check_data"), *common]),
         # stage 1 of SAQRec (Algorithm 1): click model, propensity model, satisfaction model on frozen tables
-        ("pretrain", "jobs.pretrain", ["--data", data, "--out", str(out / "pretrain"), *common]),
-        ("propensity", "jobs.propensity", ["--data", data, "--out", str(out / "propensity"), *common]),
-        ("satisfaction", "jobs.satisfaction", ["--data", data, "--init", str(out / "pretrain"),
+        ("pretrain", "satrank.jobs.pretrain", ["--data", data, "--out", str(out / "pretrain"), *common]),
+        ("propensity", "satrank.jobs.propensity", ["--data", data, "--out", str(out / "propensity"), *common]),
+        ("satisfaction", "satrank.jobs.satisfaction", ["--data", data, "--init", str(out / "pretrain"),
                                                "--propensity", str(out / "propensity"),
                                                "--out", str(out / "satisfaction"), *common]),
-        # stage 2 (jobs.train): the full SAQRec ranker with the frozen satisfaction model g, then its evaluation
-        ("train", "jobs.train", ["--data", data, "--satisfaction", str(out / "satisfaction"),
+        # stage 2 (satrank.jobs.train): the full SAQRec ranker with the frozen satisfaction model g, then its evaluation
+        ("train", "satrank.jobs.train", ["--data", data, "--satisfaction", str(out / "satisfaction"),
                                  "--out", str(out / "train"), *common]),
     ]
-    # stage 3 (EASQ, jobs.dpo): online alignment of the stage-2 ranker; runs once the `train` stage is listed
+    # stage 3 (EASQ, satrank.jobs.dpo): online alignment of the stage-2 ranker; runs once the `train` stage is listed
     names = [name for name, _, _ in run]
     if "train" in names:
         rho = ["--propensity", str(out / "propensity")] if "propensity" in names else []
-        run.insert(names.index("train") + 1, ("dpo", "jobs.dpo", ["--data", data, "--init", str(out / "train"),
+        run.insert(names.index("train") + 1, ("dpo", "satrank.jobs.dpo", ["--data", data, "--init", str(out / "train"),
                                                                    *rho, "--out", str(out / "dpo"), *common]))
     # serving: batch-score the simulated candidate sets with the stage-2 ranker, then export it
     run += [
-        ("score", "jobs.score", ["--model", str(out / "train"), "--candidates", f"{data}/candidates",
+        ("score", "satrank.jobs.score", ["--model", str(out / "train"), "--candidates", f"{data}/candidates",
                                  "--out", str(out / "score"), "--overwrite"]),
-        ("export", "jobs.export", ["--model", str(out / "train"), "--data", data, "--out", str(out / "export"),
+        ("export", "satrank.jobs.export", ["--model", str(out / "train"), "--data", data, "--out", str(out / "export"),
                                    "--overwrite"]),
     ]
     return run
@@ -63,7 +63,7 @@ def stages(out: Path, nproc: int, common: List[str]) -> List[tuple]:
 def dpo_gate_line(dpo: dict, run: Path) -> str:
     """Whether L_DPO acted: its ramp at the end, and the gate (the satisfaction head's prequential answered-AUC
     against easq.ramp_threshold) that holds it at 0 until the head is good enough to be the reference."""
-    from pipeline.config import load_yaml
+    from satrank.pipeline.config import load_yaml
 
     threshold = load_yaml(run / "checkpoint" / "config.yaml").get("easq", {}).get("ramp_threshold")
     preq = dpo.get("prequential_sat_auc")
@@ -97,8 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if metrics.is_file():
             summary[name] = json.loads(metrics.read_text())
     print("\n[demo] summary\n" + json.dumps(summary, indent=2, default=str))
-    if "train" in summary:  # the stage-2 evaluation table (models.evaluation.METRIC_KEYS, DIR/test + candidates)
-        from jobs.evaluate import format_table
+    if "train" in summary:  # the stage-2 evaluation table (satrank.models.metrics.ranker_eval.METRIC_KEYS, DIR/test + candidates)
+        from satrank.jobs.evaluate import format_table
 
         print("\n[demo] stage-2 evaluation (SAQRec, best validation checkpoint)\n"
               + format_table({"SAQRec": summary["train"]}), flush=True)

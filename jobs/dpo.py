@@ -1,38 +1,38 @@
-"""`jobs.dpo`: stage 3, EASQ online alignment of a trained stage-2 ranker (docs/easq.md, "The online job").
+"""`satrank.jobs.dpo`: stage 3, EASQ online alignment of a trained stage-2 ranker (docs/easq.md, "The online job").
 
-    torchrun --nproc_per_node=N -m jobs.dpo --data DIR --init RUN_MAIN --out RUN [--propensity RUN_P]
+    torchrun --nproc_per_node=N -m satrank.jobs.dpo --data DIR --init RUN_MAIN --out RUN [--propensity RUN_P]
         [--config CFG] [--set k=v] [--follow --max-wait-s S] [--poll-s S] [--checkpoint-every STEPS]
         [--sat-only] [--log-keys]
 
-- Model: RUN_MAIN (a jobs.train run: its checkpoint, config.yaml, teacher.json) rebuilt from its own config,
-  EASQ pathway installed (models.easq_task.EasqTask, `easq:` from --config/--set), weights loaded (DCP, any
+- Model: RUN_MAIN (a satrank.jobs.train run: its checkpoint, config.yaml, teacher.json) rebuilt from its own config,
+  EASQ pathway installed (satrank.models.easq.task.EasqTask, `easq:` from --config/--set), weights loaded (DCP, any
   world size), then sharded. Optimizers per group: fused tables (in backward), `backbone` (backbone dense +
   data-parallel tables, train.dense_optimizer / dpo_train overrides), `lora` (Adam, easq.lr). The backbone
   optimizer is never stepped on an L_sat-only step (behaviour off and DPO weight x ramp = 0) of the isolated
   pathway; with `easq.pathway: shared` (the baseline) L_sat trains the backbone, so it is stepped every step.
 - Stream: the Parquet shards of DIR/train in file-name order (the simulator's names are time-ordered; the
   job checks the timestamp min/max of consecutive files and records `timestamp_ordered`), each shard read
-  once, no shuffle, no epochs; row groups of a shard are split over ranks (pipeline.reader slots).
+  once, no shuffle, no epochs; row groups of a shard are split over ranks (satrank.pipeline.reader slots).
   --follow re-lists DIR/train after the known shards and waits for new ones until --max-wait-s passes without
   one (rank 0 lists and decides, every rank follows; caught up, it checkpoints before it waits unless
   --checkpoint-every is 0).
 - Prequential: the satisfaction head's logits of each batch come from the forward that trains on it
   (before its update): `prequential_sat_auc` on the answered rows of all ranks.
-- rho: with --propensity RUN_P (a jobs.propensity run, checked: exists, job, feature fingerprint), the FROZEN
-  stage-1 propensity model (models.stage1.PropensityModel built from RUN_P's own config.yaml, sharded in a
+- rho: with --propensity RUN_P (a satrank.jobs.propensity run, checked: exists, job, feature fingerprint), the FROZEN
+  stage-1 propensity model (satrank.models.stage1.tasks.PropensityModel built from RUN_P's own config.yaml, sharded in a
   DMP of its own, eval mode, no_grad: its tables stay bit-identical, checked) scores every batch: rho_hat
   gives L_sat's IPS weights 1 / max(rho_hat, easq.clip) and the pair buffer's weights. Without it rho = 1
   (L_sat is the plain BCE on answered rows); the log says so and metrics.json has `propensity: null`.
-- Checkpoints every --checkpoint-every steps and at the end: RUN/checkpoint (jobs.checkpoint: model +
+- Checkpoints every --checkpoint-every steps and at the end: RUN/checkpoint (satrank.jobs.engine.checkpoint: model +
   every optimizer, extra: step, shards done, before-metrics; rank_extra: shard + reader position) and
   RUN/easq_state/step-<S>/rank<r>.pt (pair buffer, EasqLoss ramp, prequential columns, theta_0, keys).
   A run with RUN/checkpoint resumes there (same world size and reader workers).
-- RUN/metrics.json: `before`, `after` (jobs.evaluate.evaluate_all on DIR/test + candidates + leave-one-out,
+- RUN/metrics.json: `before`, `after` (satrank.jobs.evaluate.evaluate_all on DIR/test + candidates + leave-one-out,
   plus `sat_head`: the satisfaction head's AUC on the answered rows of DIR/valid and DIR/test),
   prequential_sat_auc, backbone_drift = ||theta_t - theta_0|| / ||theta_0|| (backbone dense), counts,
   `propensity` (null without --propensity).
-- Serving: RUN/checkpoint carries config.yaml and RUN/teacher.json is copied from RUN_MAIN, so jobs.score
-  and jobs.export take RUN like a jobs.train run (models.serving kind `easq`, adapters folded).
+- Serving: RUN/checkpoint carries config.yaml and RUN/teacher.json is copied from RUN_MAIN, so satrank.jobs.score
+  and satrank.jobs.export take RUN like a satrank.jobs.train run (satrank.models.serving.module kind `easq`, adapters folded).
 """
 from __future__ import annotations
 
@@ -47,26 +47,26 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from jobs import checkpoint as ckpt
-from jobs.cli import build_parser
-from jobs.evaluate import TEACHER_FILE, build_task, checkpoint_config, evaluate_all, run_checkpoint, teacher_from_dict
-from jobs.loop import synced_pairs
-from jobs.runtime import finite_or_none, get_logger, write_json_atomic
-from jobs.stage1_eval import auc_vs_drawn_truth, canonical_order, row_ids
-from jobs.checkpoint import (all_gather_objects, check_checkpoint, load_prefixed, local_tables, propensity_run,
+from satrank.jobs.engine import checkpoint as ckpt
+from satrank.jobs.engine.cli import build_parser
+from satrank.jobs.evaluate import TEACHER_FILE, build_task, checkpoint_config, evaluate_all, run_checkpoint, teacher_from_dict
+from satrank.jobs.engine.loop import synced_pairs
+from satrank.jobs.engine.runtime import finite_or_none, get_logger, write_json_atomic
+from satrank.models.metrics.stage1_eval import auc_vs_drawn_truth, canonical_order, row_ids
+from satrank.jobs.engine.checkpoint import (all_gather_objects, check_checkpoint, load_prefixed, local_tables, propensity_run,
                              tables_changed)
-from jobs.readers import first_batch, stage_train_config
-from jobs.trainer import run_job
-from models.easq import GROUP_LORA
-from models.easq_task import EasqTask, pad_rows, pair_batch
-from models.evaluation import EvaluationConfig
-from models.pair_buffer import PairBuffer
-from models.ranker_task import needs_teacher
-from models.ranking_metrics import auc_or_nan
-from pipeline.errors import DataError
-from pipeline.reader import BatchLoader, list_shards
+from satrank.jobs.engine.readers import first_batch, stage_train_config
+from satrank.jobs.engine.trainer import run_job
+from satrank.models.easq.pathway import GROUP_LORA
+from satrank.models.easq.task import EasqTask, pad_rows, pair_batch
+from satrank.models.metrics.ranker_eval import EvaluationConfig
+from satrank.models.easq.pair_buffer import PairBuffer
+from satrank.models.ranker.task import needs_teacher
+from satrank.models.metrics.ranking import auc_or_nan
+from satrank.pipeline.errors import DataError
+from satrank.pipeline.reader import BatchLoader, list_shards
 
-TRUE_P_SATISFIED = "true_p_satisfied"  # truth column of the simulator (pipeline.simulate)
+TRUE_P_SATISFIED = "true_p_satisfied"  # truth column of the simulator (satrank.pipeline.sim.simulate)
 
 JOB = "dpo"
 STATE = "easq_state"
@@ -76,7 +76,7 @@ log = get_logger("dpo")
 
 def pending_shards(split: Path, done: List[str], follow: bool) -> List[str]:
     """The shards of `split` not consumed yet, in file-name (= time) order. Names starting with '.' or '_' are
-    writes in flight (`pipeline.reader.list_shards`: a producer writes `.part-N.parquet` and renames it). With
+    writes in flight (`satrank.pipeline.reader.list_shards`: a producer writes `.part-N.parquet` and renames it). With
     --follow an empty split is waited on instead of refused."""
     try:
         files = list_shards(str(split))[1]
@@ -115,15 +115,15 @@ def timestamp_ordered(files: List[str]) -> bool:
 
 
 class FrozenPropensity:
-    """The stage-1 propensity model of --propensity RUN_P, FROZEN: models.stage1.PropensityModel built from
+    """The stage-1 propensity model of --propensity RUN_P, FROZEN: satrank.models.stage1.tasks.PropensityModel built from
     RUN_P's config (its `embeddings:` and `propensity:` sections; `data:` is the stream's, fingerprint-checked),
     sharded in a DMP of its own, weights loaded strictly (every key, any world size), always in eval mode and
     called under no_grad, so no optimizer can ever reach it. `rho(batch)` = its `propensity` output (collective:
     every rank calls it every step). Not part of the EASQ checkpoint (a resumed run reloads RUN_P)."""
 
     def __init__(self, run_p: Path, data, rt, seed: int) -> None:
-        from embeddings.sharding import shard_model
-        from models.stage1 import PropensityModel
+        from satrank.embeddings.sharding import shard_model
+        from satrank.models.stage1.tasks import PropensityModel
 
         self.run = str(run_p)
         self.path, pcfg = propensity_run(run_p, data)
@@ -218,7 +218,7 @@ def sat_head_auc(dmp, cfg, uri: Path, rt) -> Dict[str, Any]:
 
 
 def evaluate_run(dmp, cfg, ecfg, data_dir: Path, rt) -> Dict[str, Any]:
-    """jobs.evaluate.evaluate_all (main heads, DIR/test) + the satisfaction head on DIR/valid and DIR/test."""
+    """satrank.jobs.evaluate.evaluate_all (main heads, DIR/test) + the satisfaction head on DIR/valid and DIR/test."""
     out = evaluate_all(dmp, cfg, ecfg, data_dir, rt)
     out["sat_head"] = {split: sat_head_auc(dmp, cfg, data_dir / split, rt) for split in ("valid", "test")}
     return out
@@ -226,11 +226,11 @@ def evaluate_run(dmp, cfg, ecfg, data_dir: Path, rt) -> Dict[str, Any]:
 
 def build(args, cfg_cli, rt):
     """(dmp, EasqTask, run cfg, optimizers) with RUN_MAIN's weights."""
-    from embeddings.sharding import shard_model
-    from embeddings.tables import TABLE_KEY
+    from satrank.embeddings.sharding import shard_model
+    from satrank.embeddings.tables import TABLE_KEY
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
     from torchrec.optim.optimizers import in_backward_optimizer_filter
-    from embeddings.sharding import _dense_factory, _torch_embedding_factory
+    from satrank.embeddings.sharding import _dense_factory, _torch_embedding_factory
 
     path = run_checkpoint(args.init)
     cfg = checkpoint_config(path)
@@ -335,7 +335,7 @@ def run(rt, args, cfg_cli) -> None:
     rcfg = dataclasses.replace(cfg.reader, shuffle=False, drop_last=False)
     args.out.mkdir(parents=True, exist_ok=True)
     tfile = Path(args.init) / TEACHER_FILE
-    if rt.is_main and tfile.is_file():  # jobs.score / jobs.export rebuild g from it, as for a jobs.train run
+    if rt.is_main and tfile.is_file():  # satrank.jobs.score / satrank.jobs.export rebuild g from it, as for a satrank.jobs.train run
         write_json_atomic(args.out / TEACHER_FILE, __import__("json").loads(tfile.read_text()))
     if (args.out / "checkpoint" / "meta.json").is_file():
         theta0, before = restore(args, rt, dmp, combined, module, buf, st, cfg)
@@ -458,9 +458,9 @@ def precheck(args, cfg) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser("satrank dpo", __doc__.split("\n\n")[0])
-    parser.add_argument("--init", type=Path, required=True, help="jobs.train run directory (RUN_MAIN)")
+    parser.add_argument("--init", type=Path, required=True, help="satrank.jobs.train run directory (RUN_MAIN)")
     parser.add_argument("--propensity", type=Path, default=None,
-                        help="jobs.propensity run (RUN_P): rho for L_sat's IPS weights and the pair weights "
+                        help="satrank.jobs.propensity run (RUN_P): rho for L_sat's IPS weights and the pair weights "
                              "(default: rho = 1)")
     parser.add_argument("--follow", action="store_true", help="wait for new shards in DIR/train")
     parser.add_argument("--max-wait-s", type=float, default=None, help="--follow: stop after this long without new data")

@@ -1,15 +1,15 @@
-"""`jobs.evaluate`: score a trained stage-2 ranker on DIR/test, the candidate sets and the leave-one-out lists.
+"""`satrank.jobs.evaluate`: score a trained stage-2 ranker on DIR/test, the candidate sets and the leave-one-out lists.
 
-    torchrun --nproc_per_node=N -m jobs.evaluate --config CFG --data DIR --model RUN --out OUT
+    torchrun --nproc_per_node=N -m satrank.jobs.evaluate --config CFG --data DIR --model RUN --out OUT
 
-RUN is a jobs.train run directory: its checkpoint (RUN/best when kept, else RUN/checkpoint; written
+RUN is a satrank.jobs.train run directory: its checkpoint (RUN/best when kept, else RUN/checkpoint; written
 by any world size, resharded on load) and RUN/teacher.json (how its frozen satisfaction model g was
 built). The model's architecture and features come from the checkpoint's config.yaml, so every
 ablation evaluates as it was trained; --config/--set supply the reader and `evaluate:` settings.
-Writes OUT/metrics.json (models.evaluation.METRIC_KEYS plus row counts and timings; a metric the
+Writes OUT/metrics.json (satrank.models.metrics.ranker_eval.METRIC_KEYS plus row counts and timings; a metric the
 model cannot produce, e.g. watch time without a watch-time head, is null).
 
-The helpers here are shared with jobs.train: building the task from configs, finding g's
+The helpers here are shared with satrank.jobs.train: building the task from configs, finding g's
 satisfaction run and its config, and the rank-synchronised evaluation loops (every DMP forward is collective, so
 the loops pad uneven ranks; padded steps never update a metric).
 """
@@ -24,18 +24,18 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from jobs import checkpoint as ckpt
-from jobs.checkpoint import checkpoint_config  # noqa: F401  (re-exported: serving and tests read run configs here)
-from jobs.cli import build_parser, parse
-from jobs.config import SatrankConfig, load_config
-from jobs.loop import synced_pairs
-from jobs.runtime import Runtime, get_logger, init_runtime, write_json_atomic
-from jobs.readers import first_batch
-from models.evaluation import (METRIC_KEYS, CandidateMetrics, EvaluationConfig, ImpressionMetrics, LooMetrics,
+from satrank.jobs.engine import checkpoint as ckpt
+from satrank.jobs.engine.checkpoint import checkpoint_config  # noqa: F401  (re-exported: serving and tests read run configs here)
+from satrank.jobs.engine.cli import build_parser, parse
+from satrank.jobs.config import SatrankConfig, load_config
+from satrank.jobs.engine.loop import synced_pairs
+from satrank.jobs.engine.runtime import Runtime, get_logger, init_runtime, write_json_atomic
+from satrank.jobs.engine.readers import first_batch
+from satrank.models.metrics.ranker_eval import (METRIC_KEYS, CandidateMetrics, EvaluationConfig, ImpressionMetrics, LooMetrics,
                                build_loo_plan, item_side_columns)
-from models.ranker_task import RankerTask, TeacherSpec, find_task, needs_teacher
-from pipeline import config as cfgio
-from pipeline.reader import BatchLoader
+from satrank.models.ranker.task import RankerTask, TeacherSpec, find_task, needs_teacher
+from satrank.pipeline import config as cfgio
+from satrank.pipeline.reader import BatchLoader
 
 log = get_logger("evaluate")
 TEACHER_FILE = "teacher.json"
@@ -54,9 +54,9 @@ def run_checkpoint(run: str | Path, prefer: Sequence[str] = ("best", "checkpoint
 
 
 def satisfaction_teacher(run_s: str | Path, data) -> Tuple[TeacherSpec, Path]:
-    """(TeacherSpec, checkpoint dir) of a jobs.satisfaction run (RUN_S/best, else RUN_S/checkpoint): g is
-    built from RUN_S's own config; the run must be a jobs.satisfaction run written for these features."""
-    from jobs.checkpoint import check_checkpoint
+    """(TeacherSpec, checkpoint dir) of a satrank.jobs.satisfaction run (RUN_S/best, else RUN_S/checkpoint): g is
+    built from RUN_S's own config; the run must be a satrank.jobs.satisfaction run written for these features."""
+    from satrank.jobs.engine.checkpoint import check_checkpoint
 
     try:
         path = run_checkpoint(run_s)
@@ -76,8 +76,8 @@ def teacher_to_dict(spec: Optional[TeacherSpec], source: Optional[str]) -> Dict[
 
 
 def teacher_from_dict(obj: Dict[str, Any]) -> Optional[TeacherSpec]:
-    from embeddings.config import EmbeddingConfig
-    from models.config import SatisfactionConfig, TowerConfig
+    from satrank.embeddings.config import EmbeddingConfig
+    from satrank.models.stage1.config import SatisfactionConfig, TowerConfig
 
     t = obj.get("teacher")
     if t is None:
@@ -150,7 +150,7 @@ def evaluate_loo(model: nn.Module, cfg: SatrankConfig, ecfg: EvaluationConfig, d
 
 def evaluate_all(model: nn.Module, cfg: SatrankConfig, ecfg: EvaluationConfig, data_dir: Path, runtime: Runtime,
                  split: str = "test") -> Dict[str, Any]:
-    """Every protocol of models.evaluation on DIR/`split`, DIR/candidates and leave-one-out (collective)."""
+    """Every protocol of satrank.models.metrics.ranker_eval on DIR/`split`, DIR/candidates and leave-one-out (collective)."""
     was_training = model.training
     model.eval()
     metrics: Dict[str, Any] = {}
@@ -186,8 +186,8 @@ def format_table(rows: Dict[str, Dict[str, Any]], keys: Sequence[str] = METRIC_K
 
 # ------------------------------------------------------------------------------------------ CLI
 def load_trained(run: Path, runtime: Runtime, cfg_cli: SatrankConfig):
-    """(sharded model, its config) of a jobs.train run, weights loaded from its best/last checkpoint."""
-    from embeddings.sharding import shard_model
+    """(sharded model, its config) of a satrank.jobs.train run, weights loaded from its best/last checkpoint."""
+    from satrank.embeddings.sharding import shard_model
 
     path = run_checkpoint(run)
     cfg = checkpoint_config(path)
@@ -204,8 +204,8 @@ def load_trained(run: Path, runtime: Runtime, cfg_cli: SatrankConfig):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser("jobs.evaluate", __doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="jobs.train run directory (or a checkpoint)")
+    parser = build_parser("satrank.jobs.evaluate", __doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="satrank.jobs.train run directory (or a checkpoint)")
     parser.add_argument("--split", default="test",
                         help="labelled split of the impression metrics and the leave-one-out ground truths")
     args, cfg_cli = parse(parser, argv)

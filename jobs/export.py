@@ -1,13 +1,13 @@
-"""`jobs.export`: a self-contained serving artifact of a trained model (TorchScript + manifest).
+"""`satrank.jobs.export`: a self-contained serving artifact of a trained model (TorchScript + manifest).
 
-    python -m jobs.export --model RUN --out EXPORT_DIR [--data DIR] [--config CFG]
+    python -m satrank.jobs.export --model RUN --out EXPORT_DIR [--data DIR] [--config CFG]
         [--set export.int8=true] [--set score.fusion.w_sat=2.0] [--kind ...] [--overwrite]
 
 EXPORT_DIR (published atomically: built in a temp directory beside it, then renamed):
-  model.pt        torch.jit.trace of models.serving.ServingModule: the unsharded model (from a DCP
-                  checkpoint of any world size, LoRA merged; a jobs.dpo run serves its main heads with
+  model.pt        torch.jit.trace of satrank.models.serving.module.ServingModule: the unsharded model (from a DCP
+                  checkpoint of any world size, LoRA merged; a satrank.jobs.dpo run serves its main heads with
                   the EASQ adapters folded in) with plain-tensor table lookups, the fusion
-                  of models.fusion baked in. forward(values int64, lengths int32, dense float32) ->
+                  of satrank.models.common.fusion baked in. forward(values int64, lengths int32, dense float32) ->
                   (p_click, p_satisfied, watch_time_pred, score); loads with torch alone (no TorchRec,
                   FBGEMM or project code), batch size free.
   model_int8.pt   (export.int8) the same with every table in FBGEMM's fused 8-bit rowwise format
@@ -23,7 +23,7 @@ EXPORT_DIR (published atomically: built in a temp directory beside it, then rena
 
 The export refuses to publish when the traced fp32 module differs from the eager model by more than
 `export.check_atol` on real candidate rows (DIR/candidates with --data) or on synthetic rows.
-jobs.serve_check verifies an artifact in a fresh process without any project code.
+satrank.jobs.serve_check verifies an artifact in a fresh process without any project code.
 """
 from __future__ import annotations
 
@@ -40,18 +40,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from jobs.runtime import get_logger, init_runtime
-from jobs.score import KNOWN_ERRORS, LoadedModel, load_model, one_line
-from jobs.serve_config import ExportConfig, ServeConfig, load_serve_config
-from models.fusion import FORMULA, effective_weights
-from models.serving import KINDS, OUTPUTS, ModelScorer, ServingModule, example_inputs, trace
-from pipeline import config as cfgio
-from pipeline.batch import Batch
-from pipeline.config import ConfigError
-from pipeline.errors import DataError
-from pipeline.features import DataConfig
-from pipeline.reader import BatchLoader, list_shards
-from pipeline.reader_config import ReaderConfig
+from satrank.jobs.engine.runtime import get_logger, init_runtime
+from satrank.jobs.score import KNOWN_ERRORS, LoadedModel, load_model, one_line
+from satrank.jobs.config.serve import ExportConfig, ServeConfig, load_serve_config
+from satrank.models.common.fusion import FORMULA, effective_weights
+from satrank.models.serving.module import KINDS, OUTPUTS, ModelScorer, ServingModule, example_inputs, trace
+from satrank.pipeline import config as cfgio
+from satrank.pipeline.batch import Batch
+from satrank.pipeline.config import ConfigError
+from satrank.pipeline.errors import DataError
+from satrank.pipeline.features import DataConfig
+from satrank.pipeline.reader import BatchLoader, list_shards
+from satrank.pipeline.reader_config import ReaderConfig
 
 FORMAT = "satrank-serving/1"
 MODEL_FILE, INT8_FILE, MANIFEST, SUMS = "model.pt", "model_int8.pt", "manifest.json", "SHA256SUMS"
@@ -67,7 +67,7 @@ def sha256_bytes_of(path: Path) -> Tuple[str, int]:
 
 
 def feature_schema(data: DataConfig) -> Dict[str, Any]:
-    """What a client must send, in the order the module expects (see models.serving.ServingModule)."""
+    """What a client must send, in the order the module expects (see satrank.models.serving.module.ServingModule)."""
     return {
         "keys": data.sparse_names,
         "sparse": [{"name": f.name, "column": f.column, "vocab_size": f.vocab_size, "out_of_range": f.out_of_range,
@@ -153,7 +153,7 @@ def check_traced(traced, loaded: LoadedModel, serve: ServeConfig, data_dir: Opti
 @torch.no_grad()
 def int8_auc(fp32, int8, loaded: LoadedModel, cfg: ExportConfig, data_dir: Path) -> Dict[str, Any]:
     """Click AUC (and satisfaction AUC on answered rows) of both artifacts on a held-out sample."""
-    from models.ranking_metrics import auc
+    from satrank.models.metrics.ranking import auc
 
     split = data_dir / cfg.eval_split
     if not split.exists():
@@ -305,11 +305,11 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from jobs.cli import build_parser
+    from satrank.jobs.engine.cli import build_parser
 
     parser = build_parser("satrank export", __doc__.split("\n\n")[0], data=True, data_required=False, out=True)
     parser.add_argument("--model", type=Path, required=True,
-                        help="jobs.train or jobs.dpo run directory, or a checkpoint directory")
+                        help="satrank.jobs.train or satrank.jobs.dpo run directory, or a checkpoint directory")
     parser.add_argument("--kind", choices=list(KINDS), default=None,
                         help="model task (default: recognised from the checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -1,13 +1,13 @@
-"""`jobs.pretrain`: the click model (base ranker) of SAQRec Algorithm 1, whose embedding tables (and towers)
+"""`satrank.jobs.pretrain`: the click model (base ranker) of SAQRec Algorithm 1, whose embedding tables (and towers)
 initialise the satisfaction model (sec. 4.2.2); logit = <u, v> + b, BCE on clicks (eq. 15).
 
-    torchrun --nproc_per_node=N -m jobs.pretrain --data DIR --out RUN [--config CFG] [--set k=v ...]
+    torchrun --nproc_per_node=N -m satrank.jobs.pretrain --data DIR --out RUN [--config CFG] [--set k=v ...]
         [--resume RUN_OLD]
 
 Trains on DIR/train, evaluates on DIR/valid (click AUC, log loss, ECE; log loss against true_p_click where
 the data has it) and writes RUN/checkpoint (reshardable DCP + config + sharding plan + reader positions),
 RUN/best, RUN/metrics.json and RUN/metrics.jsonl. Settings: `pretrain:` (model) and `train:` with the
-`pretrain_train:` overrides (loop). --resume continues a jobs.pretrain checkpoint at any world size.
+`pretrain_train:` overrides (loop). --resume continues a satrank.jobs.pretrain checkpoint at any world size.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from typing import List, Optional
 
 import torch
 
-from jobs.cli import build_parser
-from jobs.stage1_eval import BinaryEvaluator
-from jobs.readers import eval_reader, stage_train_config, train_reader
-from jobs.trainer import Trainer, run_job
-from models.stage1 import ClickModel
-from pipeline.reader import BatchLoader
+from satrank.jobs.engine.cli import build_parser
+from satrank.models.metrics.stage1_eval import BinaryEvaluator
+from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
+from satrank.jobs.engine.trainer import Trainer, run_job
+from satrank.models.stage1.tasks import ClickModel
+from satrank.pipeline.reader import BatchLoader
 
 STAGE = "pretrain"
 
@@ -48,7 +48,7 @@ def run(rt, args, cfg) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser("satrank pretrain", __doc__.split("\n\n")[0])
     parser.add_argument("--resume", type=Path, default=None,
-                        help="continue this jobs.pretrain run (RUN or RUN/checkpoint)")
+                        help="continue this satrank.jobs.pretrain run (RUN or RUN/checkpoint)")
     return run_job(parser, argv, run, stage=STAGE)
 
 

@@ -1,7 +1,7 @@
-"""`jobs.propensity`: the propensity model rho(u, i) = P(questionnaire answered) of SAQRec (eq. 5, Algorithm 1
+"""`satrank.jobs.propensity`: the propensity model rho(u, i) = P(questionnaire answered) of SAQRec (eq. 5, Algorithm 1
 lines 2-4), trained with BCE on `questionnaire_answered` over ALL impressions.
 
-    torchrun --nproc_per_node=N -m jobs.propensity --data DIR --out RUN [--config CFG] [--set k=v ...]
+    torchrun --nproc_per_node=N -m satrank.jobs.propensity --data DIR --out RUN [--config CFG] [--set k=v ...]
         [--resume RUN_OLD]
 
 RUN/metrics.json on DIR/valid: `auc`, `logloss`, `ece`, `reliability` (equal-width bins: count, mean
@@ -17,12 +17,12 @@ from typing import List, Optional
 
 import torch
 
-from jobs.cli import build_parser
-from jobs.stage1_eval import BinaryEvaluator
-from jobs.readers import eval_reader, stage_train_config, train_reader
-from jobs.trainer import Trainer, run_job
-from models.stage1 import PropensityModel
-from pipeline.reader import BatchLoader
+from satrank.jobs.engine.cli import build_parser
+from satrank.models.metrics.stage1_eval import BinaryEvaluator
+from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
+from satrank.jobs.engine.trainer import Trainer, run_job
+from satrank.models.stage1.tasks import PropensityModel
+from satrank.pipeline.reader import BatchLoader
 
 STAGE = "propensity"
 
@@ -46,7 +46,7 @@ def run(rt, args, cfg) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser("satrank propensity", __doc__.split("\n\n")[0])
-    parser.add_argument("--resume", type=Path, default=None, help="continue this jobs.propensity run")
+    parser.add_argument("--resume", type=Path, default=None, help="continue this satrank.jobs.propensity run")
     return run_job(parser, argv, run, stage=STAGE)
 
 

@@ -1,13 +1,13 @@
-"""`jobs.satisfaction`: the satisfaction model g(u, i) of SAQRec (eqs. 1, 6; Algorithm 1 lines 5-7) on the
+"""`satrank.jobs.satisfaction`: the satisfaction model g(u, i) of SAQRec (eqs. 1, 6; Algorithm 1 lines 5-7) on the
 click model's FROZEN embedding tables, trained on questionnaire answers with the loss `satisfaction.loss`
 (naive eq. 3 | ips eq. 6 | snips | dr); rho comes from a frozen copy of the propensity model.
 
-    torchrun --nproc_per_node=N -m jobs.satisfaction --data DIR --init RUN_BASE [--propensity RUN_P] --out RUN
+    torchrun --nproc_per_node=N -m satrank.jobs.satisfaction --data DIR --init RUN_BASE [--propensity RUN_P] --out RUN
         [--config CFG] [--set k=v ...] [--resume RUN_OLD]
 
---init: a jobs.pretrain run; its tables (and, with satisfaction.init_tower_from_pretrain, its towers) are
+--init: a satrank.jobs.pretrain run; its tables (and, with satisfaction.init_tower_from_pretrain, its towers) are
 loaded into the sharded model and stay bit-identical (checked: `frozen_tables_changed`). --propensity: a
-jobs.propensity run loaded into the `propensity.` submodule (needed by ips / snips / dr, ignored by naive).
+satrank.jobs.propensity run loaded into the `propensity.` submodule (needed by ips / snips / dr, ignored by naive).
 Both are DCP checkpoints loaded at any world size; a missing path, a directory that is no checkpoint, a
 run of another job or one written for another feature config (fingerprint) is a one-line error.
 
@@ -26,15 +26,15 @@ from typing import List, Optional
 
 import torch
 
-from jobs.cli import build_parser
-from jobs.runtime import get_logger
-from jobs.stage1_eval import SatisfactionEvaluator
-from jobs.readers import eval_reader, stage_train_config, train_reader
-from jobs.trainer import Trainer, run_job
-from jobs.checkpoint import check_checkpoint, checkpoint_config, local_tables, propensity_run, resolve, tables_changed
-from models.stage1 import SatisfactionModel
-from pipeline.config import ConfigError
-from pipeline.reader import BatchLoader
+from satrank.jobs.engine.cli import build_parser
+from satrank.jobs.engine.runtime import get_logger
+from satrank.models.metrics.stage1_eval import SatisfactionEvaluator
+from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
+from satrank.jobs.engine.trainer import Trainer, run_job
+from satrank.jobs.engine.checkpoint import check_checkpoint, checkpoint_config, local_tables, propensity_run, resolve, tables_changed
+from satrank.models.stage1.tasks import SatisfactionModel
+from satrank.pipeline.config import ConfigError
+from satrank.pipeline.reader import BatchLoader
 
 STAGE = "satisfaction"
 logger = get_logger("satisfaction")
@@ -50,11 +50,11 @@ def precheck(args, cfg) -> None:
         check_checkpoint(args.resume, cfg.data, cfg.embeddings, what="--resume", expect_job=STAGE)
         return
     if args.init is None:
-        raise ConfigError("--init RUN_BASE (a jobs.pretrain run) is required unless --resume is given")
+        raise ConfigError("--init RUN_BASE (a satrank.jobs.pretrain run) is required unless --resume is given")
     check_checkpoint(args.init, cfg.data, cfg.embeddings, what="--init", expect_job="pretrain")
     if _needs_propensity(cfg):
         if args.propensity is None:
-            raise ConfigError(f"--propensity RUN_P (a jobs.propensity run) is required for satisfaction.loss="
+            raise ConfigError(f"--propensity RUN_P (a satrank.jobs.propensity run) is required for satisfaction.loss="
                               f"{cfg.satisfaction.loss}")
         check_checkpoint(args.propensity, cfg.data, cfg.embeddings, what="--propensity", expect_job="propensity")
 
@@ -113,9 +113,9 @@ def run(rt, args, cfg) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser("satrank satisfaction", __doc__.split("\n\n")[0])
     parser.add_argument("--init", type=Path, default=None,
-                        help="jobs.pretrain run whose tables (frozen) and towers start g")
-    parser.add_argument("--propensity", type=Path, default=None, help="jobs.propensity run (ips / snips / dr)")
-    parser.add_argument("--resume", type=Path, default=None, help="continue this jobs.satisfaction run")
+                        help="satrank.jobs.pretrain run whose tables (frozen) and towers start g")
+    parser.add_argument("--propensity", type=Path, default=None, help="satrank.jobs.propensity run (ips / snips / dr)")
+    parser.add_argument("--resume", type=Path, default=None, help="continue this satrank.jobs.satisfaction run")
     return run_job(parser, argv, run, stage=STAGE, precheck=precheck)
 
 

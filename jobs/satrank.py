@@ -10,18 +10,18 @@ import sys
 from typing import List, Optional
 
 COMMANDS = {
-    "simulate": ("pipeline.simulate", "generate the simulated short-video world (Parquet shards)"),
-    "check-data": ("jobs.check_data", "read shards through the reader; report rows read/rejected"),
-    "pretrain": ("jobs.pretrain", "stage 1: click model whose tables initialise the satisfaction model"),
-    "propensity": ("jobs.propensity", "stage 1: rho(u,i) = P(questionnaire answered), eq. 5"),
-    "satisfaction": ("jobs.satisfaction", "stage 1: IPS satisfaction model g(u,i), eq. 6"),
-    "train": ("jobs.train", "stage 2: the SAQRec multi-task ranker"),
-    "evaluate": ("jobs.evaluate", "offline evaluation of a ranker run"),
-    "dpo": ("jobs.dpo", "stage 3: EASQ LoRA pathway + online DPO"),
-    "score": ("jobs.score", "batch-score Parquet candidate sets"),
-    "export": ("jobs.export", "export a checkpoint as a serving artifact"),
-    "serve-check": ("jobs.serve_check", "load an artifact without project code and score candidates"),
-    "demo": ("jobs.demo", "run the whole pipeline end to end on the embedded default"),
+    "simulate": ("satrank.pipeline.sim.simulate", "generate the simulated short-video world (Parquet shards)"),
+    "check-data": ("satrank.jobs.check_data", "read shards through the reader; report rows read/rejected"),
+    "pretrain": ("satrank.jobs.pretrain", "stage 1: click model whose tables initialise the satisfaction model"),
+    "propensity": ("satrank.jobs.propensity", "stage 1: rho(u,i) = P(questionnaire answered), eq. 5"),
+    "satisfaction": ("satrank.jobs.satisfaction", "stage 1: IPS satisfaction model g(u,i), eq. 6"),
+    "train": ("satrank.jobs.train", "stage 2: the SAQRec multi-task ranker"),
+    "evaluate": ("satrank.jobs.evaluate", "offline evaluation of a ranker run"),
+    "dpo": ("satrank.jobs.dpo", "stage 3: EASQ LoRA pathway + online DPO"),
+    "score": ("satrank.jobs.score", "batch-score Parquet candidate sets"),
+    "export": ("satrank.jobs.export", "export a checkpoint as a serving artifact"),
+    "serve-check": ("satrank.jobs.serve_check", "load an artifact without project code and score candidates"),
+    "demo": ("satrank.jobs.demo", "run the whole pipeline end to end on the embedded default"),
 }
 
 

@@ -1,18 +1,18 @@
-"""`jobs.score`: batch-score candidate sets with a trained model; one scored Parquet shard per input shard.
+"""`satrank.jobs.score`: batch-score candidate sets with a trained model; one scored Parquet shard per input shard.
 
-    torchrun --nproc_per_node=N -m jobs.score --model RUN --candidates DIR --out OUT_DIR
+    torchrun --nproc_per_node=N -m satrank.jobs.score --model RUN --candidates DIR --out OUT_DIR
         [--config CFG] [--set score.key=value ...] [--kind ranker|easq|click|satisfaction] [--overwrite]
 
 Why this shape: candidate sets are many Parquet shards and a request never spans shards, so whole
 shards go to ranks (shard i -> rank i % N): every output shard maps to one input shard, ranks need no
-collective per batch, and a killed run resumes shard by shard (pipeline.score_writer).
+collective per batch, and a killed run resumes shard by shard (satrank.pipeline.score_writer).
 
-- Model: RUN is a jobs.train run (RUN/best, else RUN/checkpoint; RUN/teacher.json for g), a jobs.dpo run
-  (EASQ: the main heads serve, the adapters folded in, models.easq_task.EasqTask.serving_task) or any
-  checkpoint directory of jobs.checkpoint (stage-1 click / satisfaction models too); the task is
-  recognised from its parameter names. Each rank loads it UNSHARDED (models.serving.build_model +
-  jobs.checkpoint.load_checkpoint: DCP reshards whatever world size wrote it; LoRA adapters merged)
-  and scores with the model's own eval forward (no labels, loss None), fused by models.fusion.
+- Model: RUN is a satrank.jobs.train run (RUN/best, else RUN/checkpoint; RUN/teacher.json for g), a satrank.jobs.dpo run
+  (EASQ: the main heads serve, the adapters folded in, satrank.models.easq.task.EasqTask.serving_task) or any
+  checkpoint directory of satrank.jobs.engine.checkpoint (stage-1 click / satisfaction models too); the task is
+  recognised from its parameter names. Each rank loads it UNSHARDED (satrank.models.serving.module.build_model +
+  satrank.jobs.engine.checkpoint.load_checkpoint: DCP reshards whatever world size wrote it; LoRA adapters merged)
+  and scores with the model's own eval forward (no labels, loss None), fused by satrank.models.common.fusion.
 - Output OUT_DIR/part-XXXXX.parquet (XXXXX = index of the input shard in sorted order): request_id,
   user_id, item_id, p_click, p_satisfied, watch_time_pred, score, rank (1 = best score within the
   request; ties to the earlier row), rows ordered by (request_id, rank); a head the model lacks is
@@ -41,18 +41,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from jobs import checkpoint as ckpt
-from jobs.runtime import Runtime, get_logger, init_runtime
-from jobs.serve_config import ScoreConfig, ServeConfig, load_serve_config
-from models.fusion import FORMULA, effective_weights
-from models.serving import KINDS, ModelScorer, Scorer, build_model, detect_kind, merge_lora
-from pipeline.config import ConfigError
-from pipeline.convert import Converter
-from pipeline.errors import DataError
-from pipeline.features import DataConfig
-from pipeline.reader import BatchLoader, list_shards
-from pipeline.reader_config import ReaderConfig
-from pipeline.score_writer import (ID_COLUMNS, VALUE_COLUMNS, ScoreOutputError, ScoreWriter, output_name,
+from satrank.jobs.engine import checkpoint as ckpt
+from satrank.jobs.engine.runtime import Runtime, get_logger, init_runtime
+from satrank.jobs.config.serve import ScoreConfig, ServeConfig, load_serve_config
+from satrank.models.common.fusion import FORMULA, effective_weights
+from satrank.models.serving.module import KINDS, ModelScorer, Scorer, build_model, detect_kind, merge_lora
+from satrank.pipeline.config import ConfigError
+from satrank.pipeline.convert import Converter
+from satrank.pipeline.errors import DataError
+from satrank.pipeline.features import DataConfig
+from satrank.pipeline.reader import BatchLoader, list_shards
+from satrank.pipeline.reader_config import ReaderConfig
+from satrank.pipeline.score_writer import (ID_COLUMNS, VALUE_COLUMNS, ScoreOutputError, ScoreWriter, output_name,
                                    request_ids_spanning, scores_table, sha256_file)
 
 log = get_logger("score")
@@ -64,7 +64,7 @@ KNOWN_ERRORS = (DataError, ckpt.CheckpointError, ConfigError, ScoreOutputError)
 class LoadedModel:
     model: nn.Module  # unsharded, materialised, eval mode, LoRA merged
     kind: str
-    cfg: Any  # jobs.config.SatrankConfig of the run (the checkpoint's config.yaml)
+    cfg: Any  # satrank.jobs.config.SatrankConfig of the run (the checkpoint's config.yaml)
     meta: Dict[str, Any]  # the checkpoint's meta.json
     path: Path  # checkpoint directory
     run_dir: Path
@@ -83,8 +83,8 @@ def checkpoint_model_keys(path: Path) -> List[str]:
 def load_model(model_path: str | Path, kind: Optional[str] = None) -> LoadedModel:
     """The model of a run directory or checkpoint, unsharded on CPU; CheckpointError naming the problem
     when the path is not a checkpoint or the rebuilt model does not match it."""
-    from jobs.evaluate import TEACHER_FILE, checkpoint_config, run_checkpoint, teacher_from_dict
-    from models.ranker_task import needs_teacher
+    from satrank.jobs.evaluate import TEACHER_FILE, checkpoint_config, run_checkpoint, teacher_from_dict
+    from satrank.models.ranker.task import needs_teacher
 
     path = run_checkpoint(model_path)
     meta = ckpt.read_meta(path)
@@ -100,7 +100,7 @@ def load_model(model_path: str | Path, kind: Optional[str] = None) -> LoadedMode
         tfile = next((p for p in (run_dir / TEACHER_FILE, path / TEACHER_FILE) if p.is_file()), None)
         if tfile is None:
             raise ckpt.CheckpointError(f"{model_path}: the ranker needs its satisfaction model g but "
-                                       f"{run_dir / TEACHER_FILE} (written by jobs.train) is missing")
+                                       f"{run_dir / TEACHER_FILE} (written by satrank.jobs.train) is missing")
         teacher = teacher_from_dict(json.loads(tfile.read_text()))
     torch.manual_seed(0)
     model = build_model(kind, cfg, teacher)
@@ -111,7 +111,7 @@ def load_model(model_path: str | Path, kind: Optional[str] = None) -> LoadedMode
             f"{path}: the checkpoint holds {len(unknown)} tensor(s) the rebuilt {kind} model lacks, e.g. "
             f"{unknown[:5]} (a different model class, or adapters this job does not know how to rebuild)")
     ckpt.load_checkpoint(path, model)
-    if kind == "easq":  # a jobs.dpo run: serve the main heads with the EASQ adapters folded in
+    if kind == "easq":  # a satrank.jobs.dpo run: serve the main heads with the EASQ adapters folded in
         easq_cfg = model.easq_cfg
         model = model.serving_task()
         lora = {**merge_lora(model), "easq": {"pathway": easq_cfg.pathway, "targets": list(easq_cfg.targets),
@@ -296,11 +296,11 @@ def one_line(exc: BaseException) -> str:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    from jobs.cli import build_parser
+    from satrank.jobs.engine.cli import build_parser
 
     parser = build_parser("satrank score", __doc__.split("\n\n")[0], data=False, out=True)
     parser.add_argument("--model", type=Path, required=True,
-                        help="jobs.train or jobs.dpo run directory, or a checkpoint directory")
+                        help="satrank.jobs.train or satrank.jobs.dpo run directory, or a checkpoint directory")
     parser.add_argument("--candidates", type=Path, required=True, help="candidate Parquet shards (a directory or one file)")
     parser.add_argument("--kind", choices=list(KINDS), default=None,
                         help="model task (default: recognised from the checkpoint)")
@@ -318,7 +318,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         serve = load_serve_config(args.config, args.overrides)
         if not args.candidates.exists():
             raise DataError(f"--candidates {str(args.candidates)!r}: no such file or directory")
-        from jobs.evaluate import run_checkpoint
+        from satrank.jobs.evaluate import run_checkpoint
 
         run_checkpoint(args.model)  # fail fast (before any process group) when it is not a checkpoint
     except KNOWN_ERRORS as exc:

@@ -1,6 +1,6 @@
-"""`jobs.serve_check`: verify a serving artifact (jobs.export) the way a serving host would use it.
+"""`satrank.jobs.serve_check`: verify a serving artifact (satrank.jobs.export) the way a serving host would use it.
 
-    python -m jobs.serve_check EXPORT_DIR CANDIDATES [--compare SCORED_DIR] [--model-file model_int8.pt]
+    python -m satrank.jobs.serve_check EXPORT_DIR CANDIDATES [--compare SCORED_DIR] [--model-file model_int8.pt]
         [--batch-size 4096] [--atol 1e-5]
 
 Why a separate, dependency-free check: the artifact must be usable without this project. This module
@@ -14,7 +14,7 @@ Parquet file or a directory of them) is converted by the manifest's feature sche
 with integer / list<integer> / numeric types, ids are checked and mapped by each feature's
 out_of_range policy (error: refused; hash: mod vocab_size; oov: the extra row vocab_size), sequences
 keep their last max_len ids, dense transforms are applied; (4) rows are scored in batches and ranked
-within their request; (5) with --compare, the scores must match the batch scorer's output (jobs.score)
+within their request; (5) with --compare, the scores must match the batch scorer's output (satrank.jobs.score)
 row by row on (request_id, item_id) within --atol.
 Prints one JSON report on stdout. Exit 0 = ok, 1 = scores differ, 2 = bad artifact or bad input.
 """
@@ -56,9 +56,9 @@ def verify_artifact(export_dir: str | Path) -> Dict[str, Any]:
     root = Path(export_dir)
     sums_file = root / "SHA256SUMS"
     if not root.is_dir():
-        raise ServeCheckError(f"{root}: not a directory (expected an artifact written by jobs.export)")
+        raise ServeCheckError(f"{root}: not a directory (expected an artifact written by satrank.jobs.export)")
     if not sums_file.is_file():
-        raise ServeCheckError(f"{root}: no SHA256SUMS; not an artifact written by jobs.export")
+        raise ServeCheckError(f"{root}: no SHA256SUMS; not an artifact written by satrank.jobs.export")
     sums: Dict[str, str] = {}
     for n, line in enumerate(sums_file.read_text().splitlines(), 1):
         digest, sep, name = line.partition("  ")
@@ -213,7 +213,7 @@ class Features:
 
 # ------------------------------------------------------------------------------------------ scoring
 def rank_within_requests(request_id: np.ndarray, score: np.ndarray) -> np.ndarray:
-    """1 = highest score of its request; ties go to the earlier row (same rule as jobs.score)."""
+    """1 = highest score of its request; ties go to the earlier row (same rule as satrank.jobs.score)."""
     n = request_id.size
     order = np.lexsort((np.arange(n), -score.astype(np.float64), request_id))
     rid = request_id[order]
@@ -320,9 +320,9 @@ def check(export_dir: str | Path, candidates: str | Path, scored: Optional[str |
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="satrank serve_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("export_dir", help="artifact directory written by jobs.export")
+    parser.add_argument("export_dir", help="artifact directory written by satrank.jobs.export")
     parser.add_argument("candidates", help="candidate Parquet file or directory")
-    parser.add_argument("--compare", default=None, metavar="SCORED_DIR", help="jobs.score output to compare with")
+    parser.add_argument("--compare", default=None, metavar="SCORED_DIR", help="satrank.jobs.score output to compare with")
     parser.add_argument("--model-file", default=None, help="artifact file to load (default: manifest model_file)")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--atol", type=float, default=1e-5, help="max |difference| allowed per output")

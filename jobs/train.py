@@ -1,27 +1,27 @@
-"""`jobs.train`: the stage-2 ranker of SAQRec (Algorithm 1 lines 8-10), or one of its ablations / the
+"""`satrank.jobs.train`: the stage-2 ranker of SAQRec (Algorithm 1 lines 8-10), or one of its ablations / the
 click-only baseline, trained with a frozen stage-1 satisfaction model g; then evaluated on DIR/test,
-the candidate sets and the leave-one-out lists (jobs.evaluate's logic).
+the candidate sets and the leave-one-out lists (satrank.jobs.evaluate's logic).
 
-    torchrun --nproc_per_node=N -m jobs.train --data DIR --satisfaction RUN_S --out RUN
+    torchrun --nproc_per_node=N -m satrank.jobs.train --data DIR --satisfaction RUN_S --out RUN
         [--config CFG] [--set k=v ...] [--resume RUN_OLD]
 
-- Model: models.ranker_task.RankerTask from `model:` / `loss:` (ablations: --set model.sid=false,
+- Model: satrank.models.ranker.task.RankerTask from `model:` / `loss:` (ablations: --set model.sid=false,
   model.mlse=false, model.mtl=false, model.variant=click_only). g is built from RUN_S's own config
   (pretrain.tower, satisfaction, embeddings) and its tables + tower + head are loaded from RUN_S's
-  best checkpoint (jobs.checkpoint.load_prefixed: resharded, fingerprint-checked, must be a
-  jobs.satisfaction run). "Without unbiased pre-training" = pass a RUN_S trained with
+  best checkpoint (satrank.jobs.engine.checkpoint.load_prefixed: resharded, fingerprint-checked, must be a
+  satrank.jobs.satisfaction run). "Without unbiased pre-training" = pass a RUN_S trained with
   --set satisfaction.loss=naive. With mlse and mtl both off g is neither needed nor loaded and
   --satisfaction may be omitted.
-- Loop: jobs.trainer.Trainer (TrainPipelineSparseDist, uneven ranks padded, evaluation on DIR/valid
+- Loop: satrank.jobs.engine.trainer.Trainer (TrainPipelineSparseDist, uneven ranks padded, evaluation on DIR/valid
   every `eval_every` epochs, early stopping on `monitor`, RUN/checkpoint + RUN/best, --resume at
   any world size); settings `train:` with the `ranker_train:` overrides. Around every training
   epoch the task learns its epoch (L_S vs L_S^mix, eq. 18) and afterwards fits the label-correction
   Beta mixture on that epoch's losses (collective); the fit travels in the checkpoints.
-- Validation (models.evaluation.RankerEvaluator): loss (total), loss_click, loss_satisfaction
+- Validation (satrank.models.metrics.ranker_eval.RankerEvaluator): loss (total), loss_click, loss_satisfaction
   (eq. 16), loss_watch_time, click_auc, click_gauc, sat_auc_answered, watch_time_mae/xauc.
 - At the end the weights the trainer ends with (RUN/best's with train.restore_best, else the last) are
   evaluated: RUN/metrics.json
-  holds models.evaluation.METRIC_KEYS at the top level, plus `valid` (last validation), `fit`
+  holds satrank.models.metrics.ranker_eval.METRIC_KEYS at the top level, plus `valid` (last validation), `fit`
   (schedule, per-epoch records), `label_correction` (per-epoch fits) and timings.
 """
 from __future__ import annotations
@@ -31,16 +31,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from jobs.checkpoint import CheckpointError, load_prefixed
-from jobs.cli import build_parser
-from jobs.evaluate import (TEACHER_FILE, build_task, evaluate_all, format_table, satisfaction_teacher,
+from satrank.jobs.engine.checkpoint import CheckpointError, load_prefixed
+from satrank.jobs.engine.cli import build_parser
+from satrank.jobs.evaluate import (TEACHER_FILE, build_task, evaluate_all, format_table, satisfaction_teacher,
                            teacher_to_dict)
-from jobs.readers import eval_reader, stage_train_config, train_reader
-from jobs.runtime import finite_or_none, get_logger, write_json_atomic
-from jobs.trainer import Trainer, run_job
-from models.evaluation import EvaluationConfig, RankerEvaluator
-from models.ranker_task import find_task, needs_teacher
-from pipeline.reader import BatchLoader
+from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
+from satrank.jobs.engine.runtime import finite_or_none, get_logger, write_json_atomic
+from satrank.jobs.engine.trainer import Trainer, run_job
+from satrank.models.metrics.ranker_eval import EvaluationConfig, RankerEvaluator
+from satrank.models.ranker.task import find_task, needs_teacher
+from satrank.pipeline.reader import BatchLoader
 
 STAGE = "ranker"  # config section ranker_train:
 JOB = "train"
@@ -124,8 +124,8 @@ def run(rt, args, cfg) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser("satrank train", __doc__.split("\n\n")[0])
     parser.add_argument("--satisfaction", type=Path, default=None,
-                        help="jobs.satisfaction run directory (RUN_S) holding the frozen satisfaction model g")
-    parser.add_argument("--resume", type=Path, default=None, help="continue this jobs.train run")
+                        help="satrank.jobs.satisfaction run directory (RUN_S) holding the frozen satisfaction model g")
+    parser.add_argument("--resume", type=Path, default=None, help="continue this satrank.jobs.train run")
     return run_job(parser, argv, run, stage=STAGE, precheck=precheck)
 
 

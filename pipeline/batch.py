@@ -31,7 +31,7 @@ class Batch(Pipelineable):
     ids:    int64 [B] raw `user_id`, `item_id`, `timestamp`, `request_id` (those present), for
         joins, grouping and exactly-once accounting; never model inputs.
     truth:  float32 [B] per `true_*` column (evaluation only).
-    position: reader position after this batch (plain data, see pipeline.reader); not a tensor.
+    position: reader position after this batch (plain data, see satrank.pipeline.reader); not a tensor.
     """
 
     sparse: KeyedJaggedTensor

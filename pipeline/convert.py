@@ -25,9 +25,9 @@ import pyarrow.compute as pc
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipeline.batch import LABEL_NAMES, Batch
-from pipeline.errors import DataError
-from pipeline.features import DataConfig
+from satrank.pipeline.batch import LABEL_NAMES, Batch
+from satrank.pipeline.errors import DataError
+from satrank.pipeline.features import DataConfig
 
 KEEP, FILTERED = 0, 1  # reason codes; 2 + i is Converter.reasons[i]
 

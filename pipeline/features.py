@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional
 
-from pipeline.config import ConfigError
+from satrank.pipeline.config import ConfigError
 
 OutOfRangePolicy = Literal["error", "hash", "oov"]
 

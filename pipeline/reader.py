@@ -32,12 +32,12 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.batch import Batch
-from pipeline.convert import KEEP, Converter, Parts, empty_batch, gather, new_stats
-from pipeline.errors import DataError
-from pipeline.features import DataConfig
-from pipeline.reader_config import ReaderConfig
-from pipeline.transport import POOL_KEEP, BufferPool, Packet
+from satrank.pipeline.batch import Batch
+from satrank.pipeline.convert import KEEP, Converter, Parts, empty_batch, gather, new_stats
+from satrank.pipeline.errors import DataError
+from satrank.pipeline.features import DataConfig
+from satrank.pipeline.reader_config import ReaderConfig
+from satrank.pipeline.transport import POOL_KEEP, BufferPool, Packet
 
 STATE_FORMAT = "satrank.reader.v1"
 _HISTORY = 256  # position updates remembered for state_dict(unconsumed=...)
@@ -296,7 +296,7 @@ def _worker_context():
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "pyarrow.parquet", "pipeline.reader"])
+    ctx.set_forkserver_preload(["torch", "pyarrow.parquet", "satrank.pipeline.reader"])
     return ctx
 
 

@@ -1,10 +1,10 @@
-"""Reader settings (the `reader:` config section of configs/*.yaml), read by pipeline.reader.BatchLoader."""
+"""Reader settings (the `reader:` config section of configs/*.yaml), read by satrank.pipeline.reader.BatchLoader."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.config import ConfigError
+from satrank.pipeline.config import ConfigError
 
 
 @dataclass

@@ -4,9 +4,9 @@ attribute table, and turn in-memory rows into Batches (through the same Converte
 Why: evaluation protocols that are not a plain scan of a split (SAQRec's leave-one-out ranking,
 sec. 5.1.2) need to pick individual rows (a user's last click), repeat them with other candidates'
 attributes, and score the result. Building those rows as Arrow tables and converting them with
-`pipeline.convert.table_to_batch` keeps every vocabulary policy and row check of the reader, so a
+`satrank.pipeline.convert.table_to_batch` keeps every vocabulary policy and row check of the reader, so a
 synthetic row is validated exactly like a logged one. Files are discovered with
-`pipeline.reader.list_shards` (sorted; names starting with '.' or '_' ignored), so "row i of a
+`satrank.pipeline.reader.list_shards` (sorted; names starting with '.' or '_' ignored), so "row i of a
 split" means the same thing everywhere.
 """
 from __future__ import annotations
@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pipeline.batch import Batch
-from pipeline.convert import table_to_batch
-from pipeline.errors import DataError
-from pipeline.features import DataConfig
-from pipeline.reader import list_shards
+from satrank.pipeline.batch import Batch
+from satrank.pipeline.convert import table_to_batch
+from satrank.pipeline.errors import DataError
+from satrank.pipeline.features import DataConfig
+from satrank.pipeline.reader import list_shards
 
 
 def _dataset(uri) -> pads.Dataset:

@@ -3,7 +3,7 @@
 Why: a scoring run over many candidate shards on several ranks must survive being killed at any
 moment and rerun without duplicating or losing a row, and a consumer must never read half a file.
 
-Layout of OUT_DIR (names starting with '.' or '_' are ignored by pipeline.reader.list_shards):
+Layout of OUT_DIR (names starting with '.' or '_' are ignored by satrank.pipeline.reader.list_shards):
   part-XXXXX.parquet   scores of input shard XXXXX (index in the sorted input list), one row per
                        input row; written to .part-XXXXX.parquet.tmp-<pid>, fsynced, os.replace'd
   _shards/part-XXXXX.json   the shard's completion record, written (atomically) only after its
@@ -32,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.atomic import write_json_atomic
-from pipeline.errors import DataError
+from satrank.pipeline.atomic import write_json_atomic
+from satrank.pipeline.errors import DataError
 
 FORMAT = "satrank-scores/1"
 SHARDS_DIR = "_shards"
@@ -138,7 +138,7 @@ class ScoreWriter:
                     p.unlink()
         elif any(self.out.glob("part-*.parquet")) and not run_file.exists():
             raise ScoreOutputError(f"{self.out} holds part-*.parquet files without {RUN_FILE}: not written by "
-                                   "jobs.score; use another --out or pass --overwrite")
+                                   "satrank.jobs.score; use another --out or pass --overwrite")
         for tmp in [*self.out.glob(".part-*.tmp-*"), *self.out.glob(f".{MANIFEST}.*.tmp")]:
             tmp.unlink()  # leftovers of killed runs: never visible to readers, never resumed
         (self.out / SHARDS_DIR).mkdir(exist_ok=True)

@@ -14,8 +14,8 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from pipeline.batch import Batch
-from pipeline.convert import Parts, assemble
+from satrank.pipeline.batch import Batch
+from satrank.pipeline.convert import Parts, assemble
 
 POOL_KEEP = 4  # idle buffers a worker keeps: ~ prefetch_factor (2) + one in use + one being filled
 _HEADER = 64  # bytes before the packed tensors; int64 at 0: 1 while the main process uses the buffer

@@ -13,18 +13,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from _synthetic import ToyModel, batch_from_rows, data_config, emb_config, make_rows, rank_slice  # noqa: E402
-from embeddings.sharding import full_state_dict, shard_model  # noqa: E402
-from jobs.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from jobs.config import load_config  # noqa: E402
-from jobs.loop import run_loop  # noqa: E402
-from jobs.runtime import init_runtime, write_json_atomic  # noqa: E402
+from satrank.embeddings.sharding import full_state_dict, shard_model  # noqa: E402
+from satrank.jobs.engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from satrank.jobs.config import load_config  # noqa: E402
+from satrank.jobs.engine.loop import run_loop  # noqa: E402
+from satrank.jobs.engine.runtime import init_runtime, write_json_atomic  # noqa: E402
 
 SEED, B = 3, 16
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from _synthetic import ToyModel, batch_from_rows, data_config, emb_config, global_batches, rank_slice  # noqa: E402
-from embeddings.sharding import full_state_dict, plan_summary, plan_to_dict, shard_model, torch_embedding_optimizer  # noqa: E402
-from jobs.runtime import init_runtime, write_json_atomic  # noqa: E402
+from satrank.embeddings.sharding import full_state_dict, plan_summary, plan_to_dict, shard_model, torch_embedding_optimizer  # noqa: E402
+from satrank.jobs.engine.runtime import init_runtime, write_json_atomic  # noqa: E402
 
 SEED, STEPS, GLOBAL_B, DENSE_LR = 7, 6, 32, 0.01
 

@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from models.ranking_metrics import MetricAccumulator, standard_metrics
+from satrank.models.metrics.ranking import MetricAccumulator, standard_metrics
 
 
 def rank_batches(rank: int):

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 VARIANTS = {
     "full": [],
@@ -30,18 +29,18 @@ VARIANTS = {
 def main(data: str, sat_run: str, out: str, overrides: list) -> None:
     import torch.distributed as dist
 
-    from embeddings.tables import SparseArch
-    from jobs.checkpoint import load_checkpoint
-    from jobs.config import load_config
-    from jobs.evaluate import build_task, run_checkpoint, satisfaction_teacher, checkpoint_config
-    from jobs.runtime import init_runtime
-    from jobs.train import TEACHER_MAP, RankerTrainer
-    from jobs.readers import eval_reader, first_batch, stage_train_config, train_reader
-    from jobs.checkpoint import load_prefixed
-    from models.evaluation import RankerEvaluator
-    from models.ranker_task import needs_teacher
-    from models.stage1 import SatisfactionModel
-    from pipeline.reader import BatchLoader
+    from satrank.embeddings.tables import SparseArch
+    from satrank.jobs.engine.checkpoint import load_checkpoint
+    from satrank.jobs.config import load_config
+    from satrank.jobs.evaluate import build_task, run_checkpoint, satisfaction_teacher, checkpoint_config
+    from satrank.jobs.engine.runtime import init_runtime
+    from satrank.jobs.train import TEACHER_MAP, RankerTrainer
+    from satrank.jobs.engine.readers import eval_reader, first_batch, stage_train_config, train_reader
+    from satrank.jobs.engine.checkpoint import load_prefixed
+    from satrank.models.metrics.ranker_eval import RankerEvaluator
+    from satrank.models.ranker.task import needs_teacher
+    from satrank.models.stage1.tasks import SatisfactionModel
+    from satrank.pipeline.reader import BatchLoader
 
     torch.set_num_threads(1)
     calls = {"n": 0}

@@ -16,14 +16,13 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch.distributed as dist  # noqa: E402
 
-from pipeline import config as cfgio  # noqa: E402
-from pipeline.features import DataConfig  # noqa: E402
-from pipeline.reader import BatchLoader  # noqa: E402
-from pipeline.reader_config import ReaderConfig  # noqa: E402
+from satrank.pipeline import config as cfgio  # noqa: E402
+from satrank.pipeline.features import DataConfig  # noqa: E402
+from satrank.pipeline.reader import BatchLoader  # noqa: E402
+from satrank.pipeline.reader_config import ReaderConfig  # noqa: E402
 
 SIM = Path(__file__).resolve().parent.parent / "configs" / "sim.yaml"
 

@@ -10,11 +10,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.batch import Batch  # noqa: E402
-from pipeline.config import from_dict  # noqa: E402
-from pipeline.features import DataConfig  # noqa: E402
+from satrank.pipeline.batch import Batch  # noqa: E402
+from satrank.pipeline.config import from_dict  # noqa: E402
+from satrank.pipeline.features import DataConfig  # noqa: E402
 
 DATA = {
     "sparse": [
@@ -76,7 +75,7 @@ def make_batch(data: DataConfig, hist_lengths: Sequence[int], seed: int, rows_of
 
 
 def read_dcp_tensors(checkpoint: Path, prefix: str) -> Dict[str, torch.Tensor]:
-    """Every tensor of a jobs.checkpoint DCP checkpoint whose key starts with `prefix`, whole (shards
+    """Every tensor of a satrank.jobs.engine.checkpoint DCP checkpoint whose key starts with `prefix`, whole (shards
     reassembled by DCP), loaded in this process without a process group."""
     import warnings
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings.config import EmbeddingConfig
-from embeddings.tables import SparseArch, padded
-from pipeline.batch import Batch
-from pipeline.config import from_dict
-from pipeline.features import DataConfig
+from satrank.embeddings.config import EmbeddingConfig
+from satrank.embeddings.tables import SparseArch, padded
+from satrank.pipeline.batch import Batch
+from satrank.pipeline.config import from_dict
+from satrank.pipeline.features import DataConfig
 
 DATA = {
     "sparse": [

@@ -1,6 +1,6 @@
 """Shared test fixtures: the sim config's data/reader sections and canonical Parquet shards.
 
-The shards are real Parquet written with pyarrow (pipeline.testdata): several files with several
+The shards are real Parquet written with pyarrow (satrank.pipeline.sim.testdata): several files with several
 row groups each, histories of realistic lengths and unique (user_id, item_id, timestamp) keys.
 `write_bad` writes one small file with chosen columns replaced, dropped or raw bytes, for the
 bad-input tests.
@@ -14,10 +14,10 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import pyarrow as pa
 import pytest
 
-from pipeline import config as cfgio
-from pipeline.features import DataConfig
-from pipeline.reader_config import ReaderConfig
-from pipeline.testdata import make_table, write_dataset, write_table
+from satrank.pipeline import config as cfgio
+from satrank.pipeline.features import DataConfig
+from satrank.pipeline.reader_config import ReaderConfig
+from satrank.pipeline.sim.testdata import make_table, write_dataset, write_table
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM = ROOT / "configs" / "sim.yaml"

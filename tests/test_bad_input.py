@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.errors import DataError
-from pipeline.reader import BatchLoader
-from pipeline.testdata import make_table
+from satrank.pipeline.errors import DataError
+from satrank.pipeline.reader import BatchLoader
+from satrank.pipeline.sim.testdata import make_table
 
 N = 20
 

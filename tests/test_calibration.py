@@ -1,4 +1,4 @@
-"""Metrics (models/calibration.py): exact AUC (with ties), log loss, ECE and reliability tables on hand
+"""Metrics (models/metrics/calibration.py): exact AUC (with ties), log loss, ECE and reliability tables on hand
 examples, and the streaming collector gathering every row exactly once across 2 gloo ranks."""
 import math
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.calibration import (
+from satrank.models.metrics.calibration import (
     StreamingCollector,
     auc,
     binary_metrics,
@@ -18,7 +18,7 @@ from models.calibration import (
     reliability_table,
     satisfaction_metrics,
 )
-from models.losses import ideal_loss
+from satrank.models.stage1.losses import ideal_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,7 +111,7 @@ def _worker() -> None:  # run under torchrun: each rank collects its own rows, g
 
 
 def test_collector_gathers_every_row_exactly_once_across_two_gloo_ranks(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,

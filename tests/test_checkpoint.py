@@ -14,17 +14,15 @@ import yaml
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _synthetic import ToyModel, data_config, emb_config  # noqa: E402
-from jobs.checkpoint import CheckpointError, load_checkpoint, load_tables_into, read_meta  # noqa: E402
+from satrank.jobs.engine.checkpoint import CheckpointError, load_checkpoint, load_tables_into, read_meta  # noqa: E402
 
 SCRIPT = str(ROOT / "tests" / "_dist_checkpoint.py")
 
 
 def run(cmd, timeout=120):
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
@@ -178,11 +176,11 @@ def test_uneven_batches_stop_policy_counts_what_it_did_not_step(out):
 
 
 def test_cli_loads_config_with_overrides_and_rejects_bad_keys(tmp_path, capsys):
-    from jobs.cli import build_parser, parse
+    from satrank.jobs.engine.cli import build_parser, parse
 
     parser = build_parser("satrank-x", "test job")
     args, cfg = parse(parser, ["--data", str(tmp_path), "--out", str(tmp_path / "run"),
-                               "--set", "embeddings.optimizer.lr=0.2", "--set", "embeddings.tables.user.dim=16"])
+                               "--set", "embeddings.optimizer.lr=0.2", "--set", "satrank.embeddings.tables.user.dim=16"])
     assert cfg.embeddings.optimizer.lr == 0.2 and cfg.embeddings.table_dim("user") == 16
     assert args.out == tmp_path / "run"
     with pytest.raises(SystemExit):
@@ -191,7 +189,7 @@ def test_cli_loads_config_with_overrides_and_rejects_bad_keys(tmp_path, capsys):
 
 
 def test_metrics_writer_appends_jsonl_and_writes_final_json_on_rank0_only(tmp_path):
-    from jobs.runtime import MetricsWriter
+    from satrank.jobs.engine.runtime import MetricsWriter
 
     with MetricsWriter(tmp_path / "a", rank=0) as w:
         w.log({"step": 1, "loss": 0.5})

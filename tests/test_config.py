@@ -1,8 +1,8 @@
 """The typed config: YAML + --set overrides, strict keys and types, data-contract checks."""
 import pytest
 
-from jobs.config import DEFAULT_CONFIG, load_config
-from pipeline.config import ConfigError, dump, load_yaml
+from satrank.jobs.config import DEFAULT_CONFIG, load_config
+from satrank.pipeline.config import ConfigError, dump, load_yaml
 
 
 def test_embedded_default_loads_with_every_section_typed():
@@ -44,7 +44,7 @@ def test_exponent_notation_without_a_dot_is_a_number_for_float_keys():
 
 
 def test_each_training_job_has_its_own_train_overrides():
-    from jobs.readers import stage_train_config
+    from satrank.jobs.engine.readers import stage_train_config
 
     cfg = load_config(overrides=["dpo_train.dense_lr=0.01", "ranker_train.dense_lr=0.002", "train.seed=7"])
     dpo, ranker = stage_train_config(cfg, "dpo"), stage_train_config(cfg, "ranker")

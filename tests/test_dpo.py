@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.dpo import DpoRamp, EasqLoss, dpo_loss, logprob_margin, pair_accuracy, pairwise_sat_loss
-from models.easq import SAT_HEAD, EasqRanker
-from models.easq_config import EasqConfig
-from models.pair_buffer import KIND_DISSATISFIED, KIND_SATISFIED, PairBuffer, fields_to_batch, row_fields
-from models.ranker_config import ModelConfig
-from models.saqrec import RankerInputs, SAQRecRanker
-from pipeline.config import from_dict
+from satrank.models.easq.dpo import DpoRamp, EasqLoss, dpo_loss, logprob_margin, pair_accuracy, pairwise_sat_loss
+from satrank.models.easq.pathway import SAT_HEAD, EasqRanker
+from satrank.models.easq.config import EasqConfig
+from satrank.models.easq.pair_buffer import KIND_DISSATISFIED, KIND_SATISFIED, PairBuffer, fields_to_batch, row_fields
+from satrank.models.ranker.config import ModelConfig
+from satrank.models.ranker.saqrec import RankerInputs, SAQRecRanker
+from satrank.pipeline.config import from_dict
 from tests._synthetic import batch_from_rows, data_config, make_rows
 
 

@@ -1,10 +1,10 @@
-"""jobs.dpo end to end on 2 gloo ranks: a tiny simulated world and a briefly trained stage-2 ranker
+"""satrank.jobs.dpo end to end on 2 gloo ranks: a tiny simulated world and a briefly trained stage-2 ranker
 (tests/test_score.py's fixture), then the online EASQ job: before/after metrics, exactly-once consumption
 across a kill + restart (--log-keys), a zero backbone drift when only L_sat trains, and rho from a frozen
-stage-1 propensity run (--propensity; jobs.propensity run once on the same world, tests/test_stage1_jobs.py's
+stage-1 propensity run (--propensity; satrank.jobs.propensity run once on the same world, tests/test_stage1_jobs.py's
 launcher): the buffered rho are that model's outputs for those rows and its tables stay bit-identical.
 
-`dpo_with_propensity(world)` (cached in the world directory, with per-id adapters `easq.id_targets`) is also the jobs.dpo run that
+`dpo_with_propensity(world)` (cached in the world directory, with per-id adapters `easq.id_targets`) is also the satrank.jobs.dpo run that
 tests/test_easq_serving.py scores and exports."""
 from __future__ import annotations
 
@@ -22,11 +22,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from jobs.stage1_eval import ID_ORDER, canonical_order, sample_labels  # noqa: E402
-from models.ranking_metrics import auc  # noqa: E402
+from satrank.models.metrics.stage1_eval import ID_ORDER, canonical_order, sample_labels  # noqa: E402
+from satrank.models.metrics.ranking import auc  # noqa: E402
 from tests.test_score import RUN_OVERRIDES, build_world, env, kill_tree, torchrun  # noqa: E402
 from tests.test_stage1_jobs import launch, ok  # noqa: E402
 
@@ -43,7 +41,7 @@ def world(tmp_path_factory) -> dict:
 
 
 def dpo_cmd(world, out: Path, *extra: str) -> list:
-    return torchrun(2, "-m", "jobs.dpo", "--data", str(world["data"]), "--init", str(world["run"]),
+    return torchrun(2, "-m", "satrank.jobs.dpo", "--data", str(world["data"]), "--init", str(world["run"]),
                     "--out", str(out), *SETS, *extra)
 
 
@@ -52,16 +50,16 @@ CLIP = ("--set", "easq.clip=0.005")  # the world's answer rate is ~2%: the defau
 
 
 def propensity_run(world) -> Path:
-    """A jobs.propensity run (1 epoch, 2 ranks) on the serving world, with its vocabularies; cached."""
+    """A satrank.jobs.propensity run (1 epoch, 2 ranks) on the serving world, with its vocabularies; cached."""
     run = world["data"].parent / "propensity"
     if not (run / "checkpoint" / "meta.json").is_file():
         sets = [x for o in RUN_OVERRIDES for x in ("--set", o)]
-        ok(launch(2, "jobs.propensity", "--data", world["data"], "--out", run, *sets, "--set", "train.epochs=1"))
+        ok(launch(2, "satrank.jobs.propensity", "--data", world["data"], "--out", run, *sets, "--set", "train.epochs=1"))
     return run
 
 
 def dpo_with_propensity(world) -> Path:
-    """jobs.dpo --propensity on the serving world (2 ranks, checkpoint at the end only); cached."""
+    """satrank.jobs.dpo --propensity on the serving world (2 ranks, checkpoint at the end only); cached."""
     run = world["data"].parent / "dpo_propensity"
     if not (run / "metrics.json").is_file():
         res = subprocess.run(dpo_cmd(world, run, "--propensity", str(propensity_run(world)), *CLIP, *ID_ADAPTERS,
@@ -182,14 +180,14 @@ def test_sat_only_with_dpo_weight_zero_leaves_the_backbone_bit_identical(world, 
 # ---------------------------------------------------------------------------------------------- --propensity
 def _expected_rho(world, run_p: Path) -> dict:
     """(user_id, request_id, item_id) -> rho of every train row, from RUN_P's propensity model loaded unsharded in
-    this process (built like the job builds it: models.stage1.PropensityModel from RUN_P's own config)."""
+    this process (built like the job builds it: satrank.models.stage1.tasks.PropensityModel from RUN_P's own config)."""
     import torch
 
-    from jobs import checkpoint as ckpt
-    from jobs.evaluate import checkpoint_config
-    from models.stage1 import PropensityModel
-    from pipeline.reader import BatchLoader
-    from pipeline.reader_config import ReaderConfig
+    from satrank.jobs.engine import checkpoint as ckpt
+    from satrank.jobs.evaluate import checkpoint_config
+    from satrank.models.stage1.tasks import PropensityModel
+    from satrank.pipeline.reader import BatchLoader
+    from satrank.pipeline.reader_config import ReaderConfig
 
     data = checkpoint_config(ckpt.resolve(world["run"])).data
     pcfg = checkpoint_config(ckpt.resolve(run_p))
@@ -235,15 +233,15 @@ def test_propensity_run_gives_the_buffered_rho_and_stays_frozen(world):
 
 
 def test_propensity_argument_must_be_a_propensity_run_for_these_features(world, tmp_path, capsys):
-    from jobs.dpo import main
+    from satrank.jobs.dpo import main
 
     common = ["--data", str(world["data"]), "--init", str(world["run"]), "--out", str(tmp_path / "o")]
     assert main([*common, "--propensity", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err
     assert "--propensity: checkpoint" in err and "does not exist" in err
-    assert main([*common, "--propensity", str(world["run"])]) == 1  # a jobs.train run
+    assert main([*common, "--propensity", str(world["run"])]) == 1  # a satrank.jobs.train run
     err = capsys.readouterr().err
-    assert "--propensity" in err and "expected a jobs.propensity run" in err
+    assert "--propensity" in err and "expected a satrank.jobs.propensity run" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -258,7 +256,7 @@ def test_shared_pathway_sat_only_moves_the_backbone(world, tmp_path):
 
 
 def test_demo_says_whether_the_dpo_gate_opened(world):
-    from jobs.demo import dpo_gate_line
+    from satrank.jobs.demo import dpo_gate_line
 
     run = dpo_with_propensity(world)  # its config.yaml has easq.ramp_threshold 0 (SETS)
     m = json.loads((run / "metrics.json").read_text())

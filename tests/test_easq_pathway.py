@@ -4,8 +4,8 @@ default weight raises the true satisfaction of the top 10 over its DPO-off contr
 
 Regime (bench/easq_isolation.py, one seed of it; docs/easq.md, "Isolated vs shared"): world W2 (300 users, 60 items,
 40,000 impressions, fixed seed, common questionnaires so that a thinned item still has a few answers), a stage-2
-ranker trained on it (jobs.train, 2 epochs, MLSE/MTL off), then the training split's answers thinned to 10 %
-(`sparsify`, seed 0) and streamed four times by jobs.dpo, once per arm, with DPO off: the arms differ only in where
+ranker trained on it (satrank.jobs.train, 2 epochs, MLSE/MTL off), then the training split's answers thinned to 10 %
+(`sparsify`, seed 0) and streamed four times by satrank.jobs.dpo, once per arm, with DPO off: the arms differ only in where
 L_sat's gradient goes. Both arms at the default optimizer settings (the backbone's Adam and the pathway's at 1e-3):
   * isolated: LoRA + satisfaction head behind stop-gradients, in their own parameter group;
   * plain: `easq.pathway: shared`, the same head (same initial weights) on the ranker's features with their graph,
@@ -27,8 +27,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from bench.easq_isolation import KEEP, PASSES, build_world, head_aucs, run_arms, sparsify  # noqa: E402
 

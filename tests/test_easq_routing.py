@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from embeddings.tables import SparseArch
-from models.dpo import EasqLoss, dpo_loss
-from models.easq import SAT_HEAD, EasqRanker, id_extras, install_easq, parameter_groups
-from models.easq_config import EasqConfig
-from models.lora import LoRABranch, LoRAEmbedding
-from models.mtl_losses import MultiTaskLoss
-from models.ranker_config import ModelConfig, MultiTaskLossConfig
-from models.saqrec import RankerFromSparse, build_ranker, ranker_inputs
-from pipeline.config import from_dict
+from satrank.embeddings.tables import SparseArch
+from satrank.models.easq.dpo import EasqLoss, dpo_loss
+from satrank.models.easq.pathway import SAT_HEAD, EasqRanker, id_extras, install_easq, parameter_groups
+from satrank.models.easq.config import EasqConfig
+from satrank.models.common.lora import LoRABranch, LoRAEmbedding
+from satrank.models.ranker.losses import MultiTaskLoss
+from satrank.models.ranker.config import ModelConfig, MultiTaskLossConfig
+from satrank.models.ranker.saqrec import RankerFromSparse, build_ranker, ranker_inputs
+from satrank.pipeline.config import from_dict
 from tests._synthetic import batch_from_rows, data_config, emb_config, make_rows
 
 TOWERS = ("wt_tower.", "sat_tower.", "skip_tower.")
@@ -264,7 +264,7 @@ def test_dpo_weight_zero_ramp_keeps_the_graph_but_gives_zero_gradients():
 
 
 def test_install_easq_on_a_ranker_task_keeps_the_behaviour_loss_off_the_lora():
-    from models.ranker_task import RankerTask
+    from satrank.models.ranker.task import RankerTask
 
     data = data_config()
     mcfg = _model_cfg(mtl=False)
@@ -286,7 +286,7 @@ def test_install_easq_on_a_ranker_task_keeps_the_behaviour_loss_off_the_lora():
 
 
 def test_bad_easq_settings_are_clear_errors():
-    from pipeline.config import ConfigError
+    from satrank.pipeline.config import ConfigError
 
     with pytest.raises(ValueError, match="easq.dpo_head: 'nope'"):
         Net(["item"], dpo_head="nope")
@@ -338,7 +338,7 @@ def test_shared_pathway_is_an_ordinary_auxiliary_head_whose_loss_reaches_backbon
 
 
 def test_shared_pathway_has_no_adapter_policy_and_its_merged_copy_is_the_plain_ranker():
-    from pipeline.config import ConfigError
+    from satrank.pipeline.config import ConfigError
 
     with pytest.raises(ConfigError, match="easq.pathway: 'shared' has no adapters"):
         from_dict(EasqConfig, {"pathway": "shared", "dpo_mode": "adapter_policy"}, "easq")

@@ -1,6 +1,6 @@
-"""A jobs.dpo (EASQ) run served like a stage-2 run: models.serving recognises its checkpoint (kind `easq`),
-jobs.score scores it with the adapters folded into the main path (the satisfaction head is not served), and
-jobs.export publishes a TorchScript artifact whose scores match jobs.score's. The run is tests/test_dpo_job.py's
+"""A satrank.jobs.dpo (EASQ) run served like a stage-2 run: satrank.models.serving.module recognises its checkpoint (kind `easq`),
+satrank.jobs.score scores it with the adapters folded into the main path (the satisfaction head is not served), and
+satrank.jobs.export publishes a TorchScript artifact whose scores match satrank.jobs.score's. The run is tests/test_dpo_job.py's
 cached `dpo_with_propensity` on tests/test_score.py's serving world."""
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from tests.test_dpo_job import dpo_with_propensity  # noqa: E402
 from tests.test_score import SCORE_SET, build_world, env, read_scores, score_cmd  # noqa: E402
@@ -33,20 +31,20 @@ def dpo_run(world) -> Path:
 
 
 def _candidates(world, cfg, rows: int = 200):
-    from pipeline.reader import BatchLoader
-    from pipeline.reader_config import ReaderConfig
+    from satrank.pipeline.reader import BatchLoader
+    from satrank.pipeline.reader_config import ReaderConfig
 
     rcfg = ReaderConfig(batch_size=rows, num_workers=0, shuffle=False)
     return next(iter(BatchLoader(world["data"] / "candidates", cfg.data, rcfg, with_labels=False)))
 
 
 def test_dpo_checkpoint_is_recognised_and_served_with_the_adapters_folded(world, dpo_run):
-    from jobs import checkpoint as ckpt
-    from jobs.score import checkpoint_model_keys, load_model
-    from models.easq import SAT_HEAD
-    from models.fusion import FusionConfig
-    from models.saqrec import ranker_inputs
-    from models.serving import ModelScorer, build_model, detect_kind
+    from satrank.jobs.engine import checkpoint as ckpt
+    from satrank.jobs.score import checkpoint_model_keys, load_model
+    from satrank.models.easq.pathway import SAT_HEAD
+    from satrank.models.common.fusion import FusionConfig
+    from satrank.models.ranker.saqrec import ranker_inputs
+    from satrank.models.serving.module import ModelScorer, build_model, detect_kind
 
     path = ckpt.resolve(dpo_run)
     assert detect_kind(checkpoint_model_keys(path)) == "easq"
@@ -83,9 +81,9 @@ def test_dpo_checkpoint_is_recognised_and_served_with_the_adapters_folded(world,
 
 
 def test_dpo_run_scores_with_jobs_score_and_exports_a_matching_artifact(world, dpo_run, tmp_path):
-    from jobs.export import export
-    from jobs.serve_check import Features, load_module, score_features, verify_artifact
-    from jobs.serve_config import load_serve_config
+    from satrank.jobs.export import export
+    from satrank.jobs.serve_check import Features, load_module, score_features, verify_artifact
+    from satrank.jobs.config.serve import load_serve_config
 
     out = tmp_path / "scores"
     res = subprocess.run([sys.executable, *score_cmd(dpo_run, world["data"] / "candidates", out, *SCORE_SET)],

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.encoders import HistoryEncoder
+from satrank.models.common.encoders import HistoryEncoder
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.eval_protocol import build_loo_candidates, interactions_by_user, last_clicks
+from satrank.models.metrics.protocol import build_loo_candidates, interactions_by_user, last_clicks
 
 
 def _world(seed=0, n_items=500, n_users=60):

@@ -1,5 +1,5 @@
-"""jobs.export + jobs.serve_check: the TorchScript artifact of a ranker trained on 2 ranks, checked in a
-fresh process that imports no project code, against the eager batch scorer (jobs.score)."""
+"""satrank.jobs.export + satrank.jobs.serve_check: the TorchScript artifact of a ranker trained on 2 ranks, checked in a
+fresh process that imports no project code, against the eager batch scorer (satrank.jobs.score)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_score import SCORE_SET, build_world, env, score_cmd  # noqa: E402
 
 PROJECT = ("models", "embeddings", "pipeline", "torchrec", "fbgemm_gpu")
@@ -28,8 +27,8 @@ def world(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def artifact(world, tmp_path_factory) -> Path:
-    from jobs.export import export
-    from jobs.serve_config import load_serve_config
+    from satrank.jobs.export import export
+    from satrank.jobs.config.serve import load_serve_config
 
     out = tmp_path_factory.mktemp("export") / "artifact"
     export(world["run"], out, load_serve_config(None, ["export.int8=true"]), world["data"])
@@ -46,10 +45,10 @@ def scored(world, tmp_path_factory) -> Path:
 
 
 def serve_check(*args: str) -> tuple:
-    """Run jobs.serve_check in a fresh interpreter; report which project modules it imported."""
+    """Run satrank.jobs.serve_check in a fresh interpreter; report which project modules it imported."""
     code = ("import json, runpy, sys\n"
             f"sys.argv = ['serve_check', *{list(args)!r}]\n"
-            "try:\n    runpy.run_module('jobs.serve_check', run_name='__main__')\n"
+            "try:\n    runpy.run_module('satrank.jobs.serve_check', run_name='__main__')\n"
             "except SystemExit as e:\n    rc = e.code\n"
             f"print(json.dumps({{'rc': rc, 'imported': sorted(m for m in sys.modules if m.split('.')[0] in {PROJECT!r})}}))\n")
     res = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
@@ -115,10 +114,10 @@ def test_a_tampered_artifact_is_refused(artifact, world, tmp_path):
 def test_vocabulary_policies_and_truncation_match_the_reader(artifact, world, tmp_path):
     """Hashed / out-of-vocabulary ids and over-long histories: serve_check's own conversion gives the
     scores the project's reader + eager model give on the same file."""
-    from jobs.score import load_model, score_file
-    from jobs.serve_check import Features, load_module, score_features, verify_artifact
-    from jobs.serve_config import load_serve_config
-    from models.serving import ModelScorer
+    from satrank.jobs.score import load_model, score_file
+    from satrank.jobs.serve_check import Features, load_module, score_features, verify_artifact
+    from satrank.jobs.config.serve import load_serve_config
+    from satrank.models.serving.module import ModelScorer
 
     t = pq.read_table(world["data"] / "candidates" / "part-00004.parquet")
     n = t.num_rows
@@ -165,10 +164,10 @@ def test_bad_candidates_are_refused_naming_column_and_problem(artifact, world, t
 
 
 def test_export_refuses_a_non_checkpoint_and_an_existing_out(world, artifact, tmp_path):
-    from jobs.checkpoint import CheckpointError
-    from jobs.export import export
-    from jobs.serve_config import load_serve_config
-    from pipeline.config import ConfigError
+    from satrank.jobs.engine.checkpoint import CheckpointError
+    from satrank.jobs.export import export
+    from satrank.jobs.config.serve import load_serve_config
+    from satrank.pipeline.config import ConfigError
 
     with pytest.raises(CheckpointError, match="is not a satrank checkpoint"):
         export(world["data"] / "train", tmp_path / "a", load_serve_config())
@@ -181,7 +180,7 @@ def test_export_refuses_a_non_checkpoint_and_an_existing_out(world, artifact, tm
 def test_int8_rows_dequantise_like_fbgemm():
     import fbgemm_gpu  # noqa: F401
 
-    from models.serving import quantize_rows_int8
+    from satrank.models.serving.module import quantize_rows_int8
 
     w = torch.randn(50, 16) * torch.logspace(-3, 1, 50).unsqueeze(1)
     q, scale, bias = quantize_rows_int8(w)
@@ -192,12 +191,12 @@ def test_int8_rows_dequantise_like_fbgemm():
 
 
 def test_click_model_exports_without_data_and_serves_null_satisfaction(world, tmp_path):
-    from jobs.checkpoint import save_checkpoint
-    from jobs.config import load_config
-    from jobs.export import export
-    from jobs.serve_check import Features, load_module, score_features, verify_artifact
-    from jobs.serve_config import load_serve_config
-    from models.serving import build_model
+    from satrank.jobs.engine.checkpoint import save_checkpoint
+    from satrank.jobs.config import load_config
+    from satrank.jobs.export import export
+    from satrank.jobs.serve_check import Features, load_module, score_features, verify_artifact
+    from satrank.jobs.config.serve import load_serve_config
+    from satrank.models.serving.module import build_model
     from test_score import RUN_OVERRIDES
 
     cfg = load_config(overrides=RUN_OVERRIDES)

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.label_correction import LabelCorrector, fit_beta_mixture
-from models.mtl_losses import satisfaction_loss_final
+from satrank.models.ranker.label_correction import LabelCorrector, fit_beta_mixture
+from satrank.models.ranker.losses import satisfaction_loss_final
 
 
 @pytest.fixture(autouse=True)

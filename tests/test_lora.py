@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.lora import (LoRABranch, LoRAEmbedding, LoRALinear, apply_lora, lora_parameters, merge_lora,
+from satrank.models.common.lora import (LoRABranch, LoRAEmbedding, LoRALinear, apply_lora, lora_parameters, merge_lora,
                          non_lora_parameters, require)
 
 

@@ -1,4 +1,4 @@
-"""Stage-1 losses (models/losses.py): exact values on a hand-computed 6-row batch, clipping at rho = 0 and 1,
+"""Stage-1 losses (models/stage1/losses.py): exact values on a hand-computed 6-row batch, clipping at rho = 0 and 1,
 empty batches, NaN detection, the ideal loss, and a learned effect: IPS beats naive on eq. 2 under
 feature-dependent answering."""
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from models.losses import (
+from satrank.models.stage1.losses import (
     LossCounters,
     bce_with_logits,
     dr_imputation_loss,

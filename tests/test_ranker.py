@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.mtl_losses import MultiTaskLoss, l2_penalty
-from models.ranker_config import ModelConfig, MultiTaskLossConfig
-from models.saqrec import PrecomputedScorer, RankerFromSparse, RankerInputs, SAQRecRanker, build_ranker, ranker_inputs
-from pipeline.config import ConfigError, from_dict
+from satrank.models.ranker.losses import MultiTaskLoss, l2_penalty
+from satrank.models.ranker.config import ModelConfig, MultiTaskLossConfig
+from satrank.models.ranker.saqrec import PrecomputedScorer, RankerFromSparse, RankerInputs, SAQRecRanker, build_ranker, ranker_inputs
+from satrank.pipeline.config import ConfigError, from_dict
 
 D = 8
 MAX = {"hist_click": 12, "hist_satisfied": 6, "hist_dissatisfied": 3, "hist_skip": 5}
@@ -238,11 +238,11 @@ def test_ranker_learns_history_dependent_clicks_with_label_correction_epochs(var
 def test_build_ranker_and_adapter_from_a_real_sparse_arch():
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from embeddings.config import EmbeddingConfig
-    from embeddings.tables import SparseArch
-    from jobs.config import DEFAULT_CONFIG
-    from pipeline.config import load_yaml
-    from pipeline.features import DataConfig
+    from satrank.embeddings.config import EmbeddingConfig
+    from satrank.embeddings.tables import SparseArch
+    from satrank.jobs.config import DEFAULT_CONFIG
+    from satrank.pipeline.config import load_yaml
+    from satrank.pipeline.features import DataConfig
 
     data = from_dict(DataConfig, load_yaml(DEFAULT_CONFIG)["data"], "data")  # the embedded default contract
     arch = SparseArch(data, EmbeddingConfig(dim=D)).materialize(seed=0)

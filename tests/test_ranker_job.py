@@ -1,7 +1,7 @@
-"""Stage 2 end to end (jobs.train, jobs.evaluate, models.ranker_task, models.evaluation) on 2 gloo ranks.
+"""Stage 2 end to end (satrank.jobs.train, satrank.jobs.evaluate, satrank.models.ranker.task, satrank.models.metrics.ranker_eval) on 2 gloo ranks.
 
-One small simulated world per module and its stage-1 runs (jobs.pretrain -> jobs.propensity ->
-jobs.satisfaction), then the full SAQRec and the click-only baseline trained with jobs.train, and one
+One small simulated world per module and its stage-1 runs (satrank.jobs.pretrain -> satrank.jobs.propensity ->
+satrank.jobs.satisfaction), then the full SAQRec and the click-only baseline trained with satrank.jobs.train, and one
 worker (tests/_ranker_worker.py) that builds every ablation sharded. The world is small and tilted so
 that something is learnable in seconds: answers at ~45% (not ~2%: the satisfaction model g needs
 labels), and clicks dominated by click-bait (click_w_attractiveness 2) while satisfaction follows
@@ -21,13 +21,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from jobs.config import load_config  # noqa: E402
-from models.eval_protocol import interactions_by_user, last_clicks  # noqa: E402
-from models.evaluation import (METRIC_KEYS, EvaluationConfig, build_loo_plan, impression_metrics,  # noqa: E402
+from satrank.jobs.config import load_config  # noqa: E402
+from satrank.models.metrics.protocol import interactions_by_user, last_clicks  # noqa: E402
+from satrank.models.metrics.ranker_eval import (METRIC_KEYS, EvaluationConfig, build_loo_plan, impression_metrics,  # noqa: E402
                                item_side_columns, ranking_score)
-from pipeline.rows import read_columns  # noqa: E402
+from satrank.pipeline.rows import read_columns  # noqa: E402
 
 WORLD = {"users": 300, "items": 500, "impressions": 40000, "seed": 0, "click_w_attractiveness": 2.0,
          "sat_w_interest": 2.0, "answer_bias": -2.0, "candidate_requests": 200, "candidates_per_request": 50,
@@ -43,7 +42,7 @@ MARGIN = 0.02  # true_sat@10: full SAQRec must beat click-only by at least this 
 def torchrun(target, *args, module=True, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "--monitor-interval=0.5", *(["-m"] if module else []), str(target), *map(str, args)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -55,15 +54,15 @@ def sets(*extra):
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
-    from pipeline.simulate import simulate
+    from satrank.pipeline.sim.simulate import simulate
 
     root = tmp_path_factory.mktemp("stage2")
     data = root / "data"
     cfg = dataclasses.replace(load_config().simulate, **WORLD)
     simulate(data, cfg)
-    torchrun("jobs.pretrain", "--data", data, "--out", root / "pretrain", *sets())
-    torchrun("jobs.propensity", "--data", data, "--out", root / "propensity", *sets())
-    torchrun("jobs.satisfaction", "--data", data, "--init", root / "pretrain", "--propensity", root / "propensity",
+    torchrun("satrank.jobs.pretrain", "--data", data, "--out", root / "pretrain", *sets())
+    torchrun("satrank.jobs.propensity", "--data", data, "--out", root / "propensity", *sets())
+    torchrun("satrank.jobs.satisfaction", "--data", data, "--init", root / "pretrain", "--propensity", root / "propensity",
              "--out", root / "satisfaction", *sets())
     return {"root": root, "data": data, "sat": root / "satisfaction"}
 
@@ -73,7 +72,7 @@ def runs(stage1):
     out = {}
     for name, extra in (("full", []), ("click_only", ["model.variant=click_only"])):
         run = stage1["root"] / name
-        torchrun("jobs.train", "--data", stage1["data"], "--satisfaction", stage1["sat"], "--out", run, *sets(*extra))
+        torchrun("satrank.jobs.train", "--data", stage1["data"], "--satisfaction", stage1["sat"], "--out", run, *sets(*extra))
         out[name] = {"run": run, "metrics": json.loads((run / "metrics.json").read_text())}
     return out
 
@@ -118,9 +117,9 @@ def test_metrics_json_has_every_key_and_absent_heads_are_null(runs):
 
 def test_evaluate_reloads_the_two_rank_checkpoint_in_one_process_with_the_same_figures(runs, tmp_path):
     run = runs["full"]["run"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     data = run.parent / "data"
-    proc = subprocess.run([sys.executable, "-m", "jobs.evaluate", "--data", str(data), "--model", str(run),
+    proc = subprocess.run([sys.executable, "-m", "satrank.jobs.evaluate", "--data", str(data), "--model", str(run),
                            "--out", str(tmp_path), *sets()], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -163,7 +162,7 @@ def test_frozen_teacher_inside_the_task_reproduces_the_satisfaction_run(worker):
 
 
 def test_train_without_satisfaction_run_is_a_one_line_error(stage1, tmp_path, capsys):
-    from jobs.train import main
+    from satrank.jobs.train import main
 
     assert main(["--data", str(stage1["data"]), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
@@ -230,8 +229,8 @@ def test_impression_metrics_use_answered_rows_only_and_seconds_for_watch_time():
 
 
 def test_label_correction_state_round_trips_through_the_state_dict():
-    from models.ranker_config import ModelConfig, MultiTaskLossConfig
-    from models.ranker_task import RankerLoss
+    from satrank.models.ranker.config import ModelConfig, MultiTaskLossConfig
+    from satrank.models.ranker.task import RankerLoss
 
     cfg = MultiTaskLossConfig()
     a, b = (RankerLoss(cfg, ModelConfig(), torch.nn.Linear(1, 1)) for _ in range(2))

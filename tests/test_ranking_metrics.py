@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.ranking_metrics import (MetricAccumulator, auc, auc_or_nan, click_metrics, gauc, loo_ranks, mae,
+from satrank.models.metrics.ranking import (MetricAccumulator, auc, auc_or_nan, click_metrics, gauc, loo_ranks, mae,
                                     metrics_from_ranks, rank_metrics, standard_metrics, topk_true_mean,
                                     truth_topk_metrics, watch_time_metrics, xauc)
 
@@ -194,12 +194,8 @@ def test_accumulator_concatenates_batches_without_a_process_group():
 
 
 def test_accumulator_gathers_identical_figures_on_two_gloo_ranks(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    try:
-        from _metrics_dist import rank_batches
-    finally:
-        sys.path.pop(0)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    from _metrics_dist import rank_batches
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "tests", "_metrics_dist.py"), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import config as cfgio
-from pipeline.convert import table_to_batch
-from pipeline.errors import DataError
-from pipeline.features import DataConfig
-from pipeline.reader import BatchLoader, list_shards
-from pipeline.testdata import dataset_keys, make_table, write_dataset, write_table
+from satrank.pipeline import config as cfgio
+from satrank.pipeline.convert import table_to_batch
+from satrank.pipeline.errors import DataError
+from satrank.pipeline.features import DataConfig
+from satrank.pipeline.reader import BatchLoader, list_shards
+from satrank.pipeline.sim.testdata import dataset_keys, make_table, write_dataset, write_table
 
 HAND_CFG = {
     "sparse": [

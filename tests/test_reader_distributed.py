@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.testdata import dataset_keys
+from satrank.pipeline.sim.testdata import dataset_keys
 
 WORKER = Path(__file__).resolve().parent / "_reader_worker.py"
 

@@ -1,9 +1,9 @@
-"""jobs.score end to end: a tiny simulated world, a SAQRec ranker trained briefly on 2 gloo ranks (its
+"""satrank.jobs.score end to end: a tiny simulated world, a SAQRec ranker trained briefly on 2 gloo ranks (its
 DCP checkpoint sharded row-wise/table-wise), then real `torch.distributed.run` scoring runs.
 
 Also a torchrun script: `python -m torch.distributed.run ... tests/test_score.py train DATA RUN` trains
 the ranker (with its frozen teacher g) for a few steps and writes RUN/checkpoint + RUN/teacher.json in
-jobs.train's format (the full stage-1 chain would take minutes; the checkpoint format is the same).
+satrank.jobs.train's format (the full stage-1 chain would take minutes; the checkpoint format is the same).
 tests/test_export.py reuses `serving_world`.
 """
 from __future__ import annotations
@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -41,7 +39,7 @@ SCORE_SET = ("--set", "score.batch_size=32")
 
 
 def env() -> dict:
-    e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    e = dict(os.environ, OMP_NUM_THREADS="1")
     return e
 
 
@@ -56,8 +54,8 @@ def build_world(base: Path) -> dict:
     paths = {"data": base / "data", "run": base / "run"}
     if done.exists():
         return paths
-    from pipeline.simulate import simulate
-    from pipeline.sim_world import SimulateConfig
+    from satrank.pipeline.sim.simulate import simulate
+    from satrank.pipeline.sim.world import SimulateConfig
 
     cfg = SimulateConfig(**{k: v for k, v in SIM.items() if k != "shard_rows"}, shard_rows=SIM["shard_rows"])
     simulate(paths["data"], cfg, overwrite=True)
@@ -116,7 +114,7 @@ def kill_tree(pid: int) -> None:
 
 
 def score_cmd(model: Path, candidates: Path, out: Path, *extra: str) -> list:
-    return ["-m", "jobs.score", "--model", str(model), "--candidates", str(candidates), "--out", str(out), *extra]
+    return ["-m", "satrank.jobs.score", "--model", str(model), "--candidates", str(candidates), "--out", str(out), *extra]
 
 
 def read_scores(out: Path) -> pa.Table:
@@ -137,7 +135,7 @@ def one_rank(world, tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------------------------------------- unit behaviour
 def test_rank_is_one_for_the_best_score_of_each_request_and_ties_go_to_the_earlier_row():
-    from pipeline.score_writer import rank_within_requests
+    from satrank.pipeline.score_writer import rank_within_requests
 
     rid = np.array([7, 7, 3, 7, 3, 7])
     score = np.array([0.1, 0.5, -1.0, 0.5, 2.0, -3.0])
@@ -149,8 +147,8 @@ def test_rank_is_one_for_the_best_score_of_each_request_and_ties_go_to_the_earli
 def test_fusion_adds_weighted_log_probabilities_and_drops_absent_heads():
     import torch
 
-    from models.fusion import Fusion, FusionConfig, effective_weights
-    from pipeline.config import ConfigError
+    from satrank.models.common.fusion import Fusion, FusionConfig, effective_weights
+    from satrank.pipeline.config import ConfigError
 
     cfg = FusionConfig(w_click=1.0, w_sat=2.0, w_watch_time=0.5)
     y, s, h = torch.tensor([0.0, 2.0]), torch.tensor([0.0, -1.0]), torch.tensor([1.0, -0.5])
@@ -169,8 +167,8 @@ def test_fusion_adds_weighted_log_probabilities_and_drops_absent_heads():
 
 
 def test_serve_config_takes_score_and_export_sections_and_refuses_other_overrides():
-    from jobs.serve_config import load_serve_config
-    from pipeline.config import ConfigError
+    from satrank.jobs.config.serve import load_serve_config
+    from satrank.pipeline.config import ConfigError
 
     cfg = load_serve_config(None, ["score.fusion.w_sat=2.5", "export.int8=true", "score.batch_size=64"])
     assert (cfg.score.fusion.w_sat, cfg.export.int8, cfg.score.batch_size) == (2.5, True, 64)
@@ -181,8 +179,8 @@ def test_serve_config_takes_score_and_export_sections_and_refuses_other_override
 
 
 def test_score_writer_checks_rows_and_rescores_a_tampered_shard(tmp_path):
-    from pipeline.errors import DataError
-    from pipeline.score_writer import ScoreOutputError, ScoreWriter, scores_table
+    from satrank.pipeline.errors import DataError
+    from satrank.pipeline.score_writer import ScoreOutputError, ScoreWriter, scores_table
 
     ids = {"request_id": np.array([1, 1, 2]), "user_id": np.array([5, 5, 6]), "item_id": np.array([10, 11, 12])}
     vals = {"p_click": np.array([0.2, 0.4, 0.5], np.float32), "p_satisfied": np.full(3, np.nan, np.float32),
@@ -205,7 +203,7 @@ def test_score_writer_checks_rows_and_rescores_a_tampered_shard(tmp_path):
 
 
 def test_score_refuses_a_directory_that_is_not_a_checkpoint(world, tmp_path, capsys):
-    from jobs.score import main
+    from satrank.jobs.score import main
 
     rc = main(["--model", str(world["data"]), "--candidates", str(world["data"] / "candidates"),
                "--out", str(tmp_path / "o")])
@@ -214,9 +212,9 @@ def test_score_refuses_a_directory_that_is_not_a_checkpoint(world, tmp_path, cap
 
 
 def test_a_candidate_shard_missing_a_feature_is_named(world, tmp_path):
-    from jobs.evaluate import checkpoint_config
-    from jobs.score import shard_info
-    from pipeline.errors import DataError
+    from satrank.jobs.evaluate import checkpoint_config
+    from satrank.jobs.score import shard_info
+    from satrank.pipeline.errors import DataError
 
     cfg = checkpoint_config(world["run"] / "checkpoint")
     t = pq.read_table(world["data"] / "candidates" / "part-00000.parquet")
@@ -229,18 +227,18 @@ def test_click_model_checkpoint_scores_with_null_satisfaction(world, tmp_path):
     """The stage-1 click model scores through the same adapter: no satisfaction / watch-time head."""
     import torch
 
-    from jobs.checkpoint import save_checkpoint
-    from jobs.config import load_config
-    from jobs.score import load_model
-    from models.serving import ModelScorer, build_model
-    from pipeline.reader import BatchLoader
-    from pipeline.reader_config import ReaderConfig
+    from satrank.jobs.engine.checkpoint import save_checkpoint
+    from satrank.jobs.config import load_config
+    from satrank.jobs.score import load_model
+    from satrank.models.serving.module import ModelScorer, build_model
+    from satrank.pipeline.reader import BatchLoader
+    from satrank.pipeline.reader_config import ReaderConfig
 
     cfg = load_config(overrides=RUN_OVERRIDES)
     save_checkpoint(tmp_path / "click", build_model("click", cfg), config=cfg)
     loaded = load_model(tmp_path / "click")
     assert loaded.kind == "click"
-    scorer = ModelScorer(loaded.model, __import__("models.fusion").fusion.FusionConfig(), cfg.data)
+    scorer = ModelScorer(loaded.model, __import__("satrank.models.common.fusion").fusion.FusionConfig(), cfg.data)
     assert scorer.heads == ("p_click",) and scorer.fusion.weights["w_sat"] == 0.0
     batch = next(iter(BatchLoader(world["data"] / "candidates", cfg.data, ReaderConfig(batch_size=50, num_workers=0,
                                                                                        shuffle=False), with_labels=False)))
@@ -333,14 +331,14 @@ def _train(data: Path, run: Path) -> None:
 
     import torch
 
-    from embeddings.sharding import shard_model
-    from jobs.checkpoint import save_checkpoint
-    from jobs.config import load_config
-    from jobs.evaluate import TEACHER_FILE, build_task, teacher_to_dict
-    from jobs.loop import synced_batches
-    from jobs.runtime import init_runtime, write_json_atomic
-    from models.ranker_task import TeacherSpec
-    from pipeline.reader import BatchLoader
+    from satrank.embeddings.sharding import shard_model
+    from satrank.jobs.engine.checkpoint import save_checkpoint
+    from satrank.jobs.config import load_config
+    from satrank.jobs.evaluate import TEACHER_FILE, build_task, teacher_to_dict
+    from satrank.jobs.engine.loop import synced_batches
+    from satrank.jobs.engine.runtime import init_runtime, write_json_atomic
+    from satrank.models.ranker.task import TeacherSpec
+    from satrank.pipeline.reader import BatchLoader
 
     rt = init_runtime(seed=0, device="cpu")
     try:

@@ -13,18 +13,16 @@ import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _synthetic import batch_from_rows, data_config, emb_config, make_rows  # noqa: E402
-from embeddings.tables import SparseArch, padded, table_init_rows, table_specs  # noqa: E402
-from jobs.config import load_config  # noqa: E402
-from pipeline.config import ConfigError, from_dict  # noqa: E402
-from pipeline.features import DataConfig  # noqa: E402
+from satrank.embeddings.tables import SparseArch, padded, table_init_rows, table_specs  # noqa: E402
+from satrank.jobs.config import load_config  # noqa: E402
+from satrank.pipeline.config import ConfigError, from_dict  # noqa: E402
+from satrank.pipeline.features import DataConfig  # noqa: E402
 
 
 def torchrun(script: str, *args: str, timeout: int = 120) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -62,7 +60,7 @@ def test_default_config_embeddings_section_covers_every_table():
 
 
 def test_unknown_table_in_embeddings_section_is_an_error():
-    with pytest.raises(ConfigError, match=r"embeddings.tables: \['itme'\] name no table"):
+    with pytest.raises(ConfigError, match=r"satrank.embeddings.tables: \['itme'\] name no table"):
         table_specs(data_config(), emb_config(tables={"itme": {"sharding": "row_wise"}}))
 
 
@@ -75,8 +73,8 @@ def test_sequence_tables_with_different_dims_are_an_error():
 
 
 def test_bad_sharding_type_names_the_key():
-    with pytest.raises(ConfigError, match="embeddings.tables.item.sharding"):
-        load_config(overrides=["embeddings.tables.item.sharding=diagonal"])
+    with pytest.raises(ConfigError, match="satrank.embeddings.tables.item.sharding"):
+        load_config(overrides=["satrank.embeddings.tables.item.sharding=diagonal"])
 
 
 # ------------------------------------------------------------------ SparseArch (unsharded)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from models.sid_mlse import (
+from satrank.models.ranker.sid_mlse import (
     GatedFusion,
     GateMLP,
     MultiLevelSatisfaction,

@@ -1,4 +1,4 @@
-"""Tests for the simulated short-video world (pipeline/simulate.py, pipeline/sim_world.py)."""
+"""Tests for the simulated short-video world (pipeline/sim/simulate.py, pipeline/sim/world.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,9 +12,9 @@ import pyarrow.compute as pac
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, from_dict, load_yaml, to_dict
-from pipeline.sim_world import HistoryBuffers, build_world, true_probs
-from pipeline.simulate import CANDIDATE_SCHEMA, IMPRESSION_SCHEMA, SimulateConfig, main, simulate
+from satrank.pipeline.config import ConfigError, from_dict, load_yaml, to_dict
+from satrank.pipeline.sim.world import HistoryBuffers, build_world, true_probs
+from satrank.pipeline.sim.simulate import CANDIDATE_SCHEMA, IMPRESSION_SCHEMA, SimulateConfig, main, simulate
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(users=300, items=400, impressions=30000, topics=8, authors=50, shard_rows=4000,

@@ -26,7 +26,6 @@ import yaml
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from _stage1_helpers import make_batch, read_dcp_tensors, small_data_config  # noqa: E402
 
@@ -38,7 +37,7 @@ IPS_MARGIN = 0.03  # ideal_loss_all: ips (rho(u, i, behaviour)) below naive and 
 
 def launch(nproc, module, *args, timeout=240):
     """`torchrun --standalone --nproc_per_node=nproc -m module args` (nproc None: plain python)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     head = ([sys.executable, "-m", module] if nproc is None else
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
              "--monitor-interval=0.2", "-m", module])
@@ -61,8 +60,8 @@ def events(run: Path, kind: str) -> list:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from jobs.config import load_config
-    from pipeline.simulate import simulate
+    from satrank.jobs.config import load_config
+    from satrank.pipeline.sim.simulate import simulate
 
     out = tmp_path_factory.mktemp("stage1") / "world"
     cfg = load_config().simulate
@@ -77,14 +76,14 @@ def world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pretrain(world) -> Path:
     run = world.parent / "pretrain"
-    ok(launch(2, "jobs.pretrain", "--data", world, "--out", run, "--set", "train.epochs=1", *FAST))
+    ok(launch(2, "satrank.jobs.pretrain", "--data", world, "--out", run, "--set", "train.epochs=1", *FAST))
     return run
 
 
 @pytest.fixture(scope="module")
 def propensity(world) -> Path:
     run = world.parent / "propensity"
-    ok(launch(2, "jobs.propensity", "--data", world, "--out", run, *FAST))
+    ok(launch(2, "satrank.jobs.propensity", "--data", world, "--out", run, *FAST))
     return run
 
 
@@ -92,13 +91,13 @@ def propensity(world) -> Path:
 def propensity_ui(world) -> Path:
     """The paper's rho(u, i): no behaviour inputs."""
     run = world.parent / "propensity_ui"
-    ok(launch(2, "jobs.propensity", "--data", world, "--out", run, "--set", "propensity.behaviour=[]", *FAST))
+    ok(launch(2, "satrank.jobs.propensity", "--data", world, "--out", run, "--set", "propensity.behaviour=[]", *FAST))
     return run
 
 
 def _satisfaction(world, pretrain, propensity, loss, name=None) -> Path:
     run = world.parent / f"satisfaction_{name or loss}"
-    ok(launch(2, "jobs.satisfaction", "--data", world, "--init", pretrain, "--propensity", propensity, "--out", run,
+    ok(launch(2, "satrank.jobs.satisfaction", "--data", world, "--init", pretrain, "--propensity", propensity, "--out", run,
               "--set", f"satisfaction.loss={loss}", *CLIP, *FAST))
     return run
 
@@ -135,7 +134,7 @@ def _bad_copy(world: Path, dst: Path) -> int:
 def test_check_data_counts_every_row_on_two_ranks_and_rejects_bad_rows_by_reason(world, tmp_path):
     bad = tmp_path / "bad"
     n_bad = _bad_copy(world, bad)
-    ok(launch(2, "jobs.check_data", "--data", bad, "--out", tmp_path / "skip", "--set", "reader.on_bad_row=skip"))
+    ok(launch(2, "satrank.jobs.check_data", "--data", bad, "--out", tmp_path / "skip", "--set", "reader.on_bad_row=skip"))
     m = metrics(tmp_path / "skip")
     assert m["world_size"] == 2 and len(m["rows_per_rank"]) == 2 and min(m["rows_per_rank"]) > 0
     assert sum(m["rows_per_rank"]) == m["rows_emitted"]  # every emitted row reached exactly one rank
@@ -143,7 +142,7 @@ def test_check_data_counts_every_row_on_two_ranks_and_rejects_bad_rows_by_reason
     assert m["rows_rejected_total"] == 3 and list(m["rows_rejected"].values()) == [3], m["rows_rejected"]
     assert "user_id" in next(iter(m["rows_rejected"]))
 
-    proc = launch(2, "jobs.check_data", "--data", bad, "--out", tmp_path / "err")
+    proc = launch(2, "satrank.jobs.check_data", "--data", bad, "--out", tmp_path / "err")
     assert proc.returncode != 0
     assert "part-00001.parquet" in proc.stderr and "user_id" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "err" / "metrics.json").exists()
@@ -170,14 +169,14 @@ def test_pretrain_writes_reshardable_checkpoint_config_plan_and_reader_positions
 def test_checkpoint_written_by_two_ranks_loads_and_continues_on_one_rank(pretrain, tmp_path):
     # no further epoch: the 1-rank model evaluates exactly like the 2-rank one that wrote the checkpoint
     same = tmp_path / "same"
-    ok(launch(1, "jobs.pretrain", "--data", pretrain.parent / "world", "--out", same, "--resume", pretrain,
+    ok(launch(1, "satrank.jobs.pretrain", "--data", pretrain.parent / "world", "--out", same, "--resume", pretrain,
               "--set", "train.epochs=1", *FAST))
     a, b = metrics(pretrain), metrics(same)
     assert b["world_size"] == 1 and b["fit"]["resumed"]["world_size"] == 2 and b["fit"]["steps"] == a["fit"]["steps"]
     assert b["auc"] == pytest.approx(a["auc"], abs=1e-6) and b["logloss"] == pytest.approx(a["logloss"], abs=1e-6)
     # one more epoch on 1 rank continues the schedule (epoch 2, more steps) from the restored optimizer state
     more = tmp_path / "more"
-    ok(launch(1, "jobs.pretrain", "--data", pretrain.parent / "world", "--out", more, "--resume", pretrain,
+    ok(launch(1, "satrank.jobs.pretrain", "--data", pretrain.parent / "world", "--out", more, "--resume", pretrain,
               "--set", "train.epochs=2", *FAST))
     c = metrics(more)
     assert c["fit"]["epochs_completed"] == 2 and c["fit"]["steps"] > a["fit"]["steps"]
@@ -232,7 +231,7 @@ def test_resuming_an_ips_run_rebuilds_rho_from_the_old_runs_config(world, ips_ui
     run evaluates exactly like the old one."""
     old = metrics(ips_ui)
     same = tmp_path / "same"
-    ok(launch(2, "jobs.satisfaction", "--data", world, "--resume", ips_ui, "--out", same,
+    ok(launch(2, "satrank.jobs.satisfaction", "--data", world, "--resume", ips_ui, "--out", same,
               "--set", "satisfaction.loss=ips", *CLIP, *FAST,
               "--set", f"satisfaction_train.epochs={old['fit']['epochs_completed']}"))
     new = metrics(same)
@@ -262,17 +261,17 @@ def test_frozen_click_tables_are_bit_identical_in_the_satisfaction_checkpoint(pr
 
 def test_bad_init_and_propensity_paths_fail_with_a_clear_message(world, pretrain, propensity, tmp_path):
     out = tmp_path / "out"
-    proc = launch(2, "jobs.satisfaction", "--data", world, "--init", pretrain, "--propensity", tmp_path / "nope",
+    proc = launch(2, "satrank.jobs.satisfaction", "--data", world, "--init", pretrain, "--propensity", tmp_path / "nope",
                   "--out", out)
     assert proc.returncode != 0, proc.stderr[-2000:]
     assert "--propensity" in proc.stderr and "does not exist" in proc.stderr, proc.stderr[-2000:]
-    proc = launch(None, "jobs.satisfaction", "--data", world, "--init", world, "--propensity", propensity, "--out", out)
+    proc = launch(None, "satrank.jobs.satisfaction", "--data", world, "--init", world, "--propensity", propensity, "--out", out)
     assert proc.returncode == 1 and "--init" in proc.stderr and "not a satrank checkpoint" in proc.stderr
-    proc = launch(None, "jobs.satisfaction", "--data", world, "--init", propensity, "--propensity", propensity,
+    proc = launch(None, "satrank.jobs.satisfaction", "--data", world, "--init", propensity, "--propensity", propensity,
                   "--out", out)
-    assert proc.returncode == 1 and "expected a jobs.pretrain run" in proc.stderr
+    assert proc.returncode == 1 and "expected a satrank.jobs.pretrain run" in proc.stderr
     # a run written for another feature config (here: the user table has other rows than the checkpoint's)
-    proc = launch(None, "jobs.satisfaction", "--data", world, "--init", pretrain, "--propensity", propensity,
+    proc = launch(None, "satrank.jobs.satisfaction", "--data", world, "--init", pretrain, "--propensity", propensity,
                   "--out", out, "--set", "data.sparse.user_id.vocab_size=1000")
     assert proc.returncode == 1 and "different feature config" in proc.stderr, proc.stderr[-2000:]
     assert "sparse.user_id.rows: checkpoint 20000 vs model 1000" in proc.stderr
@@ -290,7 +289,7 @@ def test_validation_shard_without_answers_is_evaluated_and_counted(world, pretra
     table = table.set_column(table.schema.get_field_index("satisfied"), "satisfied", pa.nulls(n, pa.int8()))
     pq.write_table(table, data / "valid" / "part-00000.parquet", row_group_size=2000)
     run = tmp_path / "run"
-    ok(launch(2, "jobs.satisfaction", "--data", data, "--init", pretrain, "--out", run,
+    ok(launch(2, "satrank.jobs.satisfaction", "--data", data, "--init", pretrain, "--out", run,
               "--set", "satisfaction.loss=naive", "--set", "satisfaction_train.max_steps=2", *FAST))
     m = metrics(run)
     assert m["answered_rows"] == 0 and m["rows_all"] == n and m["auc_answered"] is None
@@ -299,7 +298,7 @@ def test_validation_shard_without_answers_is_evaluated_and_counted(world, pretra
     assert m["fit"]["steps"] == 2 and m["fit"]["mid_epoch"] is True  # ~670 answered rows: 3 steps an epoch
     # resuming the interrupted epoch (same ranks and reader workers) trains exactly the rows not trained yet
     more = tmp_path / "more"
-    ok(launch(2, "jobs.satisfaction", "--data", data, "--resume", run, "--out", more,
+    ok(launch(2, "satrank.jobs.satisfaction", "--data", data, "--resume", run, "--out", more,
               "--set", "satisfaction.loss=naive", "--set", "satisfaction_train.max_steps=null",
               "--set", "satisfaction_train.epochs=1", *FAST))
     (first,), (rest,) = events(run, "train_epoch"), events(more, "train_epoch")
@@ -311,10 +310,10 @@ def test_validation_shard_without_answers_is_evaluated_and_counted(world, pretra
 
 # ------------------------------------------------------------------------------------------ score_history
 def test_score_history_equals_g_forward_on_the_same_user_item_pairs():
-    from embeddings.config import EmbeddingConfig
-    from models.config import SatisfactionConfig, TowerConfig
-    from models.stage1 import SatisfactionModel
-    from pipeline.config import ConfigError
+    from satrank.embeddings.config import EmbeddingConfig
+    from satrank.models.stage1.config import SatisfactionConfig, TowerConfig
+    from satrank.models.stage1.tasks import SatisfactionModel
+    from satrank.pipeline.config import ConfigError
 
     data = small_data_config()
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Stage-1 models (models/stage1.py, models/towers.py): padding-invariant history encoders, frozen tables in
+"""Stage-1 models (models/stage1/tasks.py, models/common/towers.py): padding-invariant history encoders, frozen tables in
 the satisfaction model (no gradient, bit-identical after optimiser steps), weight hand-over from the
 click and propensity models, label handling, config errors, and a 2-rank DMP + TrainPipelineSparseDist run
 in which the frozen sharded tables stay bit-identical while the head trains."""
@@ -13,17 +13,16 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from _stage1_helpers import small_data_config  # noqa: E402
-from embeddings.config import EmbeddingConfig  # noqa: E402
-from jobs.config import load_config  # noqa: E402
-from models.config import PropensityConfig, SatisfactionConfig, TowerConfig  # noqa: E402
-from models.stage1 import ClickModel, PropensityModel, SatisfactionModel  # noqa: E402
-from models.towers import MeanHistoryEncoder, TransformerHistoryEncoder  # noqa: E402
-from pipeline.batch import Batch  # noqa: E402
-from pipeline.config import ConfigError, from_dict  # noqa: E402
-from pipeline.features import DataConfig  # noqa: E402
+from satrank.embeddings.config import EmbeddingConfig  # noqa: E402
+from satrank.jobs.config import load_config  # noqa: E402
+from satrank.models.stage1.config import PropensityConfig, SatisfactionConfig, TowerConfig  # noqa: E402
+from satrank.models.stage1.tasks import ClickModel, PropensityModel, SatisfactionModel  # noqa: E402
+from satrank.models.common.towers import MeanHistoryEncoder, TransformerHistoryEncoder  # noqa: E402
+from satrank.pipeline.batch import Batch  # noqa: E402
+from satrank.pipeline.config import ConfigError, from_dict  # noqa: E402
+from satrank.pipeline.features import DataConfig  # noqa: E402
 
 data_config = small_data_config  # the shared small data contract (tests/_stage1_helpers.py)
 
@@ -46,7 +45,7 @@ def make_batch(data: DataConfig, n: int, seed: int, hist_lengths=None) -> Batch:
 
 
 def materialize(model, seed=0):
-    from embeddings.tables import SparseArch
+    from satrank.embeddings.tables import SparseArch
 
     for i, m in enumerate(x for x in model.modules() if isinstance(x, SparseArch)):
         m.materialize(seed + i)
@@ -308,8 +307,8 @@ def _worker(out_dir: str) -> None:
     import torch.distributed as dist
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from embeddings.sharding import full_state_dict, shard_model
-    from jobs.runtime import init_runtime
+    from satrank.embeddings.sharding import full_state_dict, shard_model
+    from satrank.jobs.engine.runtime import init_runtime
 
     rt = init_runtime(seed=0)
     emb = from_dict(EmbeddingConfig, {"dim": 8, "tables": {"item": {"sharding": "row_wise"},
@@ -352,7 +351,7 @@ def _worker(out_dir: str) -> None:
 
 
 def test_sharded_pipelined_training_keeps_frozen_tables_identical_across_two_ranks(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
          str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,

@@ -1,0 +1,133 @@
+"""Evaluators of the stage-1 jobs (SAQRec sec. 4.2): what each job reports on DIR/valid.
+
+`BinaryEvaluator`       click model (satrank.jobs.pretrain) and propensity model (satrank.jobs.propensity): AUC, log loss,
+                        ECE (+ reliability table) against the observed label, and, where the data has the
+                        simulator's truth column, the log loss against the true probability.
+`SatisfactionEvaluator` satisfaction model g (satrank.jobs.satisfaction): the ideal loss of eq. 2 against
+                        true_p_satisfied over ALL impressions (`ideal_loss_all`), the AUC against a
+                        satisfaction label SAMPLED from true_p_satisfied with a fixed seed over all
+                        impressions (`auc_true_all`), the AUC on answered impressions (`auc_answered`, the
+                        only observed labels: a biased sample), and the counts that make edge cases visible.
+
+Both plug into satrank.jobs.engine.trainer.Trainer.evaluate: `columns` picks per-row tensors of each batch (cloned, so no
+reader buffer is held), `metrics` runs on all ranks' gathered rows. Sampling for `auc_true_all` is done
+after sorting rows by their ids, so it is the same draw whatever the world size or read order.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from satrank.models.metrics.calibration import auc, binary_metrics, log_loss, reliability_table, satisfaction_metrics
+
+ID_ORDER = ("request_id", "user_id", "item_id", "timestamp")
+
+
+def row_ids(batch) -> Dict[str, torch.Tensor]:
+    """The batch's id columns (`id_request_id`, ...; those present), the keys `canonical_order` sorts by."""
+    return {f"id_{k}": batch.ids[k].detach().cpu().clone() for k in ID_ORDER if k in batch.ids}
+
+
+def canonical_order(columns: Dict[str, torch.Tensor]) -> np.ndarray:
+    """Row permutation sorting by (request_id, user_id, item_id, timestamp), those present."""
+    keys = [columns[f"id_{k}"].numpy() for k in reversed(ID_ORDER) if f"id_{k}" in columns]
+    n = len(next(iter(columns.values()))) if columns else 0
+    return np.lexsort(keys) if keys else np.arange(n)
+
+
+def sample_labels(p: torch.Tensor, seed: int) -> torch.Tensor:
+    """Bernoulli(p) draws from a generator seeded by `seed` (p in a canonical row order)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(p.shape[0], generator=g, dtype=torch.float64) < p.double()).to(torch.float32)
+
+
+def auc_vs_drawn_truth(pred: torch.Tensor, true_p: torch.Tensor, seed: int) -> Dict[str, Any]:
+    """AUC of `pred` (any score: logits or probabilities) on ALL rows against a label drawn from `true_p` (`sample_labels`, rows already in
+    `canonical_order`): `auc_true_all`, the truth's own AUC on the same draw `auc_true_all_ceiling`, `rows_all`
+    and `sampled_satisfied_rate`."""
+    drawn = sample_labels(true_p, seed)
+    return {"auc_true_all": auc(pred, drawn), "auc_true_all_ceiling": auc(true_p, drawn),
+            "rows_all": int(drawn.numel()), "sampled_satisfied_rate": float(drawn.mean())}
+
+
+class BinaryEvaluator:
+    """Probability `prob_key` of the model outputs against label `label` (and truth column `truth`)."""
+
+    def __init__(self, prob_key: str, label: str, truth: Optional[str] = None, n_bins: int = 10,
+                 reliability: bool = False) -> None:
+        self.prob_key, self.label, self.truth = prob_key, label, truth
+        self.n_bins, self.reliability = n_bins, reliability
+
+    def columns(self, batch, outputs: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        cols = {"pred": outputs[self.prob_key].detach().float().cpu().clone(),
+                "label": batch.labels[self.label].detach().float().cpu().clone()}
+        if self.truth is not None and self.truth in batch.truth:
+            cols["truth"] = batch.truth[self.truth].detach().float().cpu().clone()
+        return cols
+
+    def metrics(self, columns: Dict[str, torch.Tensor], counters: Dict[str, float]) -> Dict[str, Any]:
+        if not columns:
+            return {"auc": float("nan"), "logloss": float("nan"), "ece": float("nan"), "n": 0}
+        pred, label = columns["pred"], columns["label"]
+        out: Dict[str, Any] = binary_metrics(pred, label, self.n_bins)
+        if "truth" in columns:
+            out["ideal_logloss_all"] = log_loss(pred, columns["truth"])  # against the true probability
+            out["mean_true"] = float(columns["truth"].double().mean())
+            out["truth_auc_vs_label"] = auc(columns["truth"], label)  # ceiling: the true probability's AUC
+        if self.reliability:
+            out["reliability"] = reliability_table(pred, label, self.n_bins)
+        return out
+
+
+class SatisfactionEvaluator:
+    """Metrics of the satisfaction model g on every validation impression (module docstring).
+
+    counters (from the loss's stats): `empty` = batches without an answered row, `clipped` = answered rows
+    whose propensity was clipped at M. `propensity_below_clip_all` counts all rows with rho < M.
+    """
+
+    def __init__(self, seed: int, clip: float, truth: str = "true_p_satisfied", n_bins: int = 10) -> None:
+        self.seed, self.clip, self.truth, self.n_bins = seed, clip, truth, n_bins
+
+    def columns(self, batch, outputs: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        answered = batch.labels["questionnaire_answered"].detach().float().cpu()
+        satisfied = torch.where(answered > 0.5, batch.labels["satisfied"].detach().float().cpu(),
+                                torch.zeros_like(answered))
+        cols = {"sat_prob": outputs["sat_prob"].detach().float().cpu().clone(), "answered": answered.clone(),
+                "satisfied": satisfied, **row_ids(batch)}
+        if self.truth in batch.truth:
+            cols["true_p"] = batch.truth[self.truth].detach().float().cpu().clone()
+        if "propensity" in outputs:
+            cols["propensity"] = outputs["propensity"].detach().float().cpu().clone()
+        return cols
+
+    def metrics(self, columns: Dict[str, torch.Tensor], counters: Dict[str, float]) -> Dict[str, Any]:
+        if not columns:
+            return {"ideal_loss_all": float("nan"), "auc_true_all": float("nan"), "auc_answered": float("nan")}
+        order = torch.from_numpy(canonical_order(columns))
+        c = {k: v[order] for k, v in columns.items()}
+        pred, o, s = c["sat_prob"], c["answered"], c["satisfied"]
+        true_p = c.get("true_p")
+        out: Dict[str, Any] = satisfaction_metrics(pred, s, o, true_p, self.n_bins)
+        answered = int((o > 0.5).sum())
+        out.update({
+            "auc_answered": out["answered_auc"],
+            "answered_rows": answered,
+            "batches_no_answered": int(counters.get("empty", 0)),
+            "clipped_propensities": int(counters.get("clipped", 0)),
+            "seed": self.seed,
+        })
+        if true_p is not None:
+            out.update(auc_vs_drawn_truth(pred, true_p, self.seed))  # + the truth itself on the same draw
+        else:
+            out.update(auc_true_all=float("nan"), rows_all=int(pred.numel()))
+            out["ideal_loss_all"] = float("nan")
+        if "propensity" in c:
+            rho = c["propensity"]
+            out["propensity_below_clip_all"] = int((rho < self.clip).sum())
+            out["mean_propensity_all"] = float(rho.double().mean())
+            out["mean_propensity_answered"] = float(rho[o > 0.5].double().mean()) if answered else float("nan")
+        out["reliability_truth_all"] = reliability_table(pred, true_p, self.n_bins) if true_p is not None else None
+        return out

@@ -1,0 +1,154 @@
+"""Multi-task loss of the stage-2 ranker (SAQRec eqs. 15-19 plus watch-time and skip heads):
+
+    L = L_C + beta L_S^final + w_wt L_wt + w_skip L_skip + gamma L2
+
+- L_C     click BCE on the click logit (eq. 15), mean over the batch.
+- L_S     satisfaction BCE of s_f against the stage-1 pseudo-label s_hat = g(u, i) (eq. 16), mean over
+          the batch (every row has a pseudo-label). From epoch n_mix on, with label correction,
+          L_S^mix: BCE against s_mix = lambda s_hat + (1 - lambda) sg(s_f) (eqs. 17-18, see
+          `satrank.models.ranker.label_correction`). Absent when model.mtl is off (the tower does not exist).
+- L_wt    regression of log1p(watch_time_s): MSE or Huber (loss.watch_time_loss), on all rows or
+          clicked rows only (loss.watch_time_rows).
+- L_skip  skip BCE on all rows.
+- L2      eq. 19's gamma ||Theta||_2 over the DENSE parameters passed in (the ranker's; embedding
+          tables are regularised by their fused optimizer's weight_decay, see satrank.embeddings.config).
+          `l2_form: squared` (default) is sum theta^2, i.e. classic L2 / weight decay with gradient
+          2 gamma theta; `l2_form: norm` is the printed ||Theta||_2 = sqrt(sum theta^2).
+
+A head that the model has is always added, even with weight 0 (then 0 * L keeps the graph, so DDP
+sees gradients for every parameter); a head it does not have contributes no term and no key.
+`MultiTaskLoss.__call__` returns {"loss": total with graph, and per part a detached value:
+"click", "satisfaction", "watch_time", "skip", "l2", "sat_mixed" (1.0 when L_S^mix was used),
+"lambda_mean"}.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from satrank.models.ranker.label_correction import LabelCorrector
+from satrank.models.ranker.config import ModelConfig, MultiTaskLossConfig
+
+
+def _need(labels: Dict[str, torch.Tensor], name: str, like: torch.Tensor) -> torch.Tensor:
+    if name not in labels:
+        raise KeyError(f"multi-task loss: label {name!r} is required by an active head but missing (have {sorted(labels)})")
+    t = labels[name]
+    if t.shape != like.shape:
+        raise ValueError(f"multi-task loss: label {name!r} has shape {tuple(t.shape)}, expected {tuple(like.shape)}")
+    return t.to(like.dtype)
+
+
+def l2_penalty(params: Iterable[torch.Tensor], form: str = "squared") -> torch.Tensor:
+    """sum theta^2 over params (`squared`) or its square root (`norm`); dense params only."""
+    sq = [p.pow(2).sum() for p in params if p.requires_grad]
+    if not sq:
+        raise ValueError("l2_penalty: no trainable parameters given")
+    total = torch.stack(sq).sum()
+    if form == "squared":
+        return total
+    if form == "norm":
+        return total.clamp_min(1e-30).sqrt()  # clamp: finite gradient at theta = 0
+    raise ValueError(f"l2_penalty: form must be 'squared' or 'norm', got {form!r}")
+
+
+def satisfaction_loss_final(
+    sat_logit: torch.Tensor,
+    pseudo: torch.Tensor,
+    epoch: int,
+    corrector: Optional[LabelCorrector],
+    record: bool = True,
+) -> Dict[str, torch.Tensor]:
+    """Eq. 18: eq. 16 before n_mix (or without a corrector), eq. 17 from n_mix on.
+
+    Returns {"loss", "per_sample" (eq. 16 per row, detached), "lambda" (or None), "target"}.
+    With `record`, the eq. 16 per-sample losses go into the corrector's reservoir for the next fit.
+    """
+    if pseudo.shape != sat_logit.shape:
+        raise ValueError(f"satisfaction loss: pseudo-labels have shape {tuple(pseudo.shape)}, expected {tuple(sat_logit.shape)}")
+    pseudo = pseudo.to(sat_logit.dtype)
+    per = F.binary_cross_entropy_with_logits(sat_logit, pseudo, reduction="none")  # eq. 16 per row
+    if corrector is not None and record:
+        corrector.observe(per.detach())
+    if corrector is None or not corrector.active(epoch):
+        return {"loss": per.mean(), "per_sample": per.detach(), "lambda": None, "target": pseudo}
+    target, lam = corrector.mixed_target(pseudo, sat_logit, per.detach())
+    loss = F.binary_cross_entropy_with_logits(sat_logit, target, reduction="mean")  # eq. 17
+    return {"loss": loss, "per_sample": per.detach(), "lambda": lam, "target": target}
+
+
+class MultiTaskLoss:
+    """Eq. 19 with the extra heads; every weight from `MultiTaskLossConfig` (the `loss:` section)."""
+
+    def __init__(self, cfg: MultiTaskLossConfig, model: ModelConfig, corrector: Optional[LabelCorrector] = None, seed: int = 0):
+        self.cfg, self.model = cfg, model
+        if corrector is None and cfg.label_correction and model.use_satisfaction:
+            corrector = LabelCorrector(cfg.n_mix, cfg.bmm_iters, cfg.bmm_quantiles, cfg.bmm_lookup_size,
+                                       cfg.bmm_max_samples, seed=seed)
+        self.corrector = corrector if model.use_satisfaction else None
+
+    def end_epoch(self, epoch: int) -> Dict[str, float]:
+        """Call on every rank after each training epoch (fits the label-correction mixture when due)."""
+        return self.corrector.end_epoch(epoch) if self.corrector is not None else {}
+
+    def __call__(
+        self,
+        out: Dict[str, torch.Tensor],
+        labels: Dict[str, torch.Tensor],
+        epoch: int,
+        pseudo_satisfaction: Optional[torch.Tensor] = None,
+        params: Optional[Iterable[torch.Tensor]] = None,
+        record: bool = True,
+    ) -> Dict[str, torch.Tensor]:
+        """out: the ranker's outputs; labels: Batch.labels; pseudo_satisfaction: s_hat = g(u, i) [B]
+        probabilities (required with mtl); params: dense parameters for L2 (required if gamma > 0);
+        record: feed the label-correction reservoir (True in training, False in evaluation)."""
+        cfg = self.cfg
+        click = out["click"]
+        parts: Dict[str, torch.Tensor] = {}
+        l_c = F.binary_cross_entropy_with_logits(click, _need(labels, "click", click))  # eq. 15
+        total = l_c
+        parts["click"] = l_c
+        if "satisfaction" in out:
+            if pseudo_satisfaction is None:
+                raise ValueError("multi-task loss: model.mtl is on but no pseudo_satisfaction (stage-1 s_hat) was given")
+            s = satisfaction_loss_final(out["satisfaction"], pseudo_satisfaction, epoch, self.corrector, record)
+            total = total + cfg.beta * s["loss"]
+            parts["satisfaction"] = s["loss"]
+            lam = s["lambda"]
+            parts["sat_mixed"] = torch.tensor(float(lam is not None), device=click.device)
+            if lam is not None:
+                parts["lambda_mean"] = lam.mean()
+        if "watch_time" in out:
+            pred = out["watch_time"]
+            target = torch.log1p(_need(labels, "watch_time_s", pred).clamp_min(0))
+            if cfg.watch_time_loss == "mse":
+                per = F.mse_loss(pred, target, reduction="none")
+            else:
+                per = F.huber_loss(pred, target, reduction="none", delta=cfg.huber_delta)
+            if cfg.watch_time_rows == "clicked":
+                m = _need(labels, "click", pred) > 0.5
+                per = torch.where(m, per, torch.zeros_like(per))
+                l_wt = per.sum() / m.sum().clamp_min(1).to(per.dtype)
+            else:
+                l_wt = per.mean()
+            total = total + cfg.watch_time_weight * l_wt
+            parts["watch_time"] = l_wt
+        if "skip" in out:
+            l_skip = F.binary_cross_entropy_with_logits(out["skip"], _need(labels, "skip", out["skip"]))
+            total = total + cfg.skip_weight * l_skip
+            parts["skip"] = l_skip
+        if cfg.gamma > 0:
+            if params is None:
+                raise ValueError("multi-task loss: loss.gamma > 0 needs the dense parameters (params=...)")
+            l2 = l2_penalty(params, cfg.l2_form)
+            total = total + cfg.gamma * l2
+            parts["l2"] = l2
+        if cfg.check_finite and not bool(torch.isfinite(total)):
+            desc = {k: float(v.detach()) for k, v in parts.items()}
+            raise FloatingPointError(f"multi-task loss at epoch {epoch} is not finite; parts: {desc}")
+        result = {k: v.detach() for k, v in parts.items()}
+        result["loss"] = total
+        return result

@@ -1,0 +1,241 @@
+"""The stage-2 train task (SAQRec sec. 4.3-4.4, Algorithm 1 lines 8-10) as one DMP-shardable module.
+
+    RankerTask.forward(batch) -> (loss, outputs)      like torchrec's DLRMTrain
+
+Submodules:
+  sparse_arch   the ranker's own trainable tables (satrank.embeddings.tables.SparseArch).
+  ranker        RankerFromSparse(build_ranker(...)): SID, MLSE, fusion and towers (satrank.models.ranker.saqrec).
+  g             the stage-1 satisfaction model (satrank.models.stage1.tasks.SatisfactionModel) with its OWN tables,
+                frozen: its lookups run under torch.no_grad() (no graph reaches a table, so FBGEMM's
+                fused optimizers never fire) and its dense part has requires_grad=False and stays in
+                eval mode. The job loads its weights from the satisfaction run. It exists only when
+                MLSE or MTL needs it (mlse=false and mtl=false, or variant=click_only: no g at all).
+                It is built without its propensity submodule (loss forced to `naive`): stage 2 needs
+                g's scores, never rho.
+  teacher       table-free leaf that turns g's lookups into the two signals of the paper:
+                  (a) MLSE history scores s_hat_j = g(u, j) for every hist_click item j (eq. 11),
+                      passed to the ranker through RankerInputs.extras (satrank.models.ranker.saqrec.PrecomputedScorer);
+                  (b) pseudo-labels s_hat = sigmoid(g(u, i)) for the candidate (eq. 16).
+                Each is computed only when its consumer exists (MLSE on / satisfaction tower on).
+  loss_fn       table-free leaf: MultiTaskLoss (eqs. 15-19, label correction eqs. 17-18) -> (loss, outputs).
+
+The forward body only calls the two SparseArches with `batch.sparse` and passes their outputs to
+table-free leaves, so TrainPipelineSparseDist's fx tracer finds and pipelines all four sharded
+collections (EBC + EC of each arch). Ablations (paper Table 3) come from `model:`: sid, mlse, mtl,
+variant=click_only; "without unbiased pre-training" is the same task given a satisfaction run
+trained with `satisfaction.loss: naive`.
+
+Outputs (detached): click_logit, click_prob; sat_logit, sat_prob (satisfaction tower);
+watch_time_log1p (watch-time head); skip_logit (skip head); pseudo_satisfaction (g, with mtl);
+and, when the batch has labels, loss and loss/<part> for each MultiTaskLoss part plus
+loss/satisfaction_bce = eq. 16 against the pseudo-labels (comparable across epochs, unlike
+L_S^mix). The label-correction state (the fitted Beta mixture) travels in the module's
+state_dict as loss_fn's extra state, so checkpoints carry it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from satrank.embeddings.config import EmbeddingConfig
+from satrank.embeddings.tables import META, SparseArch, SparseOutput
+from satrank.models.stage1.config import SatisfactionConfig, TowerConfig
+from satrank.models.ranker.losses import MultiTaskLoss
+from satrank.models.ranker.config import ModelConfig, MultiTaskLossConfig
+from satrank.models.ranker.saqrec import PrecomputedScorer, RankerFromSparse, build_ranker
+from satrank.models.stage1.tasks import SatisfactionModel
+from satrank.pipeline.features import DataConfig
+
+HISTORY_SCORES = "hist_click_satisfaction"  # RankerInputs.extras key of the MLSE scores
+PSEUDO = "pseudo_satisfaction"
+
+
+@dataclasses.dataclass
+class TeacherSpec:
+    """How the frozen satisfaction model g was built (from the satisfaction run's resolved config)."""
+
+    emb: EmbeddingConfig
+    tower: TowerConfig
+    satisfaction: SatisfactionConfig
+
+
+def needs_teacher(model: ModelConfig) -> bool:
+    """g is needed for MLSE's history scores or for the satisfaction tower's pseudo-labels."""
+    return model.use_mlse or model.use_satisfaction
+
+
+class Teacher(nn.Module):
+    """Leaf: g's lookups -> {HISTORY_SCORES: [B, L] probabilities, PSEUDO: [B] probabilities}.
+
+    g is referenced, not owned (it is RankerTask.g); everything runs under no_grad in eval mode.
+    `history_calls` counts calls of g's history scorer (tests check MLSE-off never calls it).
+    """
+
+    def __init__(self, g: SatisfactionModel, history: str, scores: bool, pseudo: bool) -> None:
+        super().__init__()
+        object.__setattr__(self, "_g", g)
+        self.history, self.scores, self.pseudo = history, scores, pseudo
+        self.history_calls = 0
+
+    def forward(self, sparse: SparseOutput, dense: torch.Tensor) -> Dict[str, torch.Tensor]:
+        g: SatisfactionModel = self._g  # type: ignore[attr-defined]
+        out: Dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            if self.scores:
+                self.history_calls += 1
+                out[HISTORY_SCORES] = g.score_history(sparse, feature=self.history, dense=dense).detach()
+            if self.pseudo:
+                logit, _ = g.arch(sparse.pooled, sparse.sequences, dense)
+                out[PSEUDO] = torch.sigmoid(logit).detach()
+        return out
+
+
+class RankerLoss(nn.Module):
+    """Leaf: MultiTaskLoss over the ranker's outputs -> (loss or None, detached outputs).
+
+    `epoch` (0-based, set by the job through RankerTask.set_epoch) selects L_S vs L_S^mix (eq. 18).
+    Training feeds the label-correction reservoir; evaluation does not. Without labels (candidate
+    sets) the loss is None in eval mode and an error in training mode.
+    """
+
+    def __init__(self, loss_cfg: MultiTaskLossConfig, model_cfg: ModelConfig, ranker: nn.Module, seed: int = 0) -> None:
+        super().__init__()
+        self.mtl = MultiTaskLoss(loss_cfg, model_cfg, seed=seed)
+        self.gamma = loss_cfg.gamma
+        self.epoch = 0
+        self.set_l2_module(ranker)
+
+    def set_l2_module(self, module: nn.Module) -> None:
+        """The module whose parameters the L2 term (loss.gamma) covers: the dense ranker by default; EASQ points it
+        at the backbone alone (satrank.models.easq.pathway.install_easq). Held outside the module tree, so its parameters are
+        not registered twice (state_dict and optimizers see them through the ranker only)."""
+        object.__setattr__(self, "_ranker", module)
+
+    def forward(self, out: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor],
+                teacher: Dict[str, torch.Tensor]) -> Tuple[Optional[torch.Tensor], Dict[str, Any]]:
+        res: Dict[str, Any] = {"click_logit": out["click"].detach(), "click_prob": torch.sigmoid(out["click"].detach())}
+        if "satisfaction" in out:
+            res["sat_logit"] = out["satisfaction"].detach()
+            res["sat_prob"] = torch.sigmoid(res["sat_logit"])
+        if "watch_time" in out:
+            res["watch_time_log1p"] = out["watch_time"].detach()
+        if "skip" in out:
+            res["skip_logit"] = out["skip"].detach()
+        pseudo = teacher.get(PSEUDO)
+        if pseudo is not None:
+            res[PSEUDO] = pseudo
+        if "click" not in labels:
+            if self.training:
+                raise ValueError(f"ranker: training batch has no label 'click' (labels present: {sorted(labels)})")
+            return None, res
+        params = self._ranker.parameters() if self.gamma > 0 else None  # type: ignore[attr-defined]
+        parts = self.mtl(out, labels, self.epoch, pseudo_satisfaction=pseudo, params=params, record=self.training)
+        loss = parts.pop("loss")
+        res["loss"] = loss.detach()
+        res.update({f"loss/{k}": v for k, v in parts.items()})
+        if "satisfaction" in out:
+            res["loss/satisfaction_bce"] = F.binary_cross_entropy_with_logits(
+                out["satisfaction"].detach(), pseudo.to(out["satisfaction"].dtype))
+        res["rows"] = torch.tensor(float(out["click"].shape[0]), device=out["click"].device)
+        return loss, res
+
+    def end_epoch(self, epoch: int) -> Dict[str, float]:
+        """Collective: close training epoch `epoch` (fits the label-correction mixture when due)."""
+        return self.mtl.end_epoch(epoch)
+
+    # The fitted label-correction state rides in state_dict as ONE float64 tensor (DCP reshards and
+    # saves tensors reliably; nested Python objects it does not round-trip):
+    # [lo, hi, fitted_epoch, has_table, table (lookup_size), has_bmm, alphas (2), betas (2), weights (2)].
+    def get_extra_state(self) -> torch.Tensor:
+        c = self.mtl.corrector
+        if c is None:
+            return torch.zeros(1, dtype=torch.float64)
+        st = c.state_dict()
+        table = torch.zeros(c.lookup_size, dtype=torch.float64) if st["table"] is None else st["table"].double()
+        bmm = torch.zeros(6, dtype=torch.float64) if st["bmm"] is None else st["bmm"].double().reshape(-1)
+        head = torch.tensor([st["lo"], st["hi"], st["fitted_epoch"], float(st["table"] is not None)], dtype=torch.float64)
+        return torch.cat([head, table, torch.tensor([float(st["bmm"] is not None)], dtype=torch.float64), bmm])
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        c = self.mtl.corrector
+        if c is None:
+            return
+        v = torch.as_tensor(state, dtype=torch.float64).reshape(-1)
+        n = c.lookup_size
+        if v.numel() != 4 + n + 7:
+            raise ValueError(f"label-correction state has {v.numel()} values, expected {4 + n + 7} "
+                             f"(loss.bmm_lookup_size={n}); was the checkpoint written with another config?")
+        has_bmm = v[4 + n] > 0.5
+        c.load_state_dict({"lo": float(v[0]), "hi": float(v[1]), "fitted_epoch": int(v[2]),
+                           "table": v[4:4 + n].clone() if v[3] > 0.5 else None,
+                           "bmm": v[5 + n:].reshape(3, 2).clone() if has_bmm else None})
+
+
+class RankerTask(nn.Module):
+    """SAQRec (or the click-only baseline) with its frozen teacher g; see the module doc."""
+
+    def __init__(
+        self,
+        data: DataConfig,
+        emb: EmbeddingConfig,
+        model: ModelConfig,
+        loss: MultiTaskLossConfig,
+        teacher: Optional[TeacherSpec] = None,
+        sparse_device: torch.device = META,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.data, self.model_cfg = data, model
+        self.sparse_arch = SparseArch(data, emb, device=sparse_device)
+        ranker = build_ranker(model, data, self.sparse_arch.feature_dim, PrecomputedScorer(HISTORY_SCORES))
+        self.ranker = RankerFromSparse(ranker, data)
+        self.g: Optional[SatisfactionModel] = None
+        self.teacher: Optional[Teacher] = None
+        if needs_teacher(model):
+            if teacher is None:
+                raise ValueError("ranker: model.mlse / model.mtl need the stage-1 satisfaction model g "
+                                 "(pass --satisfaction RUN_S); switch both off to train without it")
+            self.g = SatisfactionModel(data, teacher.emb, teacher.tower,
+                                       dataclasses.replace(teacher.satisfaction, loss="naive"), None, sparse_device)
+            self.g.arch.requires_grad_(False)
+            self.teacher = Teacher(self.g, model.histories.click, scores=model.use_mlse, pseudo=model.use_satisfaction)
+        self.loss_fn = RankerLoss(loss, model, self.ranker, seed=seed)
+        self.train(True)
+
+    @property
+    def heads(self):
+        return self.ranker.ranker.heads
+
+    def train(self, mode: bool = True) -> "RankerTask":
+        super().train(mode)
+        if self.g is not None:
+            self.g.eval()  # frozen: dropout off, always
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loss_fn.epoch = int(epoch)
+
+    def end_epoch(self, epoch: int) -> Dict[str, float]:
+        return self.loss_fn.end_epoch(epoch)
+
+    def forward(self, batch) -> Tuple[Optional[torch.Tensor], Dict[str, Any]]:
+        sp = self.sparse_arch(batch.sparse)
+        signals: Dict[str, torch.Tensor] = {}
+        if self.g is not None:
+            with torch.no_grad():
+                gsp = self.g.sparse_arch(batch.sparse)
+            signals = self.teacher(gsp, batch.dense)
+        out = self.ranker(sp, batch.dense, signals)
+        return self.loss_fn(out, batch.labels, signals)
+
+
+def find_task(model: nn.Module) -> RankerTask:
+    """The RankerTask inside a model (itself, or wrapped by DistributedModelParallel / DDP)."""
+    for m in model.modules():
+        if isinstance(m, RankerTask):
+            return m
+    raise TypeError(f"no RankerTask inside {type(model).__name__}")

@@ -1,0 +1,133 @@
+"""Stage-1 model and loss settings: the `pretrain:`, `propensity:` and `satisfaction:` config sections.
+
+Algorithm 1 of SAQRec trains three models in order: a click model (the "pre-trained recommendation
+model" whose embedding tables initialise the satisfaction model, sec. 4.2.2), the propensity model
+rho (eq. 5) and the satisfaction model g (eqs. 1, 6). Feature names refer to `data:`; they are checked
+against it when a model is built (satrank.models.stage1.tasks), with errors naming the config key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+from satrank.pipeline.config import ConfigError
+
+SatLoss = Literal["naive", "ips", "snips", "dr"]
+
+
+def _check_hidden(path: str, hidden: List[int]) -> None:
+    bad = [h for h in hidden if h <= 0]
+    if bad:
+        raise ConfigError(f"{path}: layer sizes must be > 0, got {hidden}")
+
+
+def _check_dropout(path: str, p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"{path}: dropout must be in [0, 1), got {p}")
+
+
+@dataclass
+class TowerConfig:
+    """User/item towers shared by the click model and the satisfaction model (same shapes, so the
+    satisfaction model can be initialised from the click model's weights)."""
+
+    dim: int = 32  # d of the user vector u and item vector v
+    hidden: List[int] = field(default_factory=lambda: [64])  # MLP hidden sizes (ReLU), then Linear -> dim
+    user_features: List[str] = field(default_factory=lambda: ["user_id", "user_activity"])
+    # Item side: by default only what a click-history item has (its id), so that the satisfaction model g
+    # built on these towers can score history items for MLSE (SatisfactionModel.score_history).
+    item_features: List[str] = field(default_factory=lambda: ["item_id"])
+    item_dense: List[str] = field(default_factory=list)  # dense columns on the item side
+    history: Optional[str] = "hist_click"  # a sequence feature encoded into the user vector (null = none)
+    history_encoder: Literal["mean", "transformer"] = "mean"  # masked mean | 1-layer Transformer + masked mean
+    transformer_heads: int = 2
+    transformer_ff: int = 64
+    dropout: float = 0.0
+
+    def validate(self, path: str) -> None:
+        if self.dim <= 0:
+            raise ConfigError(f"{path}.dim: must be > 0, got {self.dim}")
+        _check_hidden(f"{path}.hidden", self.hidden)
+        _check_dropout(f"{path}.dropout", self.dropout)
+        if not self.user_features:
+            raise ConfigError(f"{path}.user_features: needs at least one feature")
+        if not self.item_features:
+            raise ConfigError(f"{path}.item_features: needs at least one feature")
+        if self.transformer_heads <= 0 or self.transformer_ff <= 0:
+            raise ConfigError(f"{path}: transformer_heads and transformer_ff must be > 0")
+
+
+@dataclass
+class PretrainConfig:
+    """`pretrain:` the click model, logit = <u, v> + b, trained with BCE on clicks (eq. 15), plus an optional
+    auxiliary watch-time head on [u, v, u*v] (regression of log1p(watch_time_s)) whose gradient also shapes
+    the tables and towers that the satisfaction model later inherits frozen (docs/stage1.md)."""
+
+    tower: TowerConfig = field(default_factory=TowerConfig)
+    watch_time_weight: float = 0.0  # 0 = click only (the paper's base ranker)
+    watch_time_rows: Literal["clicked", "all"] = "clicked"  # rows whose watch time is regressed
+
+    def validate(self, path: str) -> None:
+        if self.watch_time_weight < 0:
+            raise ConfigError(f"{path}.watch_time_weight: must be >= 0, got {self.watch_time_weight}")
+
+
+# behaviour label role -> input transform (satrank.models.stage1.tasks.PropensityArch)
+BEHAVIOUR_INPUTS = {"click": "binary", "skip": "binary", "watch_time_s": "log1p"}
+
+
+@dataclass
+class PropensityConfig:
+    """`propensity:` rho(u, i) = P(questionnaire_answered = 1), an MLP trained on all impressions (eq. 5)."""
+
+    features: List[str] = field(
+        default_factory=lambda: ["user_id", "user_activity", "item_id", "author_id", "category_id"]
+    )
+    dense: List[str] = field(default_factory=lambda: ["duration_s"])
+    history: Optional[str] = None  # optionally a masked-mean sequence feature as extra input
+    # Logged behaviour of the impression itself as inputs (every impression has it, answered or not):
+    # click and skip as 0/1, watch_time_s as log1p. Answering follows viewing, so P(o | u, i, behaviour)
+    # is the propensity IPS needs when behaviour drives answering (docs/stage1.md).
+    behaviour: List[str] = field(default_factory=list)  # the paper's rho(u, i); configs/sim.yaml sets [click, watch_time_s]
+    hidden: List[int] = field(default_factory=lambda: [64, 32])
+    dropout: float = 0.0
+
+    def validate(self, path: str) -> None:
+        _check_hidden(f"{path}.hidden", self.hidden)
+        _check_dropout(f"{path}.dropout", self.dropout)
+        for b in self.behaviour:
+            if b not in BEHAVIOUR_INPUTS:
+                raise ConfigError(f"{path}.behaviour: {b!r} is not a behaviour label; choose from {list(BEHAVIOUR_INPUTS)}")
+        if len(set(self.behaviour)) != len(self.behaviour):
+            raise ConfigError(f"{path}.behaviour: duplicate entries in {self.behaviour}")
+        if not self.features and not self.dense and self.history is None and not self.behaviour:
+            raise ConfigError(f"{path}: needs at least one input (features, dense or history)")
+
+
+@dataclass
+class SatisfactionConfig:
+    """`satisfaction:` g(u, i) = MLP([u, v, u*v]) on frozen click-model embeddings (eqs. 1, 6).
+
+    loss: naive (eq. 3) | ips (eq. 6) | snips | dr; see models/stage1/losses.py. clip is M of eq. 6 and
+    must be > 0 so that rho_hat = 0 keeps a finite weight. The towers use `pretrain.tower`.
+    """
+
+    loss: SatLoss = "ips"
+    clip: float = 0.005
+    ips_normalizer: Literal["all", "answered"] = "all"  # all = |D| (unbiased, Thm 4.1); answered = |O| as printed
+    hidden: List[int] = field(default_factory=lambda: [64, 32])
+    dropout: float = 0.0
+    imputation_hidden: List[int] = field(default_factory=lambda: [32])  # dr only
+    imputation_weight: float = 1.0  # dr only: total = L_DR + weight * L_imputation
+    init_tower_from_pretrain: bool = True  # copy the click model's tower MLPs too (tables always copied)
+    freeze_tower: bool = False  # also freeze the tower MLPs (the tables are always frozen)
+    check_finite: bool = True  # raise FloatingPointError on a non-finite loss (one host sync per batch)
+
+    def validate(self, path: str) -> None:
+        if not 0.0 < self.clip <= 1.0:
+            raise ConfigError(f"{path}.clip: the propensity clip M must be in (0, 1], got {self.clip}")
+        _check_hidden(f"{path}.hidden", self.hidden)
+        _check_hidden(f"{path}.imputation_hidden", self.imputation_hidden)
+        _check_dropout(f"{path}.dropout", self.dropout)
+        if self.imputation_weight < 0:
+            raise ConfigError(f"{path}.imputation_weight: must be >= 0, got {self.imputation_weight}")

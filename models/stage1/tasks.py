@@ -1,0 +1,411 @@
+"""Stage 1 of SAQRec (sec. 4.2, Algorithm 1 lines 1-7) as TorchRec train-task modules.
+
+    ClickModel         base ranker pre-training (satrank.jobs.pretrain): logit = <u, v> + b, BCE on clicks (eq. 15).
+                       Its tables (and, by default, tower MLPs) initialise the satisfaction model.
+    PropensityModel    rho(u, i) = P(o = 1), BCE on questionnaire_answered over all impressions (eq. 5).
+    SatisfactionModel  g(u, i) = MLP([u, v, u*v]) (eq. 1) on FROZEN click-model embeddings, trained with
+                       naive (eq. 3) / ips (eq. 6) / snips / dr losses; rho comes from a frozen
+                       PropensityModel submodule evaluated on the same batch.
+
+Each forward(batch) returns (loss, outputs) like torchrec's DLRMTrain, so TrainPipelineSparseDist
+can drive it. The forward bodies are deliberately tiny: the SparseArch (which holds every sharded
+module) is called with `batch.sparse` directly, and everything else happens inside table-free
+submodules (`arch`, `loss_fn`), which the pipeline's fx tracer treats as leaves and runs eagerly.
+Outputs are detached. `loss` is None only in eval mode when the batch lacks the task's label
+(candidate sets); in training mode a missing label raises.
+
+Freezing (SatisfactionModel): the frozen SparseArches run under torch.no_grad() and their outputs are
+detached, so no autograd graph reaches a table: FBGEMM's fused (in-backward) optimizers never fire and
+an unsharded table's .grad stays None, i.e. tables stay bit-identical. Table parameters keep
+requires_grad=True (TorchRec's apply_optimizer_in_backward and DMP need it); no_grad alone freezes them.
+Frozen dense parts (the propensity MLP, the towers when `freeze_tower`) get requires_grad=False (DDP
+skips them) and stay in eval mode. tests/test_stage1_models.py checks all this sharded (row_wise,
+table_wise and data_parallel tables) under TrainPipelineSparseDist on 2 gloo ranks.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from satrank.embeddings.config import EmbeddingConfig
+from satrank.embeddings.tables import META, TABLE_KEY, SparseArch, padded
+from satrank.models.stage1.config import BEHAVIOUR_INPUTS, PropensityConfig, SatisfactionConfig, TowerConfig
+from satrank.models.stage1.losses import LossOut, bce_with_logits, dr_imputation_loss, satisfaction_loss
+from satrank.models.common.towers import UserItemTower, check_features, dense_index, masked_mean, mlp
+from satrank.pipeline.features import DataConfig
+
+Outputs = Dict[str, object]
+
+
+def _dims(arch: SparseArch) -> Dict[str, int]:
+    return {n: arch.feature_dim(n) for n in [*arch.single_features, *arch.sequence_features]}
+
+
+def _label(labels: Dict[str, torch.Tensor], name: str, training: bool, task: str) -> Optional[torch.Tensor]:
+    if name in labels:
+        return labels[name]
+    if training:
+        raise ValueError(f"{task}: training batch has no label {name!r} (labels present: {sorted(labels)})")
+    return None
+
+
+def _stats_out(out: LossOut, prefix: str = "") -> Dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v for k, v in out.stats.items()}
+
+
+# ---------------------------------------------------------------------------------------------- click
+class ClickArch(nn.Module):
+    """logit = <u, v> + b; with a watch-time head also log1p(watch) prediction = Linear([u, v, u*v])."""
+
+    def __init__(self, data: DataConfig, dims: Dict[str, int], tower: TowerConfig, watch_time: bool = False) -> None:
+        super().__init__()
+        self.tower = UserItemTower(data, dims, tower, "pretrain.tower")
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.watch_head = nn.Linear(3 * tower.dim, 1) if watch_time else None
+
+    def forward(self, pooled, sequences, dense) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        u, v = self.tower(pooled, sequences, dense)
+        watch = None
+        if self.watch_head is not None:
+            watch = self.watch_head(torch.cat([u, v, u * v], dim=-1)).squeeze(-1)
+        return (u * v).sum(-1) + self.bias, watch
+
+
+class ClickTaskLoss(nn.Module):
+    """Click BCE (eq. 15) + weight * MSE(watch pred, log1p(watch_time_s)) on clicked (or all) rows."""
+
+    def __init__(self, weight: float, rows: str) -> None:
+        super().__init__()
+        self.click = BinaryTaskLoss("click", "click", "click_model")
+        self.weight, self.rows = weight, rows
+
+    def forward(self, logit: torch.Tensor, watch: Optional[torch.Tensor], labels: Dict[str, torch.Tensor]
+                ) -> Tuple[Optional[torch.Tensor], Outputs]:
+        loss, out = self.click(logit, labels)
+        if watch is None:
+            return loss, out
+        out["watch_time_pred"] = watch.detach()
+        y = _label(labels, "watch_time_s", self.training, "click_model watch-time head")
+        if loss is None or y is None:
+            return loss, out
+        sq = (watch - torch.log1p(y.clamp_min(0.0))) ** 2
+        mask = labels["click"] if self.rows == "clicked" else torch.ones_like(sq)
+        l_wt = (sq * mask).sum() / mask.sum().clamp_min(1.0)
+        loss = loss + self.weight * l_wt
+        out["loss_watch_time"] = l_wt.detach()
+        out["loss"] = loss.detach()
+        return loss, out
+
+
+class BinaryTaskLoss(nn.Module):
+    """BCE of one logit against one label (eqs. 5 and 15) -> (loss, detached outputs)."""
+
+    def __init__(self, label: str, prefix: str, task: str, prob_alias: Optional[str] = None) -> None:
+        super().__init__()
+        self.label, self.prefix, self.task, self.prob_alias = label, prefix, task, prob_alias
+
+    def forward(self, logit: torch.Tensor, labels: Dict[str, torch.Tensor]) -> Tuple[Optional[torch.Tensor], Outputs]:
+        out: Outputs = {f"{self.prefix}_logit": logit.detach(), f"{self.prefix}_prob": torch.sigmoid(logit.detach())}
+        if self.prob_alias:
+            out[self.prob_alias] = out[f"{self.prefix}_prob"]
+        y = _label(labels, self.label, self.training, self.task)
+        if y is None:
+            return None, out
+        res = bce_with_logits(logit, y, name=self.task)
+        out[self.label] = y.detach()
+        out["loss"] = res.loss.detach()
+        out["stats/rows"] = res.stats["rows"]
+        return res.loss, out
+
+
+class ClickModel(nn.Module):
+    """Base ranker pre-training (satrank.jobs.pretrain). forward(batch) -> (BCE on `click`, outputs)."""
+
+    def __init__(
+        self, data: DataConfig, emb: EmbeddingConfig, tower: TowerConfig, sparse_device: torch.device = META,
+        watch_time_weight: float = 0.0, watch_time_rows: str = "clicked",
+    ) -> None:
+        super().__init__()
+        self.sparse_arch = SparseArch(data, emb, device=sparse_device)
+        self.arch = ClickArch(data, _dims(self.sparse_arch), tower, watch_time=watch_time_weight > 0)
+        self.loss_fn = ClickTaskLoss(watch_time_weight, watch_time_rows)
+
+    def forward(self, batch) -> Tuple[Optional[torch.Tensor], Outputs]:
+        sp = self.sparse_arch(batch.sparse)
+        logit, watch = self.arch(sp.pooled, sp.sequences, batch.dense)
+        return self.loss_fn(logit, watch, batch.labels)
+
+
+# ---------------------------------------------------------------------------------------------- propensity
+class PropensityArch(nn.Module):
+    """rho logit = MLP([e(features); mean(history)?; dense cols; behaviour?]).
+
+    `behaviour` inputs are the impression's own logged click / skip (0/1) / log1p(watch_time_s): observed
+    for every impression, answered or not, so rho(u, i, b) = P(o = 1 | u, i, b) is a valid IPS propensity
+    (it needs s independent of o given (u, i, b), weaker than given (u, i) when behaviour drives answering).
+    """
+
+    def __init__(self, data: DataConfig, dims: Dict[str, int], cfg: PropensityConfig) -> None:
+        super().__init__()
+        check_features("propensity.features", cfg.features, [f.name for f in data.sparse], "single-valued sparse")
+        self.features = list(cfg.features)
+        self.dense_idx = dense_index(data, "propensity.dense", cfg.dense)
+        self.history = cfg.history
+        hist_dim = 0
+        if cfg.history is not None:
+            check_features("propensity.history", [cfg.history], [f.name for f in data.sequence], "sequence")
+            self.max_len = data.feature(cfg.history).max_len
+            hist_dim = dims[cfg.history]
+        self.behaviour = list(cfg.behaviour)
+        in_dim = sum(dims[n] for n in self.features) + hist_dim + len(self.dense_idx) + len(self.behaviour)
+        self.mlp = mlp(in_dim, cfg.hidden, 1, cfg.dropout)
+
+    def forward(self, pooled, sequences: Dict[str, JaggedTensor], dense: torch.Tensor,
+                labels: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
+        parts = [pooled[n] for n in self.features]
+        if self.history is not None:
+            parts.append(masked_mean(*padded(sequences[self.history], self.max_len)))
+        if self.dense_idx:
+            parts.append(dense[:, self.dense_idx])
+        if self.behaviour:
+            parts.append(self.behaviour_inputs(labels))
+        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)
+
+    def behaviour_inputs(self, labels: Optional[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        """[B, len(behaviour)] float inputs from the batch's labels (BEHAVIOUR_INPUTS transforms)."""
+        missing = [b for b in self.behaviour if labels is None or b not in labels]
+        if missing:
+            raise ValueError(f"propensity.behaviour needs the batch labels {missing} (present: "
+                             f"{sorted(labels or {})}): rho(u, i, behaviour) cannot score rows without them")
+        cols = []
+        for b in self.behaviour:
+            x = labels[b].float()
+            cols.append(torch.log1p(x.clamp_min(0.0)) if BEHAVIOUR_INPUTS[b] == "log1p" else x)
+        return torch.stack(cols, dim=-1)
+
+
+class PropensityModel(nn.Module):
+    """Propensity model (satrank.jobs.propensity). forward(batch) -> (BCE on `questionnaire_answered`, outputs)."""
+
+    def __init__(
+        self, data: DataConfig, emb: EmbeddingConfig, cfg: PropensityConfig, sparse_device: torch.device = META
+    ) -> None:
+        super().__init__()
+        self.sparse_arch = SparseArch(data, emb, device=sparse_device)
+        self.arch = PropensityArch(data, _dims(self.sparse_arch), cfg)
+        self.loss_fn = BinaryTaskLoss("questionnaire_answered", "answer", "propensity_model", "propensity")
+
+    def forward(self, batch) -> Tuple[Optional[torch.Tensor], Outputs]:
+        sp = self.sparse_arch(batch.sparse)
+        logit = self.arch(sp.pooled, sp.sequences, batch.dense, batch.labels)
+        return self.loss_fn(logit, batch.labels)
+
+
+# ---------------------------------------------------------------------------------------------- satisfaction
+class SatisfactionArch(nn.Module):
+    """s_hat logit = MLP([u, v, u*v]) (eq. 1); for `dr` also e_hat = softplus(MLP_e([u, v, u*v].detach())).
+
+    The imputation head sees detached features, so its loss trains only the head itself.
+    """
+
+    def __init__(self, data: DataConfig, dims: Dict[str, int], tower: TowerConfig, cfg: SatisfactionConfig):
+        super().__init__()
+        self.tower = UserItemTower(data, dims, tower, "pretrain.tower")
+        self.head = mlp(3 * tower.dim, cfg.hidden, 1, cfg.dropout)
+        self.imputation = mlp(3 * tower.dim, cfg.imputation_hidden, 1) if cfg.loss == "dr" else None
+
+    def forward(self, pooled, sequences, dense) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # Frozen tables: inputs come from no_grad lookups; detach anyway so no graph can reach a table.
+        u, v = self.tower({k: t.detach() for k, t in pooled.items()}, _detach_sequences(sequences), dense)
+        h = torch.cat([u, v, u * v], dim=-1)
+        logit = self.head(h).squeeze(-1)
+        e_hat = None
+        if self.imputation is not None:
+            e_hat = nn.functional.softplus(self.imputation(h.detach()).squeeze(-1))
+        return logit, e_hat
+
+    def history_logits(self, pooled, sequences, dense, items: torch.Tensor) -> torch.Tensor:
+        """Logits of g(u, i) for the batch's users u and items given as item-table rows `items` [B, L, d_e]
+        (the item tower must take exactly one sparse feature and no dense column): [B, L]."""
+        u, _ = self.tower(pooled, sequences, dense)  # the item half is recomputed below, per history item
+        v = self.tower.item_mlp(items)  # [B, L, dim]
+        u = u.unsqueeze(1).expand_as(v)
+        return self.head(torch.cat([u, v, u * v], dim=-1)).squeeze(-1)
+
+
+class SatisfactionLoss(nn.Module):
+    """The selected satisfaction objective (+ the DR imputation loss) -> (loss, detached outputs)."""
+
+    def __init__(self, cfg: SatisfactionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, logit, e_hat, rho, labels) -> Tuple[Optional[torch.Tensor], Outputs]:
+        cfg = self.cfg
+        out: Outputs = {"sat_logit": logit.detach(), "sat_prob": torch.sigmoid(logit.detach())}
+        if rho is not None:
+            out["propensity"] = rho.detach()
+        if e_hat is not None:
+            out["imputed_error"] = e_hat.detach()
+        o = _label(labels, "questionnaire_answered", self.training, "satisfaction_model")
+        s = _label(labels, "satisfied", self.training, "satisfaction_model")
+        if o is None or s is None:
+            return None, out
+        s = torch.where(o > 0.5, s, torch.zeros_like(s))  # the contract says 0 there; never trust it
+        res = satisfaction_loss(
+            cfg.loss, logit, s, o, rho, clip=cfg.clip, imputed_error=e_hat,
+            ips_normalizer=cfg.ips_normalizer, check_finite=cfg.check_finite,
+        )
+        loss = res.loss
+        out.update({"satisfied": s.detach(), "questionnaire_answered": o.detach(), "sat_loss": res.loss.detach()})
+        out.update(_stats_out(res, "stats/"))
+        if cfg.loss == "dr":
+            imp = dr_imputation_loss(logit, s, o, rho, e_hat, cfg.clip, check_finite=cfg.check_finite)
+            loss = loss + cfg.imputation_weight * imp.loss
+            out["imputation_loss"] = imp.loss.detach()
+        out["loss"] = loss.detach()
+        return loss, out
+
+
+class SatisfactionModel(nn.Module):
+    """Satisfaction model (satrank.jobs.satisfaction). forward(batch) -> (satisfaction loss, outputs).
+
+    Submodules: `sparse_arch` (frozen tables, loaded from ClickModel.sparse_arch), `arch.tower`
+    (loaded from ClickModel.arch.tower when init_tower_from_pretrain), `arch.head`, `arch.imputation`
+    (dr only) and `propensity` (a frozen PropensityModel; absent for `naive`, which needs no rho).
+    Taking rho from a frozen submodule on the same batch keeps one code path for train/eval/score,
+    needs no extra column in the data, and always uses the propensities the checkpoint was trained with.
+    """
+
+    def __init__(
+        self,
+        data: DataConfig,
+        emb: EmbeddingConfig,
+        tower: TowerConfig,
+        cfg: SatisfactionConfig,
+        propensity: Optional[PropensityConfig] = None,
+        sparse_device: torch.device = META,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.sparse_arch = SparseArch(data, emb, device=sparse_device)
+        self.arch = SatisfactionArch(data, _dims(self.sparse_arch), tower, cfg)
+        self.propensity: Optional[PropensityModel] = None
+        if cfg.loss != "naive":
+            self.propensity = PropensityModel(data, emb, propensity or PropensityConfig(), sparse_device)
+            # dense part frozen by requires_grad (DDP skips it); tables, like ours, by no_grad only:
+            # TorchRec's apply_optimizer_in_backward / DMP expect table params with requires_grad.
+            self.propensity.arch.requires_grad_(False)
+        if cfg.freeze_tower:
+            self.arch.tower.requires_grad_(False)
+        self.loss_fn = SatisfactionLoss(cfg)
+        self.train(True)
+
+    def train(self, mode: bool = True) -> "SatisfactionModel":
+        super().train(mode)
+        if self.propensity is not None:
+            self.propensity.eval()
+        if self.cfg.freeze_tower:
+            self.arch.tower.eval()
+        return self
+
+    def forward(self, batch) -> Tuple[Optional[torch.Tensor], Outputs]:
+        with torch.no_grad():
+            sp = self.sparse_arch(batch.sparse)
+            rho = None
+            if self.propensity is not None:
+                psp = self.propensity.sparse_arch(batch.sparse)
+                rho = torch.sigmoid(self.propensity.arch(psp.pooled, psp.sequences, batch.dense, batch.labels))
+        logit, e_hat = self.arch(sp.pooled, sp.sequences, batch.dense)
+        return self.loss_fn(logit, e_hat, rho, batch.labels)
+
+    @torch.no_grad()
+    def score_history(self, batch_or_sparse, feature: str = "hist_click", dense: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
+        """s_hat = g(u, item) for every item of the history `feature` of each row: Tensor[B, L] of probabilities
+        (L = the feature's max_len, left-aligned like `satrank.embeddings.tables.padded`, 0 at padding positions).
+
+        MLSE (SAQRec eq. 11) scores the user's CLICK-HISTORY items with g, and a history carries only item
+        ids; so g's item side (pretrain.tower.item_features) must be a single feature of the history's
+        embedding table with no item_dense columns (the default config). Uses g's own frozen tables:
+        pass a Batch (looked up here) or the SparseOutput of this model's `sparse_arch`; `dense` is the
+        batch's dense tensor (only needed by the user tower's features, never by the item side).
+        No autograd graph (g is frozen); call it in eval mode.
+        """
+        from satrank.embeddings.tables import SparseOutput
+
+        if isinstance(batch_or_sparse, SparseOutput):
+            sp = batch_or_sparse
+        else:
+            sp = self.sparse_arch(batch_or_sparse.sparse)
+            dense = batch_or_sparse.dense if dense is None else dense
+        data = self.sparse_arch.data
+        tower = self.arch.tower
+        seq = data.feature(feature) if feature in [f.name for f in data.sequence] else None
+        if seq is None:
+            raise ValueError(f"score_history: {feature!r} is not a sequence feature of data.sequence")
+        items = tower.item_features
+        if len(items) != 1 or tower.dense_idx or data.feature(items[0]).table_name != seq.table_name:
+            raise ValueError(
+                f"score_history: g's item side is pretrain.tower.item_features={items} with item_dense "
+                f"columns {tower.dense_idx}; scoring history items needs exactly one feature of the "
+                f"{seq.table_name!r} table (that {feature!r} uses) and item_dense: [] (a history has only item ids)")
+        if feature not in sp.sequences:
+            raise KeyError(f"score_history: sparse output has no sequence {feature!r} (have {sorted(sp.sequences)})")
+        if dense is None:
+            n = sp.sequences[feature].lengths().numel()
+            dense = torch.zeros(n, len(data.dense), device=sp.sequences[feature].values().device)
+        V, mask = padded(sp.sequences[feature], seq.max_len)
+        logits = self.arch.history_logits(sp.pooled, sp.sequences, dense, V)
+        return torch.where(mask, torch.sigmoid(logits), torch.zeros_like(logits))
+
+    def frozen_table_keys(self) -> List[str]:
+        """state_dict keys of the frozen tables (for tests and checkpoint sanity checks)."""
+        return [k for k in self.state_dict() if TABLE_KEY.match(k)]
+
+    def init_from_pretrain(self, click_state: Mapping[str, torch.Tensor]) -> List[str]:
+        """Copy the click model's tables (and tower when cfg.init_tower_from_pretrain); returns keys copied.
+
+        Plain (unsharded) state dicts: ClickModel keys `sparse_arch.*` and `arch.tower.*` map to the
+        same keys here. For DMP-sharded models load the same keys through the checkpoint code.
+        """
+        prefixes = ["sparse_arch."] + (["arch.tower."] if self.cfg.init_tower_from_pretrain else [])
+        return _copy_prefixed(self, click_state, {p: p for p in prefixes}, "click model")
+
+    def init_propensity(self, propensity_state: Mapping[str, torch.Tensor]) -> List[str]:
+        """Load a PropensityModel state dict into the frozen `propensity` submodule (keys gain `propensity.`)."""
+        if self.propensity is None:
+            raise ValueError("satisfaction.loss is 'naive': this model has no propensity submodule to load")
+        return _copy_prefixed(self, propensity_state, {"": "propensity."}, "propensity model")
+
+
+def _detach_sequences(seqs: Dict[str, JaggedTensor]) -> Dict[str, JaggedTensor]:
+    return {
+        k: JaggedTensor(values=jt.values().detach(), lengths=jt.lengths(), offsets=jt.offsets())
+        for k, jt in seqs.items()
+    }
+
+
+@torch.no_grad()
+def _copy_prefixed(dst: nn.Module, src: Mapping[str, torch.Tensor], mapping: Dict[str, str], what: str) -> List[str]:
+    own = dst.state_dict()
+    copied: List[str] = []
+    for sp, dp in mapping.items():
+        keys = [k for k in src if k.startswith(sp)]
+        if not keys:
+            raise KeyError(f"{what} state has no keys under {sp!r}; first keys: {list(src)[:5]}")
+        for k in keys:
+            target = dp + k[len(sp):]
+            if target not in own:
+                continue  # e.g. the source's loss_fn or optimizer-free extras
+            if own[target].shape != src[k].shape:
+                raise ValueError(f"{what}: {k} has shape {tuple(src[k].shape)}, {target} needs {tuple(own[target].shape)}")
+            own[target].copy_(src[k])
+            copied.append(target)
+        missing = [k for k in own if k.startswith(dp) and k not in copied]
+        if missing:
+            raise KeyError(f"{what} state lacks {missing[:5]} (needed under {dp!r})")
+    return copied
