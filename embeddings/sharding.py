@@ -102,7 +102,7 @@ def _constraints(specs: List[TableSpec], device_type: str) -> Dict[str, Paramete
         if s.sharding not in allowed:
             kind = "EmbeddingCollection (sequence)" if s.sequence else "EmbeddingBagCollection (pooled)"
             raise ConfigError(
-                f"satrank.embeddings.tables.{s.name}.sharding: {s.sharding!r} is not supported by TorchRec for "
+                f"embeddings.tables.{s.name}.sharding: {s.sharding!r} is not supported by TorchRec for "
                 f"{kind} tables on {device_type}; supported: {sorted(allowed)}"
             )
         out[s.name] = ParameterConstraints(sharding_types=[s.sharding])

@@ -61,7 +61,7 @@ def table_specs(data: DataConfig, emb: EmbeddingConfig) -> List[TableSpec]:
         feats[f.table_name].append(f.name)
     unknown = sorted(set(emb.tables) - set(order))
     if unknown:
-        raise ConfigError(f"satrank.embeddings.tables: {unknown} name no table of data:; tables are {order}")
+        raise ConfigError(f"embeddings.tables: {unknown} name no table of data:; tables are {order}")
     specs = [
         TableSpec(t, rows[t], emb.table_dim(t), tuple(feats[t]), t in seq_tables, emb.table_sharding(t))
         for t in order
@@ -69,7 +69,7 @@ def table_specs(data: DataConfig, emb: EmbeddingConfig) -> List[TableSpec]:
     seq_dims = {s.name: s.dim for s in specs if s.sequence}
     if len(set(seq_dims.values())) > 1:
         raise ConfigError(
-            f"satrank.embeddings.tables: tables used by sequence features share one EmbeddingCollection and "
+            f"embeddings.tables: tables used by sequence features share one EmbeddingCollection and "
             f"need one dim; got {seq_dims}"
         )
     return specs

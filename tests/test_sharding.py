@@ -60,7 +60,7 @@ def test_default_config_embeddings_section_covers_every_table():
 
 
 def test_unknown_table_in_embeddings_section_is_an_error():
-    with pytest.raises(ConfigError, match=r"satrank.embeddings.tables: \['itme'\] name no table"):
+    with pytest.raises(ConfigError, match=r"embeddings.tables: \['itme'\] name no table"):
         table_specs(data_config(), emb_config(tables={"itme": {"sharding": "row_wise"}}))
 
 
@@ -73,8 +73,8 @@ def test_sequence_tables_with_different_dims_are_an_error():
 
 
 def test_bad_sharding_type_names_the_key():
-    with pytest.raises(ConfigError, match="satrank.embeddings.tables.item.sharding"):
-        load_config(overrides=["satrank.embeddings.tables.item.sharding=diagonal"])
+    with pytest.raises(ConfigError, match="embeddings.tables.item.sharding"):
+        load_config(overrides=["embeddings.tables.item.sharding=diagonal"])
 
 
 # ------------------------------------------------------------------ SparseArch (unsharded)
