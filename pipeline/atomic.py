@@ -12,12 +12,31 @@ import numpy as np
 import torch
 
 
+def umask_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file: 0o666 minus the process umask.
+
+    Linux reports the umask in /proc/self/status; elsewhere it is read by setting and restoring it
+    (which briefly changes it for every thread, hence the first route)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` atomically (parent directories created); returns the path."""
+    """Write `text` to `path` atomically (parent directories created); returns the path.
+
+    mkstemp creates its file 0600; the output gets the user's umask mode like every Parquet output."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()

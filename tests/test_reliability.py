@@ -1,0 +1,101 @@
+"""Reliability (issue 17), the parts landed so far: a crafted checkpoint never executes code, duplicate
+YAML keys are refused with the line, and JSON/YAML outputs follow the user's umask like Parquet outputs."""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from satrank.jobs.config import load_config
+from satrank.jobs.engine.trusted_dcp import CheckpointTrustError, read_state_metadata, trusted_load
+from satrank.pipeline.atomic import write_json_atomic, write_text_atomic
+from satrank.pipeline.config import ConfigError
+
+
+class _CreatesAFile:
+    """A pickle payload that would create `target` when unpickled by a plain pickle.load."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def _save_state(state_dir: Path) -> dict:
+    state = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "step": torch.tensor(7),
+             "h": torch.ones(2, dtype=torch.bfloat16)}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(state_dir)), no_dist=True)
+    return state
+
+
+def test_genuine_dcp_metadata_passes_the_trust_boundary_and_loads_exactly(tmp_path):
+    saved = _save_state(tmp_path / "state")
+    md = read_state_metadata(tmp_path / "state")
+    assert sorted(md.state_dict_metadata) == ["h", "step", "w"]
+    into = {k: torch.zeros_like(v) for k, v in saved.items()}
+    trusted_load(into, tmp_path / "state")
+    for k in saved:
+        assert torch.equal(into[k], saved[k])
+
+
+@pytest.mark.parametrize("how", ["metadata", "load"])
+def test_crafted_metadata_that_would_create_a_file_is_refused_and_the_file_never_appears(tmp_path, how):
+    _save_state(tmp_path / "state")
+    target = tmp_path / "pwned"
+    with open(tmp_path / "state" / ".metadata", "wb") as f:
+        pickle.dump(_CreatesAFile(target), f)
+    # the payload is live: a plain pickle.load (what DCP's FileSystemReader does) creates the file
+    shutil.copy(tmp_path / "state" / ".metadata", tmp_path / "probe.pkl")
+    with open(tmp_path / "probe.pkl", "rb") as f:
+        pickle.load(f)
+    assert target.exists()
+    target.unlink()
+    with pytest.raises(CheckpointTrustError, match=r"state/\.metadata: refused to load: .* asks for pathlib\.Path\.touch"):
+        if how == "metadata":
+            read_state_metadata(tmp_path / "state")
+        else:
+            trusted_load({"w": torch.zeros(3, 4)}, tmp_path / "state")
+    assert not target.exists()
+
+
+def test_metadata_that_is_not_a_pickle_or_not_metadata_is_refused_naming_the_file(tmp_path):
+    _save_state(tmp_path / "state")
+    meta = tmp_path / "state" / ".metadata"
+    meta.write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointTrustError, match=r"state/\.metadata: unreadable checkpoint metadata"):
+        read_state_metadata(tmp_path / "state")
+    with open(meta, "wb") as f:
+        pickle.dump({"a": [1, 2]}, f)
+    with pytest.raises(CheckpointTrustError, match=r"state/\.metadata: not a DCP checkpoint metadata file \(holds dict\)"):
+        read_state_metadata(tmp_path / "state")
+
+
+def test_duplicate_yaml_keys_are_refused_with_file_and_line(tmp_path):
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text("reader:\n  batch_size: 64\n  batch_size: 128\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml', line 3: duplicate key 'batch_size' \(first at line 2\)"):
+        load_config(cfg)
+    cfg.write_text("reader: {batch_size: 64}\nreader: {batch_size: 128}\n")
+    with pytest.raises(ConfigError, match=r"line 2: duplicate key 'reader' \(first at line 1\)"):
+        load_config(cfg)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_json_and_text_outputs_get_the_umask_mode_like_plain_files(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        write_json_atomic(tmp_path / "m.json", {"a": 1})
+        write_text_atomic(tmp_path / "c.yaml", "a: 1\n")
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~mask
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == want
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == want
+    assert (tmp_path / "c.yaml").stat().st_mode & 0o777 == want
