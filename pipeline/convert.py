@@ -228,6 +228,8 @@ class Converter:
                 v, nulls = int_col(column)
                 if nulls is not None:
                     self._bad(ctx, nulls, column, "null", "null value")
+                if role == "timestamp" and (v < 0).any():
+                    self._bad(ctx, v < 0, column, "negative", "negative timestamp", values=v)
                 id_names.append(role)
                 id_rows.append(v)
 
@@ -276,8 +278,12 @@ class Converter:
                 float_rows.append(x)
         for c in cfg.truth_columns:
             if c in names:
+                x, nulls = self._floats(_array(data, c))
+                bad = ~np.isfinite(x) if nulls is None else (nulls | ~np.isfinite(x))
+                if bad.any():  # ground truth feeds every true_* metric: a NaN would poison them silently
+                    self._bad(ctx, bad, c, "non_finite", "null, NaN or infinite truth value", values=x)
                 float_names.append(("truth", c))
-                float_rows.append(_array(data, c).to_numpy(zero_copy_only=False))
+                float_rows.append(np.where(bad, 0.0, x))
         if self.row_filter is not None:
             arr = _array(data, self.row_filter)
             v, nulls = self._ints(ctx, pc.cast(arr, pa.int64()) if pa.types.is_boolean(arr.type) else arr,

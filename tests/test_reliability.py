@@ -1,5 +1,6 @@
 """Reliability (issue 17), the parts landed so far: a crafted checkpoint never executes code, duplicate
-YAML keys are refused with the line, and JSON/YAML outputs follow the user's umask like Parquet outputs."""
+YAML keys are refused with the line, JSON/YAML outputs follow the user's umask like Parquet outputs, and
+negative timestamps or non-finite truth values are refused (or counted under on_bad_row=skip)."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,8 @@ import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -15,6 +18,8 @@ from satrank.jobs.config import load_config
 from satrank.jobs.engine.trusted_dcp import CheckpointTrustError, read_state_metadata, trusted_load
 from satrank.pipeline.atomic import write_json_atomic, write_text_atomic
 from satrank.pipeline.config import ConfigError
+from satrank.pipeline.errors import DataError
+from satrank.pipeline.reader import BatchLoader
 
 
 class _CreatesAFile:
@@ -99,3 +104,24 @@ def test_json_and_text_outputs_get_the_umask_mode_like_plain_files(tmp_path, mas
     assert (tmp_path / "plain").stat().st_mode & 0o777 == want
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == want
     assert (tmp_path / "c.yaml").stat().st_mode & 0o777 == want
+
+
+def test_negative_timestamp_names_file_column_and_row(write_bad, data_cfg, reader_cfg):
+    ts = np.arange(20, dtype=np.int64) + 1_000
+    ts[13] = -5
+    root, path = write_bad(replace={"timestamp": pa.array(ts)})
+    with pytest.raises(DataError, match=rf"{path}: column 'timestamp', row 13: negative timestamp \(value -5\)"):
+        sum(b.size for b in BatchLoader(root, data_cfg, reader_cfg()))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), None])
+def test_non_finite_or_null_truth_value_is_refused_or_counted(write_bad, data_cfg, reader_cfg, bad):
+    x = np.full(20, 0.5).tolist()
+    x[7] = bad
+    root, path = write_bad(replace={"true_p_satisfied": pa.array(x, type=pa.float32())})
+    with pytest.raises(DataError, match=rf"{path}: column 'true_p_satisfied', row 7: null, NaN or infinite truth"):
+        sum(b.size for b in BatchLoader(root, data_cfg, reader_cfg()))
+    loader = BatchLoader(root, data_cfg, reader_cfg(on_bad_row="skip"))
+    assert sum(b.size for b in loader) == 19
+    stats = loader.stats()
+    assert stats["rows_rejected"] == {"non_finite:true_p_satisfied": 1} and stats["rows_read"] == 20
