@@ -3,6 +3,7 @@ YAML keys are refused with the line, JSON/YAML outputs follow the user's umask l
 negative timestamps or non-finite truth values are refused (or counted under on_bad_row=skip)."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -15,6 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from satrank.jobs.config import load_config
+from satrank.jobs.engine.run_dir import RunDirClaim, RunDirError, claim_run_dir
 from satrank.jobs.engine.trusted_dcp import CheckpointTrustError, read_state_metadata, trusted_load
 from satrank.pipeline.atomic import write_json_atomic, write_text_atomic
 from satrank.pipeline.config import ConfigError
@@ -125,3 +127,61 @@ def test_non_finite_or_null_truth_value_is_refused_or_counted(write_bad, data_cf
     assert sum(b.size for b in loader) == 19
     stats = loader.stats()
     assert stats["rows_rejected"] == {"non_finite:true_p_satisfied": 1} and stats["rows_read"] == 20
+
+
+def _owned_run(root: Path, job: str, with_checkpoint: bool = True) -> Path:
+    run = root / f"run_{job}"
+    if with_checkpoint:
+        (run / "checkpoint").mkdir(parents=True)
+        (run / "checkpoint" / "meta.json").write_text(json.dumps({"format": 1, "extra": {"job": job}}))
+    else:
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({"job": job}))
+    return run
+
+
+def test_a_new_or_empty_out_is_claimed_as_new_and_resume_from_elsewhere_is_allowed(tmp_path):
+    assert claim_run_dir(tmp_path / "absent", "train") == RunDirClaim("new")
+    (tmp_path / "empty").mkdir()
+    assert claim_run_dir(tmp_path / "empty", "train") == RunDirClaim("new")
+    old = _owned_run(tmp_path, "train")
+    assert claim_run_dir(tmp_path / "fresh", "train", resume=old) == RunDirClaim("resume", old)
+
+
+def test_another_jobs_run_is_refused_naming_both_jobs_unless_overwrite(tmp_path):
+    run = _owned_run(tmp_path, "pretrain")
+    with pytest.raises(RunDirError, match=r"holds a satrank\.jobs\.pretrain run, not a satrank\.jobs\.train run"):
+        claim_run_dir(run, "train")
+    with pytest.raises(RunDirError, match="holds a satrank.jobs.pretrain run"):
+        claim_run_dir(run, "train", resume=run)
+    assert claim_run_dir(run, "train", overwrite=True) == RunDirClaim("overwrite")
+    other = _owned_run(tmp_path, "evaluate", with_checkpoint=False)
+    with pytest.raises(RunDirError, match=r"holds a satrank\.jobs\.evaluate run"):
+        claim_run_dir(other, "dpo")
+
+
+def test_own_run_needs_resume_or_overwrite_except_after_a_torchrun_restart(tmp_path):
+    run = _owned_run(tmp_path, "train")
+    with pytest.raises(RunDirError, match=rf"already holds a satrank\.jobs\.train run; pass --resume {run}"):
+        claim_run_dir(run, "train")
+    assert claim_run_dir(run, "train", resume=run) == RunDirClaim("resume", run)
+    assert claim_run_dir(run, "train", restart_count=1) == RunDirClaim("resume", run)
+    no_ckpt = _owned_run(tmp_path / "b", "train", with_checkpoint=False)
+    with pytest.raises(RunDirError, match="already holds"):
+        claim_run_dir(no_ckpt, "train", restart_count=2)  # restarted before its first checkpoint: no silent reuse
+    with pytest.raises(RunDirError, match="exclude each other"):
+        claim_run_dir(run, "train", resume=run, overwrite=True)
+
+
+def test_a_foreign_non_empty_directory_or_a_file_is_refused(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(RunDirError, match="is not empty and holds no satrank run"):
+        claim_run_dir(tmp_path / "mine", "train")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(RunDirError, match="exists and is not a directory"):
+        claim_run_dir(tmp_path / "f", "train")
+    bad = _owned_run(tmp_path, "train")
+    (bad / "checkpoint" / "meta.json").write_text("{not json")
+    with pytest.raises(RunDirError, match=r"meta\.json is unreadable"):
+        claim_run_dir(bad, "train")

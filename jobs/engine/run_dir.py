@@ -1,0 +1,75 @@
+"""Run directories with an owner: a job writes into `--out` only when it may, decided before anything is written.
+
+Why: a training job pointed at another job's run directory used to replace its checkpoint, best weights
+and metrics with exit 0. `claim_run_dir` reads who owns RUN (the `job` recorded in RUN/checkpoint/meta.json,
+else in RUN/metrics.json) and returns what this job may do there:
+
+    RUN absent or empty                         -> "new"
+    RUN owned by this job, --resume given       -> "resume" (from --resume)
+    RUN owned by this job, restarted by torchrun
+        (`restart_count` > 0) with a checkpoint -> "resume" from RUN itself (elastic self-resume)
+    --overwrite                                 -> "overwrite" (the job replaces RUN's outputs)
+    anything else                               -> RunDirError, one line naming RUN, its owner and the way out
+
+`--resume OTHER` into a NEW RUN is allowed (a continued run written elsewhere). Nothing here writes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+
+class RunDirError(ValueError):
+    """--out cannot be used by this job (owned by another job, or an existing run without --resume/--overwrite)."""
+
+
+@dataclass(frozen=True)
+class RunDirClaim:
+    action: Literal["new", "resume", "overwrite"]
+    resume_from: Optional[Path] = None  # the run to continue (action "resume")
+
+
+def run_owner(run: Path) -> Optional[str]:
+    """The job that wrote `run` (from its checkpoint's meta.json, else its metrics.json); None if unrecorded."""
+    for path, key in ((run / "checkpoint" / "meta.json", ("extra", "job")), (run / "metrics.json", ("job",))):
+        if not path.is_file():
+            continue
+        try:
+            node = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RunDirError(f"--out {run}: {path.name} is unreadable ({exc}); choose a new --out or pass --overwrite") \
+                from None
+        for k in key:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, str):
+            return node
+    return None
+
+
+def claim_run_dir(run: Path, job: str, *, resume: Optional[Path] = None, overwrite: bool = False,
+                  restart_count: int = 0) -> RunDirClaim:
+    """What `job` may do with `--out run` (see the module doc); raises RunDirError when it may not."""
+    run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise RunDirError(f"--out {run}: exists and is not a directory")
+    if resume is not None and overwrite:
+        raise RunDirError("--resume and --overwrite exclude each other: continue a run, or replace it")
+    if not run.exists() or not any(run.iterdir()):
+        return RunDirClaim("resume", Path(resume)) if resume is not None else RunDirClaim("new")
+    owner = run_owner(run)
+    if overwrite:
+        return RunDirClaim("overwrite")
+    if owner is not None and owner != job:
+        raise RunDirError(f"--out {run}: holds a satrank.jobs.{owner} run, not a satrank.jobs.{job} run; "
+                          f"choose a new --out (or pass --overwrite to replace it)")
+    if owner is None:
+        raise RunDirError(f"--out {run}: is not empty and holds no satrank run; choose a new --out "
+                          f"(or pass --overwrite to write into it)")
+    if resume is not None:
+        return RunDirClaim("resume", Path(resume))
+    if restart_count > 0 and (run / "checkpoint" / "meta.json").is_file():
+        return RunDirClaim("resume", run)
+    raise RunDirError(f"--out {run}: already holds a satrank.jobs.{job} run; pass --resume {run} to continue it, "
+                      f"--overwrite to replace it, or choose a new --out")
