@@ -20,7 +20,7 @@ starting at row lo of a row group decodes and drops those lo rows first (`skippe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -134,3 +134,24 @@ def balance_report(plan: List[List[WorkUnit]]) -> Dict[str, object]:
     split = sorted({(u.fragment.path, u.fragment.row_group, u.fragment.num_rows)
                     for units in plan for u in units if u.num_rows < u.fragment.num_rows})
     return {"rows_per_slot": rows, "skipped_per_slot": skipped, "split_row_groups": split}
+
+
+def layout_warning(plan: List[List[WorkUnit]], data: str, min_rows: int = 8192) -> Optional[str]:
+    """One line when the layout forces uneven read WORK that the plan cannot fix, else None.
+
+    Rows are always balanced, but a row group split across slots makes the slots reading its later
+    ranges decode the earlier rows first and drop them; warned when a slot decodes more than 10% of
+    its share (and over `min_rows` rows) for nothing. The fix is in the files: smaller row groups.
+    """
+    report = balance_report(plan)
+    rows, skipped = report["rows_per_slot"], report["skipped_per_slot"]
+    worst = max(range(len(skipped)), key=skipped.__getitem__)
+    if skipped[worst] <= max(0.1 * rows[worst], min_rows):
+        return None
+    path, row_group, n = max(report["split_row_groups"], key=lambda s: s[2])
+    return (f"{data}: {len(report['split_row_groups'])} row group(s) are larger than a slot's share and split "
+            f"across the {len(plan)} (rank, worker) slots (largest: {path} row group {row_group}, {n} rows); "
+            f"rows stay balanced but Parquet cannot start reading inside a row group, so slot {worst} decodes "
+            f"{skipped[worst]} rows it then drops on top of its own {rows[worst]}, and the slowest slot sets "
+            f"the pace. Rewrite the files with row groups of 8192 rows: "
+            f"pyarrow.parquet.write_table(pyarrow.parquet.read_table(IN), OUT, row_group_size=8192) per file")

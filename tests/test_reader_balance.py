@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,7 +17,7 @@ import pytest
 from satrank.pipeline.reader import STATE_FORMAT, BatchLoader
 from satrank.pipeline.sim.testdata import dataset_keys, make_table, write_dataset, write_table
 from satrank.pipeline.work_units import (ROW_GROUPS, ROW_RANGES, Fragment, choose_plan, cut_row_ranges,
-                                         deal_row_groups)
+                                         deal_row_groups, layout_warning)
 from test_reader_distributed import _assert_exactly_once, _keys, _torchrun  # noqa: E402
 
 N = 3000
@@ -152,3 +154,24 @@ def test_one_row_group_in_process_two_ranks_read_disjoint_halves(tmp_path, data_
                                                                 b.ids["timestamp"].tolist())])
     assert [len(s) for s in shares] == [N // 2, N // 2]
     _assert_exactly_once(shares[0] + shares[1], dataset_keys(tmp_path / "d"))
+
+
+def test_check_data_warns_in_one_line_when_a_big_row_group_forces_uneven_read_work(tmp_path, data_cfg,
+                                                                                     reader_cfg):
+    table = make_table(20_000, seed=5)
+    write_table(table, tmp_path / "one" / "part-00000.parquet")  # one row group of 20000 rows
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+           "satrank.jobs.check_data", "--data", str(tmp_path / "one"), "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "uneven layout" in ln]
+    assert len(lines) == 1 and "WARNING" in lines[0], lines
+    assert "part-00000.parquet row group 0, 20000 rows" in lines[0] and "slot 1 decodes 10000 rows" in lines[0]
+    assert "row_group_size=8192" in lines[0]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["rows_per_rank"] == [20_000] and metrics["work_units"]["rows_per_slot"] == [10_000, 10_000]
+    # the same rows in 8192-row groups: still cut into row ranges, but the drop is small: no warning
+    write_table(table, tmp_path / "small" / "part-00000.parquet", row_group_rows=8192)
+    loader = BatchLoader(tmp_path / "small", data_cfg, reader_cfg(num_workers=2))
+    assert loader.plan == ROW_RANGES and layout_warning(loader.work_units(), "small") is None
+    assert [sum(u.num_rows for u in s) for s in loader.work_units()] == [10_000, 10_000]
