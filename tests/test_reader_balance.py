@@ -125,13 +125,9 @@ def test_state_saved_before_work_units_still_loads_and_continues_exactly(tmp_pat
     cfg = reader_cfg(batch_size=64, num_workers=2, shuffle=True, shuffle_buffer_rows=64, seed=2)
     first = BatchLoader(tmp_path / "d", data_cfg, cfg)
     assert first.plan == ROW_GROUPS
-    seen = []
-    for i, batch in enumerate(first):
-        seen += batch.ids["timestamp"].tolist()
-        if i == 4:
-            break
-    state = json.loads(json.dumps(first.state_dict()))
-    old = {k: v for k, v in state.items() if k != "plan"}
+    seen = [t for _, batch in zip(range(5), first) for t in batch.ids["timestamp"].tolist()]  # 5 batches
+    state = first.state_dict()
+    old = json.loads(json.dumps({k: v for k, v in state.items() if k != "plan"}))  # as a checkpoint holds it
     old["format"] = "satrank.reader.v1"  # what a checkpoint written before issue 21 holds
     second = BatchLoader(tmp_path / "d", data_cfg, cfg)
     second.load_state_dict(old)
