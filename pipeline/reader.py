@@ -42,8 +42,8 @@ from satrank.pipeline.transport import POOL_KEEP, BufferPool, Packet
 from satrank.pipeline.work_units import (PLANS, ROW_GROUPS, Fragment, WorkUnit, choose_plan, plan_units,
                                          window_order)
 
-STATE_FORMAT = "satrank.reader.v2"  # v2 adds "plan"; v1 states (always whole row groups) still load
-_OLD_FORMATS = {"satrank.reader.v1": ROW_GROUPS}
+STATE_FORMAT = "satrank.reader.v1"
+_PLAN_BEFORE_WORK_UNITS = ROW_GROUPS  # a state without "plan" was saved when whole row groups were dealt
 _HISTORY = 256  # position updates remembered for state_dict(unconsumed=...)
 _OPEN_FILES = 32  # Parquet files a slot keeps open (shuffled fragments jump between files)
 
@@ -386,13 +386,11 @@ class BatchLoader:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume from `state_dict()` of this rank, or from `merge_state_dicts` of all ranks."""
-        fmt = state.get("format") if isinstance(state, dict) else None
-        if fmt in _OLD_FORMATS:  # saved before work units: its positions index whole row groups
-            state = {**state, "format": STATE_FORMAT, "plan": _OLD_FORMATS[fmt]}
-        if fmt not in (STATE_FORMAT, *_OLD_FORMATS):
-            raise ValueError(f"not a reader state (expected format {STATE_FORMAT!r} or {sorted(_OLD_FORMATS)}, "
-                             f"got {fmt!r})")
-        if state.get("plan") not in PLANS:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a reader state (expected format {STATE_FORMAT!r})")
+        if "plan" not in state:  # saved before work units: its positions index whole row groups
+            state = {**state, "plan": _PLAN_BEFORE_WORK_UNITS}
+        if state["plan"] not in PLANS:
             raise ValueError(f"reader state: unknown work-unit plan {state.get('plan')!r}; expected one of {PLANS}")
         if state["n_slots"] != self.n_slots:
             raise ValueError(
