@@ -8,9 +8,10 @@ Every rank reads its share with satrank.pipeline.reader.BatchLoader (the same co
 training); the counts of all ranks are summed: rows read / emitted / rejected (by reason, with
 reader.on_bad_row=skip) / filtered / dropped, OOV hits, batches, per-rank rows (balance) and the reader's
 work units per slot. Written to RUN/metrics.json and printed. A layout whose big row groups force uneven
-read work (satrank.pipeline.work_units.layout_warning) is logged as one warning line saying how to rewrite it. Bad data (reader.on_bad_row=error) exits 1 with the DataError message,
-which names the file, column, row and problem; every rank reaches the same decision (one gather), so
-no rank is left waiting in a collective.
+read work (satrank.pipeline.work_units.layout_warning) is logged as one warning line saying how to
+rewrite it. Bad data (reader.on_bad_row=error) exits 1 with the DataError message, which names the
+file, column, row and problem; every rank reaches the same decision (one gather), so no rank is
+left waiting in a collective.
 """
 from __future__ import annotations
 

@@ -377,7 +377,8 @@ class BatchLoader:
             for _, _, slot, previous in reversed(undo):
                 positions[slot] = previous
         return {
-            "format": STATE_FORMAT, "plan": self.plan, "epoch": self.epoch, "seed": self.cfg.seed, "shuffle": self.cfg.shuffle,
+            "format": STATE_FORMAT, "plan": self.plan, "epoch": self.epoch, "seed": self.cfg.seed,
+            "shuffle": self.cfg.shuffle,
             "shuffle_buffer_rows": self.cfg.shuffle_buffer_rows, "world_size": self.world_size,
             "num_workers": self.cfg.num_workers, "n_slots": self.n_slots, "rank": self.rank,
             "num_files": len(self.files), "num_rows": self.num_rows, "files_sha256": self._fingerprint,

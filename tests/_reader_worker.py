@@ -4,8 +4,9 @@
         [--shuffle] [--full-epoch-first] [--epoch E] [--stop-after ROWS] [--state-in FILE] [--state-out FILE]
 
 Each rank writes OUT/NAME-rank{r}.json: the (user_id, item_id, timestamp) keys it read in epoch E,
-the rows each of its (rank, worker) slots delivered ("slot_rows") and its stats. With --stop-after the rank stops once it has read that many rows; --state-out then
-saves the loader states of all ranks, gathered and merged on rank 0, as one JSON file.
+the rows each of its (rank, worker) slots delivered ("slot_rows") and its stats. With --stop-after
+the rank stops once it has read that many rows; --state-out then saves the loader states of all
+ranks, gathered and merged on rank 0, as one JSON file.
 --full-epoch-first first reads the whole epoch 0 into OUT/full-rank{r}.json (saves a launch).
 """
 from __future__ import annotations
