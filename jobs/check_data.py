@@ -6,10 +6,12 @@ every row, before any training touches it.
 
 Every rank reads its share with satrank.pipeline.reader.BatchLoader (the same conversion and validation as
 training); the counts of all ranks are summed: rows read / emitted / rejected (by reason, with
-reader.on_bad_row=skip) / filtered / dropped, OOV hits, batches, and per-rank rows (balance). Written to
-RUN/metrics.json and printed. Bad data (reader.on_bad_row=error) exits 1 with the DataError message,
-which names the file, column, row and problem; every rank reaches the same decision (one gather), so
-no rank is left waiting in a collective.
+reader.on_bad_row=skip) / filtered / dropped, OOV hits, batches, per-rank rows (balance) and the reader's
+work units per slot. Written to RUN/metrics.json and printed. A layout whose big row groups force uneven
+read work (satrank.pipeline.work_units.layout_warning) is logged as one warning line saying how to
+rewrite it. Bad data (reader.on_bad_row=error) exits 1 with the DataError message, which names the
+file, column, row and problem; every rank reaches the same decision (one gather), so no rank is
+left waiting in a collective.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from satrank.jobs.engine.cli import build_parser, parse
 from satrank.jobs.engine.runtime import get_logger, init_runtime, write_json_atomic
 from satrank.pipeline.errors import DataError
 from satrank.pipeline.reader import BatchLoader, sum_stats
+from satrank.pipeline.work_units import balance_report, layout_warning
 
 logger = get_logger("check_data")
 
@@ -41,8 +44,10 @@ def read_all(args, cfg, rt) -> dict:
     if stats["rows_emitted"] != rows:
         return {"error": f"reader accounting: rank {rt.rank} received {rows} rows but the reader counted "
                          f"{stats['rows_emitted']} emitted"}
+    units = loader.work_units()  # every rank plans the same units: rank 0's report speaks for all
     return {"stats": stats, "rows": rows, "batches": batches, "files": len(loader.files),
-            "fragments": len(loader.fragments), "wall_s": time.perf_counter() - started}
+            "fragments": len(loader.fragments), "wall_s": time.perf_counter() - started,
+            "work_units": {"plan": loader.plan, **balance_report(units)}, "warning": layout_warning(units, args.data)}
 
 
 def run(args, cfg) -> int:
@@ -67,9 +72,12 @@ def run(args, cfg) -> int:
         metrics = {**total, "batches": sum(p["batches"] for p in everyone), "world_size": rt.world_size,
                    "num_workers": cfg.reader.num_workers, "files": everyone[0]["files"],
                    "fragments": everyone[0]["fragments"], "rows_per_rank": [p["rows"] for p in everyone],
+                   "work_units": everyone[0]["work_units"], "layout_warning": everyone[0]["warning"],
                    "data": str(args.data), "row_filter": args.row_filter, "with_labels": not args.no_labels,
                    "wall_s": wall, "rows_per_s": total["rows_read"] / wall if wall > 0 else None}
         if rt.is_main:
+            if metrics["layout_warning"]:
+                logger.warning("check-data: uneven layout: %s", metrics["layout_warning"])
             if args.out is not None:
                 write_json_atomic(args.out / "metrics.json", metrics)
             reasons = f" {total['rows_rejected']}" if total["rows_rejected"] else ""

@@ -3,15 +3,17 @@
 Why: training and evaluation read impression logs far larger than memory on several ranks with
 several DataLoader workers each, and must survive a restart without skipping or repeating rows.
 
-- Discovery: every *.parquet under a local directory or any pyarrow filesystem URI, sorted; the
-  work unit is a (file, row group) fragment, its metadata read once in the main process.
-- Split: fragment k of the epoch's order (a permutation seeded by (seed, epoch) when shuffling)
-  goes to slot k % n_slots, slot = rank * workers + worker_id: every row is read once per epoch.
-- Shuffle: bounded; rows are permuted within windows of `shuffle_buffer_rows` (seeded by (seed,
-  epoch, fragment, window)), so memory stays bounded and any position can be replayed.
-- Position: each Batch carries, for its slot, where the next batch starts (epoch, slot, fragment
-  index in the slot's list, row offset in that fragment's shuffled order) and the slot's running
-  counts; `BatchLoader.state_dict()` is those positions, so a restored loader continues exactly.
+- Discovery: every *.parquet under a local directory or any pyarrow filesystem URI, sorted; each
+  (file, row group) is a fragment, its metadata read once in the main process.
+- Split (pipeline/work_units.py): slot = rank * workers + worker_id reads a list of work units,
+  row ranges of fragments; whole fragments dealt k % n_slots when that is balanced, else the
+  epoch's fragment order cut into equal shares (plan `row_ranges`): every row once per epoch.
+- Shuffle: bounded; rows are permuted within windows of `shuffle_buffer_rows` of a row group
+  (seeded by (seed, epoch, fragment, window)), so memory stays bounded and any position replays.
+- Position: each Batch carries, for its slot, where the next batch starts (epoch, slot, unit
+  index in the slot's list under key "fragment", row offset in that unit's shuffled order) and the
+  slot's running counts; `BatchLoader.state_dict()` is those positions plus the plan, so a
+  restored loader continues exactly.
 - Transport: a worker packs ~4 MiB of batches into one reused shared-memory buffer
   (pipeline/transport.py).
 """
@@ -22,13 +24,11 @@ import hashlib
 import json
 import os
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -37,97 +37,15 @@ from satrank.pipeline.convert import KEEP, Converter, Parts, empty_batch, gather
 from satrank.pipeline.errors import DataError
 from satrank.pipeline.features import DataConfig
 from satrank.pipeline.reader_config import ReaderConfig
+from satrank.pipeline.shards import list_shards, open_parquet as _open, read_fragments  # noqa: F401 (re-exported)
 from satrank.pipeline.transport import POOL_KEEP, BufferPool, Packet
+from satrank.pipeline.work_units import (PLANS, ROW_GROUPS, Fragment, WorkUnit, choose_plan, plan_units,
+                                         window_order)
 
 STATE_FORMAT = "satrank.reader.v1"
+_PLAN_BEFORE_WORK_UNITS = ROW_GROUPS  # a state without "plan" was saved when whole row groups were dealt
 _HISTORY = 256  # position updates remembered for state_dict(unconsumed=...)
 _OPEN_FILES = 32  # Parquet files a slot keeps open (shuffled fragments jump between files)
-
-
-@dataclass(frozen=True)
-class Fragment:
-    """One row group of one file: the unit of work assigned to a slot."""
-
-    index: int  # position in the sorted list of all fragments (seeds the window shuffle)
-    path: str
-    row_group: int
-    first_row: int  # row index (in the file) of the row group's first row
-    num_rows: int
-
-
-def list_shards(uri: str) -> Tuple[pafs.FileSystem, List[str]]:
-    """(filesystem, sorted *.parquet paths) under a local path or a pyarrow filesystem URI.
-
-    Names starting with '.' or '_' (temporary files, _SUCCESS markers, _temporary/) are ignored.
-    """
-    uri = str(uri)
-    try:
-        fs, root = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), os.path.abspath(uri))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise DataError(f"{uri}: not a usable filesystem URI: {exc}") from None
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"{uri}: no such file or directory")
-    if info.type == pafs.FileType.File:
-        return fs, [root]
-    files = []
-    for item in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        rel = item.path[len(root):].strip("/")
-        if (item.type == pafs.FileType.File and item.base_name.endswith(".parquet")
-                and not any(part.startswith((".", "_")) for part in rel.split("/"))):
-            files.append(item.path)
-    if not files:
-        raise DataError(f"{uri}: no *.parquet files under this directory")
-    return fs, sorted(files)
-
-
-def _open(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:
-    if fs.get_file_info(path).size == 0:
-        raise DataError(f"{path}: empty file (0 bytes), not a Parquet file")
-    try:
-        return pq.ParquetFile(fs.open_input_file(path))
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file (corrupt or truncated?): {exc}") from None
-
-
-def read_fragments(fs: pafs.FileSystem, files: Sequence[str], converter: Optional[Converter] = None) -> List[Fragment]:
-    """Row-group fragments of all files (metadata read once); schemas checked when a converter is given."""
-    fragments: List[Fragment] = []
-    first_file = None
-    for path in files:
-        pf = _open(fs, path)
-        md = pf.metadata
-        if md.num_rows == 0:
-            raise DataError(f"{path}: the file contains no rows")
-        if converter is not None:
-            converter.check_schema(pf.schema_arrow, path)
-            extras = converter.optional_columns(pf.schema_arrow)
-            first_file = first_file or (path, extras)
-            if extras != first_file[1]:
-                raise DataError(f"{path}: has the optional columns {extras} but {first_file[0]} has "
-                                f"{first_file[1]}; all files must agree (they become Batch ids/truth keys)")
-        first = 0
-        for rg in range(md.num_row_groups):
-            rows = md.row_group(rg).num_rows
-            if rows:
-                fragments.append(Fragment(len(fragments), path, rg, first, rows))
-            first += rows
-    return fragments
-
-
-def slot_fragments(fragments: Sequence[Fragment], epoch: int, slot: int, n_slots: int, shuffle: bool,
-                   seed: int) -> List[Fragment]:
-    """The fragments of one slot for one epoch, in reading order."""
-    n = len(fragments)
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    return [fragments[i] for i in order[slot::n_slots]]
-
-
-def window_order(seed: int, epoch: int, fragment: int, window: int, n: int, shuffle: bool) -> np.ndarray:
-    """Emission order of the `n` rows of one window (a permutation when shuffling)."""
-    if not shuffle:
-        return np.arange(n)
-    return np.random.default_rng([seed, epoch, fragment, window]).permutation(n)
 
 
 def initial_position(epoch: int, slot: int) -> Dict[str, Any]:
@@ -164,7 +82,7 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, fs: pafs.FileSystem, fragments: Sequence[Fragment], converter: Converter,
                  reader_cfg: ReaderConfig, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                 start: Optional[Dict[int, Dict[str, Any]]] = None):
+                 start: Optional[Dict[int, Dict[str, Any]]] = None, plan: str = ROW_GROUPS):
         self.fs = fs
         self.fragments = list(fragments)
         self.converter = converter
@@ -174,6 +92,7 @@ class ShardDataset(IterableDataset):
         self.n_slots = world_size * self.workers_per_rank
         self.epoch = epoch
         self.start = start or {}
+        self.plan = plan
 
     def _slot(self) -> int:
         info = get_worker_info()
@@ -192,8 +111,13 @@ class ShardDataset(IterableDataset):
         for parts, position in self.parts(slot):
             yield empty_batch(keys, n_dense, position) if parts is None else parts.to_batch(keys, position)
 
-    def _windows(self, frag: Fragment, first: int, files: Dict[str, Any]) -> Iterator[Tuple[int, pa.RecordBatch]]:
-        """(window index, record batch) of a fragment from window `first` on; `files` caches open files."""
+    def _windows(self, unit: WorkUnit, first: int,
+                 files: Dict[str, Any]) -> Iterator[Tuple[int, int, pa.RecordBatch]]:
+        """(window index, first row, rows) of a unit's part of each row-group window, from the window
+        holding unit row `first` on; rows are counted from the row group's start. The windows before
+        the unit's first row are decoded and dropped (no row-level seek in Parquet); reading stops
+        after the unit's last row. `files` caches open files."""
+        frag = unit.fragment
         if frag.path not in files:
             if len(files) >= _OPEN_FILES:
                 del files[next(iter(files))]
@@ -202,41 +126,50 @@ class ShardDataset(IterableDataset):
             files[frag.path] = (pf, self.converter.columns_for(pf.schema_arrow))
         pf, columns = files[frag.path]
         size = self.cfg.shuffle_buffer_rows
+        parts = unit.window_parts(size, first)
         try:
             raw = pf.iter_batches(batch_size=size, row_groups=[frag.row_group], columns=columns,
                                   use_threads=get_worker_info() is None)  # workers: one core each
+            want = next(parts, None)
             for w, rb in enumerate(_exact_windows(raw, size)):
-                if w >= first:
-                    yield w, rb
+                if want is None:
+                    break
+                if w == want[0]:
+                    yield w, want[1], rb.slice(want[1] - w * size, want[2] - want[1])
+                    want = next(parts, None)
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"{frag.path}: row group {frag.row_group} cannot be read (corrupt?): {exc}") from None
+        if want is not None:
+            raise DataError(f"{frag.path}: row group {frag.row_group} has fewer rows than its metadata says "
+                            f"({frag.num_rows}); the file changed while being read?")
 
     def parts(self, slot: int) -> Iterator[Tuple[Optional[Parts], Dict[str, Any]]]:
         """(gathered rows of a batch, position after it) of `slot`; finally (None, final position)."""
         cfg, conv = self.cfg, self.converter
-        size, window = cfg.batch_size, cfg.shuffle_buffer_rows
-        frags = slot_fragments(self.fragments, self.epoch, slot, self.n_slots, cfg.shuffle, cfg.seed)
+        size = cfg.batch_size
+        units = plan_units(self.plan, self.fragments, self.epoch, self.n_slots, cfg.shuffle, cfg.seed)[slot]
         start = self.start.get(slot) or initial_position(self.epoch, slot)
         if start["epoch"] != self.epoch or start["slot"] != slot:
             raise ValueError(f"resume position {start} does not belong to epoch {self.epoch}, slot {slot}")
-        fi0, off0 = start["fragment"], start["offset"]
+        ui0, off0 = start["fragment"], start["offset"]
         stats = _copy_stats(start["stats"])
 
-        def position(fi: int, offset: int) -> Dict[str, Any]:
-            if fi < len(frags) and offset >= frags[fi].num_rows:
-                fi, offset = fi + 1, 0
-            return {"epoch": self.epoch, "slot": slot, "fragment": fi, "offset": offset,
-                    "done": fi >= len(frags), "stats": _copy_stats(stats)}
+        def position(ui: int, offset: int) -> Dict[str, Any]:
+            if ui < len(units) and offset >= units[ui].num_rows:
+                ui, offset = ui + 1, 0
+            return {"epoch": self.epoch, "slot": slot, "fragment": ui, "offset": offset,
+                    "done": ui >= len(units), "stats": _copy_stats(stats)}
 
         pending: List[Tuple[Any, np.ndarray]] = []
         n_pending = 0
         files: Dict[str, Any] = {}
-        for fi in range(fi0, len(frags)):
-            frag = frags[fi]
-            skip = off0 if fi == fi0 else 0
-            for w, data in self._windows(frag, skip // window, files):
-                base = w * window
-                chunk = conv.convert(data, frag.path, frag.first_row + base)
+        for ui in range(ui0, len(units)):
+            unit = units[ui]
+            frag = unit.fragment
+            skip = off0 if ui == ui0 else 0
+            for w, first_row, data in self._windows(unit, skip, files):
+                base = first_row - unit.lo  # the part's first row, counted in the unit
+                chunk = conv.convert(data, frag.path, frag.first_row + first_row)
                 order = window_order(cfg.seed, self.epoch, frag.index, w, data.num_rows, cfg.shuffle)
                 reason = chunk.reason[order]
                 cursor = max(0, skip - base)
@@ -252,15 +185,15 @@ class ShardDataset(IterableDataset):
                         conv.tally(stats, reason[cursor:end])
                         conv.tally_emitted(stats, pending)
                         cursor = end
-                        yield gather(pending), position(fi, base + end)
+                        yield gather(pending), position(ui, base + end)
                         pending, n_pending = [], 0
                 conv.tally(stats, reason[cursor:])
         if n_pending and cfg.drop_last:
             stats["rows_dropped"] += n_pending
         elif n_pending:
             conv.tally_emitted(stats, pending)
-            yield gather(pending), position(len(frags), 0)
-        yield None, position(len(frags), 0)
+            yield gather(pending), position(len(units), 0)
+        yield None, position(len(units), 0)
 
 
 _PACKET_BYTES = 4 << 20  # batches travel from a worker in groups this large: few shared-memory messages
@@ -353,7 +286,11 @@ class BatchLoader:
                    [[where[f.path], f.row_group, f.num_rows] for f in self.fragments]]
         self._fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
         self.epoch = 0
+        self.plan = self._choose_plan(0)  # the work-unit plan of self.epoch (restored with a state)
         self._reset({s: initial_position(0, s) for s in self.slots})
+
+    def _choose_plan(self, epoch: int) -> str:
+        return choose_plan(self.fragments, epoch, self.n_slots, self.cfg.shuffle, self.cfg.seed, self.cfg.batch_size)
 
     def _reset(self, positions: Dict[int, Dict[str, Any]]) -> None:
         self._positions = positions
@@ -366,11 +303,17 @@ class BatchLoader:
         """Rows in the whole dataset (all ranks), before any rejection or filtering."""
         return sum(f.num_rows for f in self.fragments)
 
+    def work_units(self, epoch: Optional[int] = None) -> List[List[WorkUnit]]:
+        """Every slot's work units (all ranks) in `epoch`: the current plan for the current epoch,
+        the plan a fresh loader would choose for another."""
+        e = self.epoch if epoch is None else epoch
+        plan = self.plan if e == self.epoch else self._choose_plan(e)
+        return plan_units(plan, self.fragments, e, self.n_slots, self.cfg.shuffle, self.cfg.seed)
+
     def slot_rows(self, epoch: Optional[int] = None) -> Dict[int, int]:
         """Rows (before rejection/filtering) each of this rank's slots reads in `epoch`."""
-        e = self.epoch if epoch is None else epoch
-        return {s: sum(f.num_rows for f in slot_fragments(self.fragments, e, s, self.n_slots, self.cfg.shuffle,
-                                                            self.cfg.seed)) for s in self.slots}
+        units = self.work_units(epoch)
+        return {s: sum(u.num_rows for u in units[s]) for s in self.slots}
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch `epoch` from its beginning (keeps a restored position when it is that epoch)."""
@@ -378,13 +321,15 @@ class BatchLoader:
             raise ValueError(f"set_epoch: epoch must be >= 0, got {epoch}")
         if epoch != self.epoch:
             self.epoch = epoch
+            self.plan = self._choose_plan(epoch)
             self._reset({s: initial_position(epoch, s) for s in self.slots})
 
     def __iter__(self) -> Iterator[Batch]:
         if self._restart:
             self._reset({s: initial_position(self.epoch, s) for s in self.slots})
         dataset = _PackedShards(self.fs, self.fragments, self.converter, self.cfg, rank=self.rank,
-                               world_size=self.world_size, epoch=self.epoch, start=copy.deepcopy(self._positions))
+                               world_size=self.world_size, epoch=self.epoch, start=copy.deepcopy(self._positions),
+                               plan=self.plan)
         # forkserver, not fork: a worker forked while the previous pass's feeder threads are still
         # tearing down can hang forever in CPython's post-fork cleanup (seen under load on 3.11).
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
@@ -432,7 +377,8 @@ class BatchLoader:
             for _, _, slot, previous in reversed(undo):
                 positions[slot] = previous
         return {
-            "format": STATE_FORMAT, "epoch": self.epoch, "seed": self.cfg.seed, "shuffle": self.cfg.shuffle,
+            "format": STATE_FORMAT, "plan": self.plan, "epoch": self.epoch, "seed": self.cfg.seed,
+            "shuffle": self.cfg.shuffle,
             "shuffle_buffer_rows": self.cfg.shuffle_buffer_rows, "world_size": self.world_size,
             "num_workers": self.cfg.num_workers, "n_slots": self.n_slots, "rank": self.rank,
             "num_files": len(self.files), "num_rows": self.num_rows, "files_sha256": self._fingerprint,
@@ -443,6 +389,10 @@ class BatchLoader:
         """Resume from `state_dict()` of this rank, or from `merge_state_dicts` of all ranks."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a reader state (expected format {STATE_FORMAT!r})")
+        if "plan" not in state:  # saved before work units: its positions index whole row groups
+            state = {**state, "plan": _PLAN_BEFORE_WORK_UNITS}
+        if state["plan"] not in PLANS:
+            raise ValueError(f"reader state: unknown work-unit plan {state.get('plan')!r}; expected one of {PLANS}")
         if state["n_slots"] != self.n_slots:
             raise ValueError(
                 f"reader state was saved with world_size {state['world_size']} x num_workers "
@@ -466,6 +416,7 @@ class BatchLoader:
             if p["epoch"] != state["epoch"] or p["slot"] != s:
                 raise ValueError(f"reader state: position of slot {s} is inconsistent: {p}")
         self.epoch = state["epoch"]
+        self.plan = state["plan"]
         self._reset(positions)
 
     @staticmethod

@@ -6,7 +6,7 @@ sec. 5.1.2) need to pick individual rows (a user's last click), repeat them with
 attributes, and score the result. Building those rows as Arrow tables and converting them with
 `satrank.pipeline.convert.table_to_batch` keeps every vocabulary policy and row check of the reader, so a
 synthetic row is validated exactly like a logged one. Files are discovered with
-`satrank.pipeline.reader.list_shards` (sorted; names starting with '.' or '_' ignored), so "row i of a
+`satrank.pipeline.shards.list_shards` (sorted; names starting with '.' or '_' ignored), so "row i of a
 split" means the same thing everywhere.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from satrank.pipeline.batch import Batch
 from satrank.pipeline.convert import table_to_batch
 from satrank.pipeline.errors import DataError
 from satrank.pipeline.features import DataConfig
-from satrank.pipeline.reader import list_shards
+from satrank.pipeline.shards import list_shards
 
 
 def _dataset(uri) -> pads.Dataset:
