@@ -180,7 +180,7 @@ def test_cli_loads_config_with_overrides_and_rejects_bad_keys(tmp_path, capsys):
 
     parser = build_parser("satrank-x", "test job")
     args, cfg = parse(parser, ["--data", str(tmp_path), "--out", str(tmp_path / "run"),
-                               "--set", "embeddings.optimizer.lr=0.2", "--set", "satrank.embeddings.tables.user.dim=16"])
+                               "--set", "embeddings.optimizer.lr=0.2", "--set", "embeddings.tables.user.dim=16"])
     assert cfg.embeddings.optimizer.lr == 0.2 and cfg.embeddings.table_dim("user") == 16
     assert args.out == tmp_path / "run"
     with pytest.raises(SystemExit):
