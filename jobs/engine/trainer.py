@@ -18,6 +18,12 @@ A model is any nn.Module holding `satrank.embeddings.tables.SparseArch`(es) whos
       reader position) and RUN/best; with train.restore_best it ends on RUN/best's weights; `restore`
       resumes at any world size (exactly at epoch boundaries; a mid-epoch reader position restores only
       with the same ranks x reader workers, otherwise that epoch restarts);
+    - online training (satrank.jobs.dpo): `stream(source, step)` runs a pluggable per-batch step
+      (satrank.jobs.engine.online.OnlineStep, e.g. EASQ's) over a time-ordered stream source
+      (satrank.jobs.engine.stream.ShardStream) on the same sharded model and optimizer, checkpointing the
+      stream position (satrank.jobs.engine.online); `optimizer=` lets a job group its optimizers;
+    - epoch-end data: `epoch_end_payload` (per rank) is gathered by the trainer and handed to `on_epoch_end`,
+      so models and losses never run a collective themselves;
     - `close()` drops pipeline, DMP and optimizer and collects garbage BEFORE the process group goes
       (a live gloo group at interpreter exit can abort the process).
 Partial loads of other runs into the sharded model (`satrank.jobs.engine.checkpoint.load_prefixed`) check the feature fingerprint.
