@@ -4,14 +4,12 @@
         [--config CFG] [--set k=v] [--follow --max-wait-s S] [--poll-s S] [--checkpoint-every STEPS]
         [--sat-only] [--log-keys]
 
-RUN_MAIN (a satrank.jobs.train run) is rebuilt from its own config with the EASQ pathway (satrank.jobs.engine.easq_run)
-and trained on the shared Trainer: `Trainer.stream` over the time-ordered shards of DIR/train, each read once
-(satrank.jobs.engine.stream; --follow waits for new ones, rank 0 decides), one EASQ step per batch with its own
-optimizer groups, pair buffer, DPO ramp and rho from the frozen --propensity model (satrank.jobs.engine.easq_step).
-RUN/checkpoint (every --checkpoint-every steps and at the end) carries the stream position: a killed run resumes
-there. RUN/metrics.json: `before` / `after` (evaluate_all on DIR/test + the satisfaction head on valid/test),
-prequential_sat_auc, backbone_drift, counts, `propensity` (null without --propensity). RUN serves like a
-satrank.jobs.train run (its checkpoint has config.yaml; teacher.json is copied from RUN_MAIN).
+RUN_MAIN (a satrank.jobs.train run) rebuilt with the EASQ pathway (satrank.jobs.engine.easq_run) trains on the shared
+Trainer: `Trainer.stream` over DIR/train's time-ordered shards, each read once (satrank.jobs.engine.stream; --follow
+waits for new ones), one EASQ step per batch (satrank.jobs.engine.easq_step: optimizer groups, pair buffer, DPO ramp,
+rho from the frozen --propensity model). RUN/checkpoint carries the stream position (a killed run resumes there).
+RUN/metrics.json: `before` / `after`, prequential_sat_auc, backbone_drift, counts, `propensity`. RUN serves like a
+satrank.jobs.train run (teacher.json is copied from RUN_MAIN). Details: docs/easq.md.
 """
 from __future__ import annotations
 
@@ -56,8 +54,8 @@ def run(rt, args, cfg_cli) -> None:
         source = ShardStream(args.data / "train", cfg.data, cfg.reader, follow=args.follow,
                              max_wait_s=args.max_wait_s, poll_s=args.poll_s)
         teacher, mine_p = read_teacher(args.init), None if args.propensity is None else str(args.propensity)
-        if rt.is_main and teacher is not None:  # satrank.jobs.score / export rebuild g from it
-            write_json_atomic(args.out / TEACHER_FILE, teacher)
+        if rt.is_main and teacher is not None:
+            write_json_atomic(args.out / TEACHER_FILE, teacher)  # satrank.jobs.score / export rebuild g from it
         if (args.out / "checkpoint" / "meta.json").is_file():
             ex = trainer.restore_stream(source, step)
             if ex.get("propensity") != mine_p:
@@ -73,8 +71,7 @@ def run(rt, args, cfg_cli) -> None:
         after = evaluate_run(trainer.dmp, cfg, ecfg, args.data, rt)
         prop_report = prop.report(e.clip) if prop is not None else None
         if prop_report is not None and (prop_report["tables_changed"] or prop_report["dense_changed"]):
-            log.error("the frozen propensity model changed: %s %s", prop_report["tables_changed"],
-                      prop_report["dense_changed"])
+            log.error("the frozen propensity model changed: %s %s", prop_report["tables_changed"], prop_report["dense_changed"])
         if args.log_keys:
             np.save(args.out / f"keys-rank{rt.rank}.npy", step.columns()["keys"].numpy())
         metrics = {"job": JOB, "world_size": rt.world_size, "init": str(args.init), "before": before, "after": after,
@@ -85,9 +82,8 @@ def run(rt, args, cfg_cli) -> None:
                    "propensity": prop_report, "total_s": round(time.perf_counter() - started, 2)}
         trainer.writer.write_final(finite_or_none(metrics))
         if rt.is_main:
-            heads = ("true_sat@10", "click_auc", "sat_auc_answered")
-            log.info("before: %s", {k: before.get(k) for k in heads})
-            log.info("after:  %s", {k: after.get(k) for k in heads})
+            for name, m in (("before:", before), ("after:", after)):
+                log.info("%-7s %s", name, {k: m.get(k) for k in ("true_sat@10", "click_auc", "sat_auc_answered")})
             log.info("satisfaction head (%s pathway), answered-row AUC before %s, after %s", e.pathway,
                      {k: v["auc"] for k, v in before.get("sat_head", {}).items()},
                      {k: v["auc"] for k, v in after["sat_head"].items()})
