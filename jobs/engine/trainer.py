@@ -354,8 +354,8 @@ class Trainer:
         """Hook for subclasses: called on every rank before epoch `epoch` trains (also when it resumes mid-epoch)."""
 
     def epoch_end_payload(self, epoch: int) -> Any:
-        """Hook for subclasses: this rank's plain data that `on_epoch_end` needs from every rank (None: nothing;
-        None or not alike on every rank). The trainer gathers it, so models and losses never communicate."""
+        """Hook for subclasses: this rank's plain data that `on_epoch_end` needs from every rank (None: nothing to
+        gather; None on every rank or on none). The trainer gathers it, so models and losses never communicate."""
         return None
 
     def on_epoch_end(self, epoch: int, gathered: Optional[List[Any]] = None) -> None:
