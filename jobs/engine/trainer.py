@@ -50,9 +50,10 @@ from satrank.jobs.engine.checkpoint import (CheckpointError, check_checkpoint, l
                                             save_checkpoint)
 from satrank.jobs.engine.collectives import all_gather_objects, broadcast_object
 from satrank.jobs.engine.loop import LoopStats, run_loop, synced_pairs
-from satrank.jobs.engine.online import restore_stream, run_stream
+from satrank.jobs.engine.online import OnlineStep, restore_stream, run_stream
 from satrank.jobs.engine.readers import first_batch, reap_loader_threads, stage_train_config
 from satrank.jobs.engine.runtime import MetricsWriter, Runtime, finite_or_none, get_logger, write_json_atomic, write_text_atomic
+from satrank.jobs.engine.stream import ShardStream
 from satrank.jobs.config.train import TrainConfig
 from satrank.models.metrics.calibration import StreamingCollector
 from satrank.pipeline import config as cfgio
@@ -406,12 +407,13 @@ class Trainer:
                 "resumed": self.resumed, "train_epochs": self.train_epochs, "last_eval": self.last_eval,
                 "eval": final_eval}
 
-    def stream(self, source: Any, step: Any, *, checkpoint_every: int, extra: Optional[Dict[str, Any]] = None) -> Path:
+    def stream(self, source: ShardStream, step: OnlineStep, *, checkpoint_every: int,
+               extra: Optional[Dict[str, Any]] = None) -> Path:
         """Online training: `step` (satrank.jobs.engine.online.OnlineStep) on every batch of the time-ordered
         `source` (satrank.jobs.engine.stream.ShardStream), checkpointing with the stream position (run_stream)."""
         return run_stream(self, source, step, checkpoint_every=checkpoint_every, extra=extra)
 
-    def restore_stream(self, source: Any, step: Any) -> Dict[str, Any]:
+    def restore_stream(self, source: ShardStream, step: OnlineStep) -> Dict[str, Any]:
         """Resume online training from RUN/checkpoint (satrank.jobs.engine.online.restore_stream)."""
         return restore_stream(self, source, step)
 
