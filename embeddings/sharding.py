@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 import torch.distributed as dist
@@ -194,15 +194,17 @@ def shard_model(
     dense_params = {k: p for k, p in plain.items() if k not in dp_tables}
     parts: List[Any] = [dmp.fused_optimizer]
     if dp_tables:
-        parts.append(KeyedOptimizerWrapper(dp_tables, _torch_embedding_factory(cfg.optimizer)))
+        parts.append(KeyedOptimizerWrapper(dp_tables, embedding_optimizer_factory(cfg.optimizer)))
     if dense_params:
-        parts.append(KeyedOptimizerWrapper(dense_params, _dense_factory(dense_optimizer, dense_lr, dense_weight_decay)))
+        parts.append(KeyedOptimizerWrapper(dense_params, dense_optimizer_factory(dense_optimizer, dense_lr, dense_weight_decay)))
     return dmp, CombinedOptimizer(parts)
 
 
-def _torch_embedding_factory(cfg: FusedOptimizerConfig):
-    """Torch optimizer matching FBGEMM's update for `cfg` (used for data_parallel tables and for
-    unsharded reference models). Updates are dense: Adam moments/weight decay touch every row."""
+def embedding_optimizer_factory(cfg: FusedOptimizerConfig) -> Callable[[Any], torch.optim.Optimizer]:
+    """params -> the torch optimizer matching FBGEMM's update for `cfg` (the `embeddings.optimizer` section): the
+    optimizer of data_parallel tables (TorchRec's DENSE kernel has no fused one), wherever a job groups its
+    optimizers (shard_model, the EASQ job), and of unsharded reference models. Updates are dense: Adam
+    moments / weight decay touch every row."""
     if cfg.type == "rowwise_adagrad":
         return lambda p: trec_optim.RowWiseAdagrad(p, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.type == "exact_adagrad":
@@ -215,10 +217,12 @@ def _torch_embedding_factory(cfg: FusedOptimizerConfig):
 
 def torch_embedding_optimizer(params, cfg: FusedOptimizerConfig) -> torch.optim.Optimizer:
     """Public: the torch optimizer equivalent of the fused one (for unsharded models)."""
-    return _torch_embedding_factory(cfg)(params)
+    return embedding_optimizer_factory(cfg)(params)
 
 
-def _dense_factory(kind: str, lr: float, weight_decay: float):
+def dense_optimizer_factory(kind: str, lr: float, weight_decay: float) -> Callable[[Any], torch.optim.Optimizer]:
+    """params -> the dense optimizer `kind` ("adam" | "adagrad" | "sgd", a `train.dense_optimizer`) at `lr`, for the
+    non-embedding parameters; one definition for shard_model and any job that builds its own optimizer groups."""
     if kind == "adam":
         return lambda params: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if kind == "adagrad":

@@ -20,6 +20,7 @@ import time
 from typing import List, Optional
 
 from satrank.jobs.engine.cli import build_parser, parse
+from satrank.jobs.engine.collectives import all_gather_objects
 from satrank.jobs.engine.runtime import get_logger, init_runtime, write_json_atomic
 from satrank.pipeline.errors import DataError
 from satrank.pipeline.reader import BatchLoader, sum_stats
@@ -51,16 +52,10 @@ def read_all(args, cfg, rt) -> dict:
 
 
 def run(args, cfg) -> int:
-    import torch.distributed as dist
-
     rt = init_runtime(seed=cfg.reader.seed, debug=args.debug)
     try:
         mine = read_all(args, cfg, rt)
-        everyone: List[Optional[dict]] = [None] * rt.world_size
-        if rt.world_size > 1:
-            dist.all_gather_object(everyone, mine)
-        else:
-            everyone = [mine]
+        everyone = all_gather_objects(mine)
         errors = sorted({p["error"] for p in everyone if "error" in p})
         if errors:
             if rt.is_main:

@@ -26,12 +26,12 @@ from typing import List, Optional
 
 import torch
 
-from satrank.jobs.engine.cli import build_parser
-from satrank.jobs.engine.runtime import get_logger
-from satrank.models.metrics.stage1_eval import SatisfactionEvaluator
-from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
-from satrank.jobs.engine.trainer import Trainer, run_job
 from satrank.jobs.engine.checkpoint import check_checkpoint, checkpoint_config, local_tables, propensity_run, resolve, tables_changed
+from satrank.jobs.engine.cli import build_parser
+from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
+from satrank.jobs.engine.runtime import get_logger
+from satrank.jobs.engine.trainer import Trainer, run_job
+from satrank.models.metrics.stage1_eval import SatisfactionEvaluator
 from satrank.models.stage1.tasks import SatisfactionModel
 from satrank.pipeline.config import ConfigError
 from satrank.pipeline.reader import BatchLoader
@@ -87,9 +87,7 @@ def run(rt, args, cfg) -> None:
         if args.resume is not None:
             trainer.restore(args.resume, train_loader)
         else:
-            mapping = {"sparse_arch.": "sparse_arch."}
-            if sat.init_tower_from_pretrain:
-                mapping["arch.tower."] = "arch.tower."
+            mapping = {"sparse_arch.": "sparse_arch.", **({"arch.tower.": "arch.tower."} if sat.init_tower_from_pretrain else {})}
             loaded["init"] = {"path": str(args.init), "keys": len(
                 trainer.load_prefixed(args.init, mapping, what="--init", expect_job="pretrain"))}
             if _needs_propensity(cfg):
@@ -112,8 +110,7 @@ def run(rt, args, cfg) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser("satrank satisfaction", __doc__.split("\n\n")[0])
-    parser.add_argument("--init", type=Path, default=None,
-                        help="satrank.jobs.pretrain run whose tables (frozen) and towers start g")
+    parser.add_argument("--init", type=Path, default=None, help="satrank.jobs.pretrain run whose tables (frozen) and towers start g")
     parser.add_argument("--propensity", type=Path, default=None, help="satrank.jobs.propensity run (ips / snips / dr)")
     parser.add_argument("--resume", type=Path, default=None, help="continue this satrank.jobs.satisfaction run")
     return run_job(parser, argv, run, stage=STAGE, precheck=precheck)

@@ -38,10 +38,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from satrank.jobs.engine import checkpoint as ckpt
+from satrank.jobs.engine.collectives import all_gather_objects
 from satrank.jobs.engine.runtime import Runtime, get_logger, init_runtime
 from satrank.jobs.config.serve import ScoreConfig, ServeConfig, load_serve_config
 from satrank.models.common.fusion import FORMULA, effective_weights
@@ -188,14 +188,6 @@ def run_identity(loaded: LoadedModel, scorer: Scorer, score: ScoreConfig, inputs
 
 
 # ------------------------------------------------------------------------------------------ collectives
-def _gather(obj: Any) -> List[Any]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _together(fn: Callable[[], Any]) -> Any:
     """Run fn on every rank; if it failed anywhere, raise the first failure on every rank (no rank is
     left waiting in a later collective). Returns this rank's result."""
@@ -203,7 +195,7 @@ def _together(fn: Callable[[], Any]) -> Any:
         res, err = fn(), None
     except KNOWN_ERRORS as exc:
         res, err = None, (type(exc).__name__, str(exc))
-    gathered = _gather(err)
+    gathered = all_gather_objects(err)
     errors = [(r, e) for r, e in enumerate(gathered) if e is not None]
     if errors:
         rank, (name, msg) = errors[0]
@@ -229,7 +221,7 @@ def run(rt: Runtime, args: argparse.Namespace, serve: ServeConfig) -> Dict[str, 
         root = str(args.candidates) if Path(args.candidates).is_dir() else ""
         return {i: shard_info(files[i], root, data) for i in assign(len(files), rt.rank, rt.world_size)}
 
-    per_rank = _gather(_together(inputs_of_mine))
+    per_rank = all_gather_objects(_together(inputs_of_mine))
     infos = {i: info for part in per_rank for i, info in part.items()}
     inputs = [infos[i] for i in range(len(infos))]
 
@@ -242,7 +234,7 @@ def run(rt: Runtime, args: argparse.Namespace, serve: ServeConfig) -> Dict[str, 
 
     _together(check_requests)
     identity = run_identity(loaded, scorer, score, inputs)
-    token = _gather(f"{int(time.time() * 1000)}-{os.getpid()}")[0]
+    token = all_gather_objects(f"{int(time.time() * 1000)}-{os.getpid()}")[0]
     writer = ScoreWriter(args.out, identity, rt.rank, rt.world_size, run_token=token)
     _together(lambda: writer.prepare(args.overwrite) if rt.is_main else None)
 
@@ -267,7 +259,7 @@ def run(rt: Runtime, args: argparse.Namespace, serve: ServeConfig) -> Dict[str, 
         bar.close()
     wall = time.perf_counter() - t0
     mine_run = {"rank": rt.rank, "scored": todo, "skipped": skipped, "rows": rows, "wall_s": wall}
-    ranks = _gather(mine_run)
+    ranks = all_gather_objects(mine_run)
     total_rows = sum(r["rows"] for r in ranks)
     scoring_wall = max(r["wall_s"] for r in ranks)
     run_rec = {"run_token": token, "world_size": rt.world_size, "started_unix": time.time() - (time.perf_counter() - started),

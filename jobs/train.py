@@ -16,7 +16,8 @@ the candidate sets and the leave-one-out lists (satrank.jobs.evaluate's logic).
   every `eval_every` epochs, early stopping on `monitor`, RUN/checkpoint + RUN/best, --resume at
   any world size); settings `train:` with the `ranker_train:` overrides. Around every training
   epoch the task learns its epoch (L_S vs L_S^mix, eq. 18) and afterwards fits the label-correction
-  Beta mixture on that epoch's losses (collective); the fit travels in the checkpoints.
+  Beta mixture on every rank's losses of that epoch (satrank.jobs.engine.ranker_trainer); the fit travels in
+  the checkpoints.
 - Validation (satrank.models.metrics.ranker_eval.RankerEvaluator): loss (total), loss_click, loss_satisfaction
   (eq. 16), loss_watch_time, click_auc, click_gauc, sat_auc_answered, watch_time_mae/xauc.
 - At the end the weights the trainer ends with (RUN/best's with train.restore_best, else the last) are
@@ -29,7 +30,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 from satrank.jobs.engine.checkpoint import CheckpointError, load_prefixed
 from satrank.jobs.engine.cli import build_parser
@@ -37,32 +38,15 @@ from satrank.jobs.evaluate import (TEACHER_FILE, build_task, evaluate_all, forma
                            teacher_to_dict)
 from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
 from satrank.jobs.engine.runtime import finite_or_none, get_logger, write_json_atomic
-from satrank.jobs.engine.trainer import Trainer, run_job
+from satrank.jobs.engine.ranker_trainer import TEACHER_MAP, RankerTrainer
+from satrank.jobs.engine.trainer import run_job
 from satrank.models.metrics.ranker_eval import EvaluationConfig, RankerEvaluator
 from satrank.models.ranker.task import find_task, needs_teacher
 from satrank.pipeline.reader import BatchLoader
 
 STAGE = "ranker"  # config section ranker_train:
 JOB = "train"
-TEACHER_MAP = {"sparse_arch.": "g.sparse_arch.", "arch.tower.": "g.arch.tower.", "arch.head.": "g.arch.head."}
 log = get_logger("train")
-
-
-class RankerTrainer(Trainer):
-    """Trainer that tells the task its epoch and closes each epoch's label correction (eqs. 17-18)."""
-
-    corrections: List[Dict[str, Any]]
-
-    def on_epoch_start(self, epoch: int) -> None:
-        find_task(self.dmp).set_epoch(epoch)
-
-    def on_epoch_end(self, epoch: int) -> None:
-        fit = find_task(self.dmp).end_epoch(epoch)  # collective: every rank gathers the epoch's losses
-        if fit:
-            rec = {"event": "label_correction", "epoch": epoch, **fit}
-            self.corrections = getattr(self, "corrections", []) + [rec]
-            self.writer.log(rec)
-            log.info("label correction fitted on epoch %d losses: %s", epoch, fit)
 
 
 def precheck(args, cfg) -> None:

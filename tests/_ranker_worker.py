@@ -34,7 +34,7 @@ def main(data: str, sat_run: str, out: str, overrides: list) -> None:
     from satrank.jobs.config import load_config
     from satrank.jobs.evaluate import build_task, run_checkpoint, satisfaction_teacher, checkpoint_config
     from satrank.jobs.engine.runtime import init_runtime
-    from satrank.jobs.train import TEACHER_MAP, RankerTrainer
+    from satrank.jobs.engine.ranker_trainer import TEACHER_MAP, RankerTrainer
     from satrank.jobs.engine.readers import eval_reader, first_batch, stage_train_config, train_reader
     from satrank.jobs.engine.checkpoint import load_prefixed
     from satrank.models.metrics.ranker_eval import RankerEvaluator

@@ -124,3 +124,26 @@ def test_bad_inputs_raise():
         c.observe(torch.tensor([0.1, float("nan")]))
     with pytest.raises(ValueError, match="observed 0"):
         c.end_epoch(0)
+
+
+def test_end_epoch_fits_on_the_losses_it_is_handed_like_one_corrector_seeing_every_rank():
+    """The trainer gathers every rank's epoch_losses() and hands them to end_epoch (the loss never communicates):
+    two 'ranks' fitting on the concatenation get the lambda of one corrector that observed all the losses."""
+    losses = _two_clusters(seed=3) * 3.0
+    whole = LabelCorrector(n_mix=1, iters=20, max_samples=20000)
+    ranks = [LabelCorrector(n_mix=1, iters=20, max_samples=20000) for _ in range(2)]
+    chunks = losses.split(1000)
+    for i, chunk in enumerate(chunks):
+        ranks[i % 2].observe(chunk)
+    for chunk in chunks[0::2] + chunks[1::2]:  # rank order, as all_gather concatenates
+        whole.observe(chunk)
+    gathered = torch.cat([r.epoch_losses() for r in ranks])
+    assert gathered.numel() == losses.numel()
+    stats = whole.end_epoch(0)
+    for r in ranks:
+        assert r.end_epoch(0, gathered) == stats and r.epoch_losses().numel() == 0
+        torch.testing.assert_close(r.table, whole.table, atol=0, rtol=0)
+    alone = LabelCorrector(n_mix=1, iters=20, max_samples=20000)
+    alone.observe(losses[:1000])
+    alone.end_epoch(0)
+    assert not torch.equal(alone.table, whole.table)  # one rank's share alone would give another lambda

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
@@ -32,6 +31,7 @@ from torch import nn
 from satrank.embeddings.config import EmbeddingConfig
 from satrank.embeddings.sharding import find_sparse_archs, plan_summary, plan_to_dict
 from satrank.embeddings.tables import TABLE_KEY, feature_signature
+from satrank.jobs.engine.collectives import all_gather_objects, broadcast_object, rank, world_size
 from satrank.jobs.engine.runtime import write_json_atomic, write_text_atomic
 from satrank.pipeline import config as cfgio
 
@@ -41,37 +41,6 @@ STATE_DIR = "state"
 
 class CheckpointError(ValueError):
     """Not a checkpoint, or incompatible with the model it is loaded into; the message says why."""
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank (identity without a process group)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_gather_objects(obj: Any) -> List[Any]:
-    """Every rank's `obj`, in rank order (a one-item list without a process group)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _signature(model: nn.Module, data=None, emb=None, config=None) -> Dict[str, Any]:
@@ -164,7 +133,7 @@ def save_checkpoint(
             "format": FORMAT,
             "fingerprint": fingerprint(signature),
             "signature": signature,
-            "world_size": _world(),
+            "world_size": world_size(),
             "extra": extra or {},
             "rank_extra": rank_extras,
             "has_optimizer": optimizer is not None,
@@ -196,7 +165,7 @@ def save_checkpoint(
 def _on_rank0(fn, what: str) -> None:
     """Run fn on rank 0; every rank learns whether it failed (so none waits forever) and raises."""
     err = None
-    if _rank() == 0:
+    if rank() == 0:
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
+from satrank.jobs.engine.collectives import all_reduce_ints, world_size
 from satrank.pipeline.batch import Batch
 
 Policy = Literal["pad", "stop"]
@@ -43,13 +43,6 @@ class LoopStats:
     dropped_rows: int = 0
 
 
-def _all_reduce_sum(values, device: torch.device) -> Tuple[int, ...]:
-    t = torch.tensor(values, dtype=torch.int64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return tuple(int(x) for x in t.tolist())
-
-
 def synced_pairs(
     batches: Iterable[Batch],
     device: torch.device,
@@ -61,13 +54,13 @@ def synced_pairs(
     if policy not in ("pad", "stop"):
         raise ValueError(f"policy: {policy!r} is not one of ['pad', 'stop']")
     stats = stats if stats is not None else LoopStats()
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     it = iter(batches)
     last = template
     while True:
         batch = next(it, None)
         cannot_pad = int(batch is None and last is None and policy == "pad")
-        active, unpaddable = _all_reduce_sum([int(batch is not None), cannot_pad], device)
+        active, unpaddable = all_reduce_ints([int(batch is not None), cannot_pad], device)
         if active == 0:
             return
         if policy == "stop" and active < world:

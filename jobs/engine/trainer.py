@@ -18,6 +18,12 @@ A model is any nn.Module holding `satrank.embeddings.tables.SparseArch`(es) whos
       reader position) and RUN/best; with train.restore_best it ends on RUN/best's weights; `restore`
       resumes at any world size (exactly at epoch boundaries; a mid-epoch reader position restores only
       with the same ranks x reader workers, otherwise that epoch restarts);
+    - online training (satrank.jobs.dpo): `stream(source, step)` runs a pluggable per-batch step
+      (satrank.jobs.engine.online.OnlineStep, e.g. EASQ's) over a time-ordered stream source
+      (satrank.jobs.engine.stream.ShardStream) on the same sharded model and optimizer, checkpointing the
+      stream position (satrank.jobs.engine.online); `optimizer=` lets a job group its optimizers;
+    - epoch-end data: `epoch_end_payload` (per rank) is gathered by the trainer and handed to `on_epoch_end`,
+      so models and losses never run a collective themselves;
     - `close()` drops pipeline, DMP and optimizer and collects garbage BEFORE the process group goes
       (a live gloo group at interpreter exit can abort the process).
 Partial loads of other runs into the sharded model (`satrank.jobs.engine.checkpoint.load_prefixed`) check the feature fingerprint.
@@ -40,11 +46,14 @@ from torch import nn
 
 from satrank.embeddings.config import EmbeddingConfig
 from satrank.embeddings.sharding import find_sparse_archs, plan_summary, plan_to_dict, shard_model
-from satrank.jobs.engine.checkpoint import (CheckpointError, all_gather_objects, broadcast_object, check_checkpoint, load_checkpoint,
-                             load_prefixed, save_checkpoint)
+from satrank.jobs.engine.checkpoint import (CheckpointError, check_checkpoint, load_checkpoint, load_prefixed,
+                                            save_checkpoint)
+from satrank.jobs.engine.collectives import all_gather_objects, broadcast_object
 from satrank.jobs.engine.loop import LoopStats, run_loop, synced_pairs
+from satrank.jobs.engine.online import OnlineStep, restore_stream, run_stream
 from satrank.jobs.engine.readers import first_batch, reap_loader_threads, stage_train_config
 from satrank.jobs.engine.runtime import MetricsWriter, Runtime, finite_or_none, get_logger, write_json_atomic, write_text_atomic
+from satrank.jobs.engine.stream import ShardStream
 from satrank.jobs.config.train import TrainConfig
 from satrank.models.metrics.calibration import StreamingCollector
 from satrank.pipeline import config as cfgio
@@ -73,7 +82,6 @@ class Evaluator(Protocol):
     def metrics(self, columns: Dict[str, torch.Tensor], counters: Dict[str, float]) -> Dict[str, Any]: ...
 
 
-# ---------------------------------------------------------------------------------------------- loading
 # ---------------------------------------------------------------------------------------------- trainer
 @dataclass
 class TrainState:
@@ -93,7 +101,10 @@ class Trainer:
     """Shard `model`, then fit / evaluate / save / restore it (module docstring). One per job."""
 
     def __init__(self, rt: Runtime, model: nn.Module, *, emb: EmbeddingConfig, train: TrainConfig,
-                 out_dir: str | Path, job: str, run_config: Any = None) -> None:
+                 out_dir: str | Path, job: str, run_config: Any = None,
+                 optimizer: Optional[Callable[[nn.Module], Any]] = None) -> None:
+        """optimizer: builds the trainer's optimizer from the sharded model (e.g. per-group optimizers,
+        satrank.jobs.engine.easq_step.EasqOptimizers); default: shard_model's fused + dense CombinedOptimizer."""
         self.rt, self.cfg, self.job, self.run_config = rt, train, job, run_config
         self.out_dir = Path(out_dir)
         archs = find_sparse_archs(model)
@@ -103,6 +114,8 @@ class Trainer:
         self.dmp, self.optimizer = shard_model(
             model, emb, rt, dense_lr=train.dense_lr, seed=train.seed, dense_optimizer=train.dense_optimizer,
             dense_weight_decay=train.dense_weight_decay, planner_batch_size=train.batch_size)
+        if optimizer is not None:
+            self.optimizer = optimizer(self.dmp)
         self.pipeline: Any = None
         self.state = TrainState()
         self.resumed: Optional[Dict[str, Any]] = None
@@ -341,9 +354,14 @@ class Trainer:
     def on_epoch_start(self, epoch: int) -> None:
         """Hook for subclasses: called on every rank before epoch `epoch` trains (also when it resumes mid-epoch)."""
 
-    def on_epoch_end(self, epoch: int) -> None:
+    def epoch_end_payload(self, epoch: int) -> Any:
+        """Hook for subclasses: this rank's plain data that `on_epoch_end` needs from every rank (None: nothing to
+        gather; None on every rank or on none). The trainer gathers it, so models and losses never communicate."""
+        return None
+
+    def on_epoch_end(self, epoch: int, gathered: Optional[List[Any]] = None) -> None:
         """Hook for subclasses: called on every rank once epoch `epoch` has trained to its end, before its
-        evaluation and checkpoint (collectives allowed: every rank calls it at the same point)."""
+        evaluation and checkpoint, with every rank's `epoch_end_payload` in rank order (None when it is None)."""
 
     def fit(self, train_loader: BatchLoader, valid_loader: Optional[BatchLoader] = None,
             evaluator: Optional[Evaluator] = None) -> Dict[str, Any]:
@@ -361,7 +379,8 @@ class Trainer:
             st.mid_epoch = not finished
             if not finished:
                 break
-            self.on_epoch_end(epoch)
+            payload = self.epoch_end_payload(epoch)
+            self.on_epoch_end(epoch, all_gather_objects(payload) if payload is not None else None)
             st.epoch = epoch + 1
             last = st.epoch >= cfg.epochs or self._max_steps_reached()
             if valid_loader is not None and (last or (cfg.eval_every and st.epoch % cfg.eval_every == 0)):
@@ -387,6 +406,16 @@ class Trainer:
                 "monitor": cfg.monitor, "restored_best": restored, "fit_s": time.perf_counter() - started,
                 "resumed": self.resumed, "train_epochs": self.train_epochs, "last_eval": self.last_eval,
                 "eval": final_eval}
+
+    def stream(self, source: ShardStream, step: OnlineStep, *, checkpoint_every: int,
+               extra: Optional[Dict[str, Any]] = None) -> Path:
+        """Online training: `step` (satrank.jobs.engine.online.OnlineStep) on every batch of the time-ordered
+        `source` (satrank.jobs.engine.stream.ShardStream), checkpointing with the stream position (run_stream)."""
+        return run_stream(self, source, step, checkpoint_every=checkpoint_every, extra=extra)
+
+    def restore_stream(self, source: ShardStream, step: OnlineStep) -> Dict[str, Any]:
+        """Resume online training from RUN/checkpoint (satrank.jobs.engine.online.restore_stream)."""
+        return restore_stream(self, source, step)
 
     # ------------------------------------------------------------------ outputs and teardown
     def write_final(self, fit: Dict[str, Any], **extra: Any) -> Dict[str, Any]:

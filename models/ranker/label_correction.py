@@ -16,8 +16,10 @@ HIGH; we follow the paper.) The mixed target is detached: s_mix = lambda s_hat +
 so L_S^mix only pulls s_f towards a fixed target (no gradient through the target).
 
 Eq. 18: epochs t < n_mix use L_S; t >= n_mix use L_S^mix. `LabelCorrector.observe` collects the
-losses of an epoch in a uniform reservoir, `end_epoch` fits the BMM (gathered over ranks when a
-process group is initialised, so all ranks use the same lambda) and `lam` evaluates lambda.
+losses of an epoch in a uniform reservoir, `end_epoch` fits the BMM and `lam` evaluates lambda. With several
+ranks the caller hands `end_epoch` every rank's reservoir (`epoch_losses`), gathered outside the loss by the
+trainer (satrank.jobs.engine.trainer, epoch-end payload), so all ranks fit the same lambda; nothing here
+communicates.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
 import torch
-import torch.distributed as dist
+import torch.distributed as dist  # only to refuse a local-only fit in a multi-rank run
 
 EPS_X = 1e-4  # normalised losses are clamped to [EPS_X, 1 - EPS_X] (Beta densities blow up at 0 and 1)
 EPS_NAN = 1e-12
@@ -170,20 +172,21 @@ class LabelCorrector:
             vals, keys = vals[keep], keys[keep]
         self._vals, self._keys = vals, keys
 
-    def _gathered(self) -> torch.Tensor:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self._vals
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, self._vals)
-        return torch.cat([p for p in parts if p is not None])
+    def epoch_losses(self) -> torch.Tensor:
+        """This process's reservoir of the epoch (float64, CPU): what `end_epoch` needs from every rank."""
+        return self._vals
 
-    def end_epoch(self, epoch: int) -> Dict[str, float]:
+    def end_epoch(self, epoch: int, losses: Optional[torch.Tensor] = None) -> Dict[str, float]:
         """Close 0-based epoch `epoch`: fit the BMM for the next epoch if it mixes; clear the reservoir.
 
-        Collective when a process group is initialised (call it on every rank). Returns the fit's
-        statistics for logging ({} when no fit was needed).
+        losses: every rank's `epoch_losses()` concatenated in rank order (the trainer gathers them); None in a
+        single process = this reservoir. Returns the fit's statistics for logging ({} when no fit was needed).
         """
-        losses = self._gathered()
+        if losses is None:
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                raise RuntimeError("label correction: end_epoch needs every rank's epoch_losses() (losses=...) "
+                                   "in a multi-rank run; a fit on this rank's losses alone would differ by rank")
+            losses = self._vals
         self._vals = self._vals[:0]
         self._keys = self._keys[:0]
         if not self.active(epoch + 1):

@@ -89,9 +89,14 @@ class MultiTaskLoss:
                                        cfg.bmm_max_samples, seed=seed)
         self.corrector = corrector if model.use_satisfaction else None
 
-    def end_epoch(self, epoch: int) -> Dict[str, float]:
-        """Call on every rank after each training epoch (fits the label-correction mixture when due)."""
-        return self.corrector.end_epoch(epoch) if self.corrector is not None else {}
+    def epoch_losses(self) -> Optional[torch.Tensor]:
+        """This rank's label-correction reservoir of the epoch (None without label correction)."""
+        return self.corrector.epoch_losses() if self.corrector is not None else None
+
+    def end_epoch(self, epoch: int, losses: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """Call on every rank after each training epoch (fits the label-correction mixture when due); `losses`:
+        every rank's `epoch_losses()` concatenated (LabelCorrector.end_epoch)."""
+        return self.corrector.end_epoch(epoch, losses) if self.corrector is not None else {}
 
     def __call__(
         self,

@@ -143,9 +143,14 @@ class RankerLoss(nn.Module):
         res["rows"] = torch.tensor(float(out["click"].shape[0]), device=out["click"].device)
         return loss, res
 
-    def end_epoch(self, epoch: int) -> Dict[str, float]:
-        """Collective: close training epoch `epoch` (fits the label-correction mixture when due)."""
-        return self.mtl.end_epoch(epoch)
+    def epoch_losses(self) -> Optional[torch.Tensor]:
+        """This rank's label-correction reservoir of the epoch (None without label correction)."""
+        return self.mtl.epoch_losses()
+
+    def end_epoch(self, epoch: int, losses: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """Close training epoch `epoch` (fits the label-correction mixture when due) on `losses`, every rank's
+        `epoch_losses()` concatenated in rank order (gathered by the trainer; not a collective)."""
+        return self.mtl.end_epoch(epoch, losses)
 
     # The fitted label-correction state rides in state_dict as ONE float64 tensor (DCP reshards and
     # saves tensors reliably; nested Python objects it does not round-trip):
@@ -219,8 +224,12 @@ class RankerTask(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         self.loss_fn.epoch = int(epoch)
 
-    def end_epoch(self, epoch: int) -> Dict[str, float]:
-        return self.loss_fn.end_epoch(epoch)
+    def epoch_losses(self) -> Optional[torch.Tensor]:
+        """RankerLoss.epoch_losses: what the epoch-end fit needs from this rank."""
+        return self.loss_fn.epoch_losses()
+
+    def end_epoch(self, epoch: int, losses: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        return self.loss_fn.end_epoch(epoch, losses)
 
     def forward(self, batch) -> Tuple[Optional[torch.Tensor], Dict[str, Any]]:
         sp = self.sparse_arch(batch.sparse)
