@@ -14,13 +14,27 @@ Design choices (documented because the paper leaves them open):
 - EMPTY history (length 0, common for hist_dissatisfied): attention over zero keys is undefined
   (softmax of all -inf = NaN), so position 0 is unmasked for the encoder call only and the row's
   h is replaced by a LEARNED empty vector `empty` (H stays all zeros). No NaN in forward or backward.
+
+Two attention paths over the SAME parameters (issue 16; `model.attention`, default fused), so one
+state_dict loads into either:
+- reference: nn.TransformerEncoder as built (separate bmm / softmax / where ops in MHA);
+- fused: `transformer_layers` runs each nn.TransformerEncoderLayer's parameters through
+  F.scaled_dot_product_attention with the key-padding mask built ONCE per batch as a boolean
+  [B, 1, 1, L] attn_mask shared by every layer and head, attention dropout inside SDPA (dropout_p
+  only in training), and the padded width trimmed to the batch's longest history first (padded
+  columns are masked keys and zeroed outputs, so dropping them changes no valid output).
+  Eval-mode outputs and gradients equal the reference path's within fp32 rounding (tests).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Literal, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+Attention = Literal["fused", "reference"]
+ATTENTION_PATHS = ("fused", "reference")
 
 
 def check_history(name: str, values: torch.Tensor, mask: torch.Tensor, d: int, max_len: int) -> None:
@@ -39,8 +53,80 @@ def check_history(name: str, values: torch.Tensor, mask: torch.Tensor, d: int, m
         raise ValueError(f"history {name!r}: mask must be left-aligned (valid positions first, then padding)")
 
 
+def key_attn_mask(attend: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool (True = key takes part) -> [B, 1, 1, L] SDPA attn_mask, shared by all layers and heads."""
+    return attend[:, None, None, :]
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout whose keep mask comes from 16 random bits per element (4 elements per random 64-bit
+    word) instead of one bernoulli_ draw per element: aten::bernoulli_ was 17% of training CPU time (issue 16).
+    The drop probability is p rounded to a multiple of 1/65536 (0.1 -> 0.100006), kept values are scaled
+    by 1 / (1 - that p), so E[output] = x exactly; seeded by torch's generator like nn.Dropout."""
+    if not training or p == 0.0:
+        return x
+    thr = round(p * 65536)
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
+    bits = words.view(torch.int16)[: x.numel()].view(x.shape)  # uniform over [-32768, 32767]
+    return x * (bits >= thr - 32768).to(x.dtype).mul_(65536.0 / (65536 - thr))
+
+
+def fused_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """One nn.TransformerEncoderLayer (its own parameters, norm_first or post-norm, its dropout rates) with
+    attention through F.scaled_dot_product_attention: the same function as layer(x, src_key_padding_mask=
+    ~attend) for attn_mask = key_attn_mask(attend), with one fused kernel instead of bmm/softmax/where.
+    In training with attention dropout > 0, CPU SDPA has no fused kernel (it falls back to bmm/softmax plus
+    a bernoulli_ mask), so that case runs the same math with `fast_dropout` on the attention weights."""
+    attn = layer.self_attn
+    B, L, d = x.shape
+    heads = attn.num_heads
+    training = layer.training
+
+    def sa_block(y: torch.Tensor) -> torch.Tensor:
+        qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).view(B, L, 3, heads, d // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, d/heads]
+        if training and attn.dropout > 0:
+            scores = (q * (d // heads) ** -0.5) @ k.transpose(-2, -1)
+            w = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)
+            o = fast_dropout(w, attn.dropout, True) @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        o = F.linear(o.transpose(1, 2).reshape(B, L, d), attn.out_proj.weight, attn.out_proj.bias)
+        return fast_dropout(o, layer.dropout1.p, training)
+
+    def ff_block(y: torch.Tensor) -> torch.Tensor:
+        hidden = fast_dropout(layer.activation(layer.linear1(y)), layer.dropout.p, training)
+        return fast_dropout(layer.linear2(hidden), layer.dropout2.p, training)
+
+    if layer.norm_first:
+        x = x + sa_block(layer.norm1(x))
+        return x + ff_block(layer.norm2(x))
+    x = layer.norm1(x + sa_block(x))
+    return layer.norm2(x + ff_block(x))
+
+
+def fused_encoder(layers, norm, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+    """Encoder `layers` (then `norm`, if any) over x [B, L, d] with keys `attend` [B, L] (True = valid;
+    every row needs one True so softmax is defined), attention fused; the mask is built once here."""
+    attn_mask = key_attn_mask(attend)  # shared by every layer and head
+    for layer in layers:
+        x = fused_layer(layer, x, attn_mask)
+    return x if norm is None else norm(x)
+
+
+def trim_width(values: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Drop padded columns beyond the batch's longest history (>= 1 column kept); one host sync."""
+    width = max(int(mask.sum(1).max()), 1) if mask.shape[0] else 1
+    if width >= values.shape[1]:
+        return values, mask
+    return values[:, :width], mask[:, :width]
+
+
 class HistoryEncoder(nn.Module):
-    """Trm(V + P) of eqs. 7-8 for one history; forward(V, mask) -> (H [B,L,d], h [B,d])."""
+    """Trm(V + P) of eqs. 7-8 for one history; forward(V, mask) -> (H [B,L,d], h [B,d]).
+
+    attention: fused (SDPA, mask once per batch, padded width trimmed) | reference (nn.TransformerEncoder);
+    both read the same parameters, so a checkpoint of either loads into the other."""
 
     def __init__(
         self,
@@ -52,13 +138,16 @@ class HistoryEncoder(nn.Module):
         dropout: float = 0.1,
         norm_first: bool = True,
         name: str = "history",
+        attention: Attention = "fused",
     ) -> None:
         super().__init__()
         if d % heads != 0:
             raise ValueError(f"history encoder {name!r}: embedding dim {d} is not divisible by heads={heads}")
         if max_len < 1:
             raise ValueError(f"history encoder {name!r}: max_len must be >= 1, got {max_len}")
-        self.d, self.max_len, self.name = d, max_len, name
+        if attention not in ATTENTION_PATHS:
+            raise ValueError(f"history encoder {name!r}: attention must be one of {ATTENTION_PATHS}, got {attention!r}")
+        self.d, self.max_len, self.name, self.attention = d, max_len, name, attention
         self.pos = nn.Embedding(max_len, d)  # P: one learned row per recency index (eq. 7)
         nn.init.normal_(self.pos.weight, std=0.02)
         layer = nn.TransformerEncoderLayer(
@@ -75,6 +164,9 @@ class HistoryEncoder(nn.Module):
             check_history(self.name, values, mask, self.d, self.max_len)
         B, L, _ = values.shape
         width = L
+        if self.attention == "fused":
+            values, mask = trim_width(values, mask)
+            L = values.shape[1]
         if L == 0:  # every row empty and padded to width 0: one all-padding column keeps shapes valid
             values, mask, L = values.new_zeros(B, 1, self.d), mask.new_zeros(B, 1), 1
         lengths = mask.sum(1)  # [B]
@@ -84,9 +176,14 @@ class HistoryEncoder(nn.Module):
         nonempty = lengths > 0
         attend = mask.clone()
         attend[:, 0] = attend[:, 0] | ~nonempty  # empty rows: one dummy key so softmax is defined
-        H = self.trm(x, src_key_padding_mask=~attend)
+        if self.attention == "fused":
+            H = fused_encoder(self.trm.layers, self.trm.norm, x, attend)
+        else:
+            H = self.trm(x, src_key_padding_mask=~attend)
         H = torch.where(mask.unsqueeze(-1), H, torch.zeros_like(H))
         last = (lengths - 1).clamp_min(0)
         h = H.gather(1, last.view(B, 1, 1).expand(B, 1, self.d)).squeeze(1)
         h = torch.where(nonempty.unsqueeze(-1), h, self.empty.to(h.dtype).expand(B, self.d))
+        if H.shape[1] < width:  # trimmed (or widened from 0): pad back with zero rows to the input width
+            H = F.pad(H, (0, 0, 0, width - H.shape[1]))
         return H[:, :width], h
