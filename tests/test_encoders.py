@@ -214,3 +214,44 @@ def test_fast_dropout_drops_the_configured_share_and_keeps_the_mean():
     out = fast_dropout(xs, 0.5, True)
     out.sum().backward()
     torch.testing.assert_close(xs.grad, (out.detach() != 0).float() * 2.0, atol=0, rtol=0)
+
+
+def test_the_whole_ranker_gives_the_same_outputs_on_either_attention_path_from_one_state_dict():
+    """model.attention switches every history encoder; the config refuses unknown paths (model and tower)."""
+    from satrank.models.ranker.config import ModelConfig
+    from satrank.models.ranker.saqrec import RankerInputs, SAQRecRanker
+    from satrank.models.stage1.config import TowerConfig
+    from satrank.pipeline.config import ConfigError, from_dict
+
+    max_lens = {"hist_click": 12, "hist_satisfied": 6, "hist_dissatisfied": 3, "hist_skip": 5}
+    users, attrs = {"user_id": 8, "user_activity": 4}, {"author_id": 8, "category_id": 4}
+    scorer = lambda x, V, mask: torch.sigmoid(V.sum(-1))  # noqa: E731
+    rankers = {}
+    for path in ("fused", "reference"):
+        torch.manual_seed(0)
+        cfg = from_dict(ModelConfig, {"attention": path, "use_skip_history": True}, "model")
+        rankers[path] = SAQRecRanker(cfg, 8, max_lens, users, attrs, n_dense=1, history_scorer=scorer).eval()
+    assert {m.attention for m in rankers["reference"].modules() if isinstance(m, HistoryEncoder)} == {"reference"}
+    assert sum(isinstance(m, HistoryEncoder) for m in rankers["fused"].modules()) == 4
+    rankers["reference"].load_state_dict(rankers["fused"].state_dict())
+    g = torch.Generator().manual_seed(1)
+    B, hist = 5, {}
+    for name, L in max_lens.items():
+        lengths = torch.randint(0, L + 1, (B,), generator=g)
+        lengths[0], lengths[1] = 0, L  # an empty and a full row in every history
+        mask = torch.arange(L) < lengths.unsqueeze(1)
+        hist[name] = (torch.where(mask.unsqueeze(-1), torch.randn(B, L, 8, generator=g), torch.tensor(float("nan"))), mask)
+    inputs = RankerInputs(user={k: torch.randn(B, d, generator=g) for k, d in users.items()},
+                          item=torch.randn(B, 8, generator=g),
+                          item_attrs={k: torch.randn(B, d, generator=g) for k, d in attrs.items()},
+                          dense=torch.randn(B, 1, generator=g), duration_log1p=torch.rand(B, generator=g),
+                          histories=hist)
+    a, b = rankers["fused"](inputs), rankers["reference"](inputs)
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.isfinite(a[k]).all(), k
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+    with pytest.raises(ConfigError, match="attention"):
+        from_dict(ModelConfig, {"attention": "flash"}, "model")
+    with pytest.raises(ConfigError, match="attention"):
+        from_dict(TowerConfig, {"attention": "flash"}, "pretrain.tower")
