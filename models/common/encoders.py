@@ -18,16 +18,18 @@ Design choices (documented because the paper leaves them open):
 Two attention paths over the SAME parameters (issue 16; `model.attention`, default fused), so one
 state_dict loads into either:
 - reference: nn.TransformerEncoder as built (separate bmm / softmax / where ops in MHA);
-- fused: `transformer_layers` runs each nn.TransformerEncoderLayer's parameters through
+- fused: `fused_encoder` runs each nn.TransformerEncoderLayer's parameters through
   F.scaled_dot_product_attention with the key-padding mask built ONCE per batch as a boolean
-  [B, 1, 1, L] attn_mask shared by every layer and head, attention dropout inside SDPA (dropout_p
-  only in training), and the padded width trimmed to the batch's longest history first (padded
-  columns are masked keys and zeroed outputs, so dropping them changes no valid output).
+  [B, 1, 1, L] attn_mask shared by every layer and head (in training with attention dropout > 0 the
+  same math runs unfused: CPU SDPA has no fused kernel with dropout_p > 0), the padded width trimmed to the batch's longest history first, and the per-token
+  parts (LayerNorms, projections, feed-forward) run on the valid positions only (padded positions are
+  masked keys and zeroed outputs, so skipping them changes no valid output). Dropout masks come from
+  16 random bits per element (`fast_dropout`) instead of aten::bernoulli_.
   Eval-mode outputs and gradients equal the reference path's within fp32 rounding (tests).
 """
 from __future__ import annotations
 
-from typing import Literal, Tuple
+from typing import Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -71,28 +73,36 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * (bits >= thr - 32768).to(x.dtype).mul_(65536.0 / (65536 - thr))
 
 
-def fused_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+def fused_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, attn_mask: torch.Tensor,
+                rows: Optional[torch.Tensor], B: int, L: int) -> torch.Tensor:
     """One nn.TransformerEncoderLayer (its own parameters, norm_first or post-norm, its dropout rates) with
     attention through F.scaled_dot_product_attention: the same function as layer(x, src_key_padding_mask=
     ~attend) for attn_mask = key_attn_mask(attend), with one fused kernel instead of bmm/softmax/where.
+    x is [N, d] tokens: the valid positions `rows` (flat indices into B*L) only, or all B*L when rows is
+    None; the per-token parts (LayerNorms, projections, feed-forward) run on those N tokens, attention on
+    the padded [B, heads, L, d/heads] layout (padded keys zero and masked).
     In training with attention dropout > 0, CPU SDPA has no fused kernel (it falls back to bmm/softmax plus
     a bernoulli_ mask), so that case runs the same math with `fast_dropout` on the attention weights."""
     attn = layer.self_attn
-    B, L, d = x.shape
+    d = x.shape[-1]
     heads = attn.num_heads
     training = layer.training
 
     def sa_block(y: torch.Tensor) -> torch.Tensor:
-        qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).view(B, L, 3, heads, d // heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, d/heads]
+        qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)
+        if rows is not None:
+            qkv = qkv.new_zeros(B * L, 3 * d).index_copy(0, rows, qkv)
+        q, k, v = qkv.view(B, L, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, L, d/heads]
         if training and attn.dropout > 0:
             scores = (q * (d // heads) ** -0.5) @ k.transpose(-2, -1)
             w = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)
             o = fast_dropout(w, attn.dropout, True) @ v
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        o = F.linear(o.transpose(1, 2).reshape(B, L, d), attn.out_proj.weight, attn.out_proj.bias)
-        return fast_dropout(o, layer.dropout1.p, training)
+        o = o.transpose(1, 2).reshape(B * L, d)
+        if rows is not None:
+            o = o.index_select(0, rows)
+        return fast_dropout(F.linear(o, attn.out_proj.weight, attn.out_proj.bias), layer.dropout1.p, training)
 
     def ff_block(y: torch.Tensor) -> torch.Tensor:
         hidden = fast_dropout(layer.activation(layer.linear1(y)), layer.dropout.p, training)
@@ -105,13 +115,25 @@ def fused_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, attn_mask: t
     return layer.norm2(x + ff_block(x))
 
 
-def fused_encoder(layers, norm, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+def fused_encoder(layers, norm, x: torch.Tensor, attend: torch.Tensor,
+                  valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Encoder `layers` (then `norm`, if any) over x [B, L, d] with keys `attend` [B, L] (True = valid;
-    every row needs one True so softmax is defined), attention fused; the mask is built once here."""
+    every row needs one True so softmax is defined), attention fused; the mask is built once here.
+    With `valid` [B, L] given and some position not valid, the per-token work runs on the valid positions
+    only and the output is ZERO at every other position (callers zero those anyway)."""
+    B, L, d = x.shape
     attn_mask = key_attn_mask(attend)  # shared by every layer and head
+    rows = None
+    if valid is not None and not bool(valid.all()):
+        rows = valid.reshape(-1).nonzero().squeeze(1)  # flat indices of the valid tokens, once per batch
+    h = x.reshape(B * L, d) if rows is None else x.reshape(B * L, d).index_select(0, rows)
     for layer in layers:
-        x = fused_layer(layer, x, attn_mask)
-    return x if norm is None else norm(x)
+        h = fused_layer(layer, h, attn_mask, rows, B, L)
+    if norm is not None:
+        h = norm(h)
+    if rows is None:
+        return h.view(B, L, d)
+    return h.new_zeros(B * L, d).index_copy(0, rows, h).view(B, L, d)
 
 
 def trim_width(values: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +199,7 @@ class HistoryEncoder(nn.Module):
         attend = mask.clone()
         attend[:, 0] = attend[:, 0] | ~nonempty  # empty rows: one dummy key so softmax is defined
         if self.attention == "fused":
-            H = fused_encoder(self.trm.layers, self.trm.norm, x, attend)
+            H = fused_encoder(self.trm.layers, self.trm.norm, x, attend, valid=mask)
         else:
             H = self.trm(x, src_key_padding_mask=~attend)
         H = torch.where(mask.unsqueeze(-1), H, torch.zeros_like(H))

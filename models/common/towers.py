@@ -94,7 +94,7 @@ class TransformerHistoryEncoder(nn.Module):
         key_pad = ~mask
         key_pad[:, 0] &= lengths.squeeze(1) > 0  # empty rows: leave one (zero) key visible
         if self.attention == "fused":
-            h = fused_encoder([self.layer], None, x, ~key_pad)
+            h = fused_encoder([self.layer], None, x, ~key_pad, valid=mask)
         else:
             h = self.layer(x, src_key_padding_mask=key_pad)
         return masked_mean(h, mask)
