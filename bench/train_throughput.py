@@ -16,13 +16,14 @@ not cost more than it brings; so in the same run it measures
                           stepped with its history encoders on each `model.attention` path in turn (blocks
                           interleaved within every round), samples/s fused / reference, median of the
                           per-round ratios; attention_samples_per_s gives each path's median samples/s.
-Every history is full: hist_click 50, hist_satisfied 20, hist_dissatisfied 5 (and hist_skip 20),
+Every history is full by default: hist_click 50, hist_satisfied 20, hist_dissatisfied 5 (and hist_skip 20);
+`--histories uniform` draws each row's lengths uniformly from 0..max_len (about half the positions padded),
 default vocabularies of configs/sim.yaml, one batch of reader.batch_size rows reused per step. Both models
 live in the same process and are timed in alternating blocks (median block), so a shared machine's
 fluctuating load does not favour either.
 
     python bench/train_throughput.py [--config CFG] [--batch-size N] [--steps S] [--rounds R] [--threads T]
-                                     [--attention fused,reference]
+                                     [--attention fused,reference] [--histories full|uniform]
 """
 from __future__ import annotations
 
@@ -159,6 +160,8 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--attention", default="fused,reference",
                    help="model.attention paths timed on the same sharded model, first = the default path")
+    p.add_argument("--histories", choices=["full", "uniform"], default="full",
+                   help="full: every history at max_len; uniform: lengths uniform in 0..max_len per row")
     args = p.parse_args(argv)
     paths = [a for a in args.attention.split(",") if a]
     if not paths or any(a not in ATTENTION_PATHS for a in paths) or len(set(paths)) != len(paths):
@@ -167,7 +170,7 @@ def main(argv: List[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     bs = args.batch_size or cfg.reader.batch_size
-    table = make_table(bs, seed=0, full_histories=True)
+    table = make_table(bs, seed=0, full_histories=args.histories == "full")
     batch, _ = table_to_batch(table, cfg.data)
     lens = {f.name: float(batch.sparse[f.name].lengths().float().mean()) for f in cfg.data.sequence}
 
