@@ -12,12 +12,18 @@ not cost more than it brings; so in the same run it measures
                           torch.utils.flop_counter.FlopCounterMode on the plain model, whose dense part
                           is identical; embedding lookups count 0) over the FLOP/s of a plain float32
                           matmul measured in the same process with the same threads.
-Every history is full: hist_click 50, hist_satisfied 20, hist_dissatisfied 5 (and hist_skip 20),
+  speedup_vs_reference_path  with --attention fused,reference (the default): the SAME sharded model and batch
+                          stepped with its history encoders on each `model.attention` path in turn (blocks
+                          interleaved within every round), samples/s fused / reference, median of the
+                          per-round ratios; attention_samples_per_s gives each path's median samples/s.
+Every history is full by default: hist_click 50, hist_satisfied 20, hist_dissatisfied 5 (and hist_skip 20);
+`--histories uniform` draws each row's lengths uniformly from 0..max_len (about half the positions padded),
 default vocabularies of configs/sim.yaml, one batch of reader.batch_size rows reused per step. Both models
 live in the same process and are timed in alternating blocks (median block), so a shared machine's
 fluctuating load does not favour either.
 
     python bench/train_throughput.py [--config CFG] [--batch-size N] [--steps S] [--rounds R] [--threads T]
+                                     [--attention fused,reference] [--histories full|uniform]
 """
 from __future__ import annotations
 
@@ -37,6 +43,8 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor  # noq
 
 from satrank.embeddings.tables import SparseOutput, table_specs  # noqa: E402
 from satrank.jobs.config import load_config  # noqa: E402
+from satrank.models.common.encoders import ATTENTION_PATHS, HistoryEncoder  # noqa: E402
+from satrank.models.common.towers import TransformerHistoryEncoder  # noqa: E402
 from satrank.models.ranker.task import RankerTask, TeacherSpec  # noqa: E402
 from satrank.pipeline.convert import table_to_batch  # noqa: E402
 from satrank.pipeline.sim.testdata import make_table  # noqa: E402
@@ -127,6 +135,14 @@ def plain_step(task, opt_sparse, opt_dense, batch) -> None:
     opt_dense.step()
 
 
+def use_attention(model: nn.Module, path: str) -> int:
+    """Switch every history encoder of `model` (ranker and g) to attention `path`; returns how many."""
+    encoders = [m for m in model.modules() if isinstance(m, (HistoryEncoder, TransformerHistoryEncoder))]
+    for m in encoders:
+        m.attention = path
+    return len(encoders)
+
+
 def matmul_flops_per_s(n: int = 1024, steps: int = 10, rounds: int = 5) -> float:
     """float32 [n, n] @ [n, n] FLOP/s (2 n^3 per product), median of `rounds` blocks."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -142,12 +158,19 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="alternating timed blocks per model (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--attention", default="fused,reference",
+                   help="model.attention paths timed on the same sharded model, first = the default path")
+    p.add_argument("--histories", choices=["full", "uniform"], default="full",
+                   help="full: every history at max_len; uniform: lengths uniform in 0..max_len per row")
     args = p.parse_args(argv)
+    paths = [a for a in args.attention.split(",") if a]
+    if not paths or any(a not in ATTENTION_PATHS for a in paths) or len(set(paths)) != len(paths):
+        p.error(f"--attention: distinct values of {ATTENTION_PATHS}, got {args.attention!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     bs = args.batch_size or cfg.reader.batch_size
-    table = make_table(bs, seed=0, full_histories=True)
+    table = make_table(bs, seed=0, full_histories=args.histories == "full")
     batch, _ = table_to_batch(table, cfg.data)
     lens = {f.name: float(batch.sparse[f.name].lengths().float().mean()) for f in cfg.data.sequence}
 
@@ -165,13 +188,23 @@ def main(argv: List[str] | None = None) -> int:
         with counter:
             plain()
         step_flops = counter.get_total_flops()
-        plain_times, trec_times = [], []
+        plain_times, path_times = [], {a: [] for a in paths}
         time_steps(plain, 0, args.warmup)
-        time_steps(trec, 0, args.warmup)
-        for _ in range(args.rounds):  # alternate blocks: a shared machine's load hits both alike
+        for a in paths:
+            use_attention(holders[1], a)
+            time_steps(trec, 0, args.warmup)
+        n_enc = 0
+        for _ in range(args.rounds):  # alternate blocks: a shared machine's load hits every variant alike
             plain_times.append(time_steps(plain, args.steps, 0))
-            trec_times.append(time_steps(trec, args.steps, 0))
+            for a in paths:
+                n_enc = use_attention(holders[1], a)
+                path_times[a].append(time_steps(trec, args.steps, 0))
+        use_attention(holders[1], paths[0])
+        trec_times = path_times[paths[0]]
         plain_sec, trec_sec = statistics.median(plain_times), statistics.median(trec_times)
+        attention_sps = {a: round(bs / statistics.median(t), 1) for a, t in path_times.items()}
+        speedup = (round(statistics.median(r / f for f, r in zip(path_times["fused"], path_times["reference"])), 3)
+                   if {"fused", "reference"} <= set(paths) else None)
         del holders, trec, task, o_s, o_d
     finally:
         rt.close()
@@ -183,6 +216,8 @@ def main(argv: List[str] | None = None) -> int:
         "batch_size": bs, "history_lengths": lens, "threads": torch.get_num_threads(), "steps": args.steps * args.rounds,
         "torchrec_samples_per_s": round(trec_sps, 1), "plain_samples_per_s": round(plain_sps, 1),
         "ratio": round(trec_sps / plain_sps, 3), "step_flops": step_flops,
+        "attention_paths": paths, "history_encoders": n_enc, "attention_samples_per_s": attention_sps,
+        "speedup_vs_reference_path": speedup,
         "achieved_flops_per_s": achieved, "matmul_flops_per_s": mm, "flops_ratio": round(achieved / mm, 4),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
     }))

@@ -100,3 +100,158 @@ def test_bad_mask_and_too_long_history_raise_naming_the_history():
         enc(V, mask.float())
     with pytest.raises(ValueError, match="not divisible"):
         HistoryEncoder(7, 4, heads=2)
+
+
+# ------------------------------------------------------------------ fused (SDPA) vs reference attention path
+def _pair(norm_first=True, layers=2, dropout=0.1, max_len=10, seed=0):
+    """Two encoders with the SAME weights, one per attention path (the reference loads the fused one's state)."""
+    torch.manual_seed(seed)
+    fused = HistoryEncoder(8, max_len, layers=layers, heads=2, dropout=dropout, norm_first=norm_first,
+                           name="hist_click", attention="fused")
+    torch.manual_seed(seed + 1)  # different init, then overwritten: the state_dict carries everything
+    ref = HistoryEncoder(8, max_len, layers=layers, heads=2, dropout=dropout, norm_first=norm_first,
+                         name="hist_click", attention="reference")
+    ref.load_state_dict(fused.state_dict())
+    return fused, ref
+
+
+@pytest.mark.parametrize("norm_first,layers", [(True, 2), (False, 1)])
+@pytest.mark.parametrize("lengths,width", [([10, 3, 0, 1, 7], 10), ([4, 0, 2, 1], 9), ([0, 0], 5)])
+def test_fused_and_reference_paths_give_the_same_outputs_and_gradients(norm_first, layers, lengths, width):
+    """Full-length rows, variable lengths, empty histories and a width the fused path trims (9 -> 4)."""
+    fused, ref = _pair(norm_first=norm_first, layers=layers)
+    fused.eval(), ref.eval()  # dropout 0.1 is off in eval: the two paths compute the same function
+    V, mask = _batch(lengths, width, garbage=float("nan"))
+    g = torch.Generator().manual_seed(7)
+    wH, wh = torch.randn(len(lengths), width, 8, generator=g), torch.randn(len(lengths), 8, generator=g)
+    outs = []
+    for enc in (fused, ref):
+        Vg = V.clone().requires_grad_(True)
+        H, h = enc(Vg, mask)
+        ((H * wH).sum() + (h * wh).sum()).backward()
+        assert H.shape == (len(lengths), width, 8) and (H[~mask] == 0).all()
+        outs.append((H.detach(), h.detach(), torch.nan_to_num(Vg.grad, nan=0.0),
+                     {n: p.grad.clone() for n, p in enc.named_parameters()}))
+    (H1, h1, gv1, gp1), (H2, h2, gv2, gp2) = outs
+    torch.testing.assert_close(H1, H2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(h1, h2, atol=1e-5, rtol=0)
+    assert torch.isfinite(H1).all() and torch.isfinite(h1).all()
+    torch.testing.assert_close(gv1, gv2, atol=1e-5, rtol=0)
+    assert gp1.keys() == gp2.keys()
+    for n in gp1:
+        assert torch.isfinite(gp1[n]).all(), n
+        torch.testing.assert_close(gp1[n], gp2[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_a_state_dict_saved_from_either_path_loads_into_the_other(tmp_path):
+    torch.manual_seed(3)
+    ref = HistoryEncoder(8, 6, layers=1, heads=2, name="hist_click", attention="reference").eval()
+    torch.save(ref.state_dict(), tmp_path / "ref.pt")
+    torch.manual_seed(4)
+    fused = HistoryEncoder(8, 6, layers=1, heads=2, name="hist_click", attention="fused").eval()
+    fused.load_state_dict(torch.load(tmp_path / "ref.pt"))  # strict: same names and shapes
+    V, mask = _batch([6, 2, 0], 6)
+    for a, b in zip(fused(V, mask), ref(V, mask)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.save(fused.state_dict(), tmp_path / "fused.pt")
+    back = HistoryEncoder(8, 6, layers=1, heads=2, name="hist_click", attention="reference")
+    back.load_state_dict(torch.load(tmp_path / "fused.pt"))
+    assert list(back.state_dict()) == list(ref.state_dict())
+
+
+def test_fused_path_in_training_with_dropout_has_no_nan_and_padding_keeps_valid_rows_unchanged():
+    fused, _ = _pair(dropout=0.3)
+    fused.train()
+    V, mask = _batch([5, 0, 2], 7, garbage=float("inf"))
+    H, h = fused(V, mask)
+    assert torch.isfinite(H).all() and torch.isfinite(h).all() and (H[~mask] == 0).all()
+    torch.testing.assert_close(h[1], fused.empty.detach(), atol=0, rtol=0)
+    (H.sum() + h.sum()).backward()
+    for name, p in fused.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_stage1_transformer_encoder_paths_agree():
+    """The stage-1 tower's encoder (post-norm, masked mean) shares the fused attention layer."""
+    from satrank.models.common.towers import TransformerHistoryEncoder
+
+    torch.manual_seed(0)
+    fused = TransformerHistoryEncoder(8, 2, 16, max_len=7, dropout=0.1, attention="fused").eval()
+    ref = TransformerHistoryEncoder(8, 2, 16, max_len=7, dropout=0.1, attention="reference").eval()
+    ref.load_state_dict(fused.state_dict())
+    V, mask = _batch([7, 3, 0, 1], 7)
+    outs = []
+    for enc in (fused, ref):
+        out = enc(V, mask)
+        (out * torch.arange(8.0)).sum().backward()
+        outs.append((out.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=0)
+    assert torch.count_nonzero(outs[0][0][2]) == 0  # empty history -> zero vector
+    for n in outs[0][1]:
+        torch.testing.assert_close(outs[0][1][n], outs[1][1][n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_unknown_attention_path_is_refused():
+    with pytest.raises(ValueError, match="hist_click.*attention must be one of"):
+        HistoryEncoder(8, 4, name="hist_click", attention="flash")
+
+
+def test_fast_dropout_drops_the_configured_share_and_keeps_the_mean():
+    """16-bit keep masks: drop share p rounded to 1/65536, kept values scaled by 1/(1-p) exactly, off in eval."""
+    from satrank.models.common.encoders import fast_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(1_000_000)
+    y = fast_dropout(x, 0.1, True)
+    p_eff = round(0.1 * 65536) / 65536
+    assert abs((y == 0).float().mean().item() - p_eff) < 2e-3  # ~7 sigma of a binomial share
+    assert torch.equal(torch.unique(y), torch.tensor([0.0, 1.0 / (1.0 - p_eff)]))
+    assert abs(y.mean().item() - 1.0) < 3e-3
+    assert fast_dropout(x, 0.1, False) is x and fast_dropout(x, 0.0, True) is x
+    torch.manual_seed(0)
+    assert torch.equal(fast_dropout(x, 0.1, True), y)  # seeded by torch's generator
+    xs = torch.randn(4, 6, requires_grad=True)
+    out = fast_dropout(xs, 0.5, True)
+    out.sum().backward()
+    torch.testing.assert_close(xs.grad, (out.detach() != 0).float() * 2.0, atol=0, rtol=0)
+
+
+def test_the_whole_ranker_gives_the_same_outputs_on_either_attention_path_from_one_state_dict():
+    """model.attention switches every history encoder; the config refuses unknown paths (model and tower)."""
+    from satrank.models.ranker.config import ModelConfig
+    from satrank.models.ranker.saqrec import RankerInputs, SAQRecRanker
+    from satrank.models.stage1.config import TowerConfig
+    from satrank.pipeline.config import ConfigError, from_dict
+
+    max_lens = {"hist_click": 12, "hist_satisfied": 6, "hist_dissatisfied": 3, "hist_skip": 5}
+    users, attrs = {"user_id": 8, "user_activity": 4}, {"author_id": 8, "category_id": 4}
+    scorer = lambda x, V, mask: torch.sigmoid(V.sum(-1))  # noqa: E731
+    rankers = {}
+    for path in ("fused", "reference"):
+        torch.manual_seed(0)
+        cfg = from_dict(ModelConfig, {"attention": path, "use_skip_history": True}, "model")
+        rankers[path] = SAQRecRanker(cfg, 8, max_lens, users, attrs, n_dense=1, history_scorer=scorer).eval()
+    assert {m.attention for m in rankers["reference"].modules() if isinstance(m, HistoryEncoder)} == {"reference"}
+    assert sum(isinstance(m, HistoryEncoder) for m in rankers["fused"].modules()) == 4
+    rankers["reference"].load_state_dict(rankers["fused"].state_dict())
+    g = torch.Generator().manual_seed(1)
+    B, hist = 5, {}
+    for name, L in max_lens.items():
+        lengths = torch.randint(0, L + 1, (B,), generator=g)
+        lengths[0], lengths[1] = 0, L  # an empty and a full row in every history
+        mask = torch.arange(L) < lengths.unsqueeze(1)
+        hist[name] = (torch.where(mask.unsqueeze(-1), torch.randn(B, L, 8, generator=g), torch.tensor(float("nan"))), mask)
+    inputs = RankerInputs(user={k: torch.randn(B, d, generator=g) for k, d in users.items()},
+                          item=torch.randn(B, 8, generator=g),
+                          item_attrs={k: torch.randn(B, d, generator=g) for k, d in attrs.items()},
+                          dense=torch.randn(B, 1, generator=g), duration_log1p=torch.rand(B, generator=g),
+                          histories=hist)
+    a, b = rankers["fused"](inputs), rankers["reference"](inputs)
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.isfinite(a[k]).all(), k
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+    with pytest.raises(ConfigError, match="attention"):
+        from_dict(ModelConfig, {"attention": "flash"}, "model")
+    with pytest.raises(ConfigError, match="attention"):
+        from_dict(TowerConfig, {"attention": "flash"}, "pretrain.tower")

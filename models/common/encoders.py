@@ -14,13 +14,29 @@ Design choices (documented because the paper leaves them open):
 - EMPTY history (length 0, common for hist_dissatisfied): attention over zero keys is undefined
   (softmax of all -inf = NaN), so position 0 is unmasked for the encoder call only and the row's
   h is replaced by a LEARNED empty vector `empty` (H stays all zeros). No NaN in forward or backward.
+
+Two attention paths over the SAME parameters (issue 16; `model.attention`, default fused), so one
+state_dict loads into either:
+- reference: nn.TransformerEncoder as built (separate bmm / softmax / where ops in MHA);
+- fused: `fused_encoder` runs each nn.TransformerEncoderLayer's parameters through
+  F.scaled_dot_product_attention with the key-padding mask built ONCE per batch as a boolean
+  [B, 1, 1, L] attn_mask shared by every layer and head (in training with attention dropout > 0 the
+  same math runs unfused: CPU SDPA has no fused kernel with dropout_p > 0), the padded width trimmed to the batch's longest history first, and the per-token
+  parts (LayerNorms, projections, feed-forward) run on the valid positions only (padded positions are
+  masked keys and zeroed outputs, so skipping them changes no valid output). Dropout masks come from
+  16 random bits per element (`fast_dropout`) instead of aten::bernoulli_.
+  Eval-mode outputs and gradients equal the reference path's within fp32 rounding (tests).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Literal, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+Attention = Literal["fused", "reference"]
+ATTENTION_PATHS = ("fused", "reference")
 
 
 def check_history(name: str, values: torch.Tensor, mask: torch.Tensor, d: int, max_len: int) -> None:
@@ -39,8 +55,100 @@ def check_history(name: str, values: torch.Tensor, mask: torch.Tensor, d: int, m
         raise ValueError(f"history {name!r}: mask must be left-aligned (valid positions first, then padding)")
 
 
+def key_attn_mask(attend: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool (True = key takes part) -> [B, 1, 1, L] SDPA attn_mask, shared by all layers and heads."""
+    return attend[:, None, None, :]
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout whose keep mask comes from 16 random bits per element (4 elements per random 64-bit
+    word) instead of one bernoulli_ draw per element: aten::bernoulli_ was 17% of training CPU time (issue 16).
+    The drop probability is p rounded to a multiple of 1/65536 (0.1 -> 0.100006), kept values are scaled
+    by 1 / (1 - that p), so E[output] = x exactly; seeded by torch's generator like nn.Dropout."""
+    if not training or p == 0.0:
+        return x
+    thr = round(p * 65536)
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
+    bits = words.view(torch.int16)[: x.numel()].view(x.shape)  # uniform over [-32768, 32767]
+    return x * (bits >= thr - 32768).to(x.dtype).mul_(65536.0 / (65536 - thr))
+
+
+def fused_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, attn_mask: torch.Tensor,
+                rows: Optional[torch.Tensor], B: int, L: int) -> torch.Tensor:
+    """One nn.TransformerEncoderLayer (its own parameters, norm_first or post-norm, its dropout rates) with
+    attention through F.scaled_dot_product_attention: the same function as layer(x, src_key_padding_mask=
+    ~attend) for attn_mask = key_attn_mask(attend), with one fused kernel instead of bmm/softmax/where.
+    x is [N, d] tokens: the valid positions `rows` (flat indices into B*L) only, or all B*L when rows is
+    None; the per-token parts (LayerNorms, projections, feed-forward) run on those N tokens, attention on
+    the padded [B, heads, L, d/heads] layout (padded keys zero and masked).
+    In training with attention dropout > 0, CPU SDPA has no fused kernel (it falls back to bmm/softmax plus
+    a bernoulli_ mask), so that case runs the same math with `fast_dropout` on the attention weights."""
+    attn = layer.self_attn
+    d = x.shape[-1]
+    heads = attn.num_heads
+    training = layer.training
+
+    def sa_block(y: torch.Tensor) -> torch.Tensor:
+        qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)
+        if rows is not None:
+            qkv = qkv.new_zeros(B * L, 3 * d).index_copy(0, rows, qkv)
+        q, k, v = qkv.view(B, L, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, L, d/heads]
+        if training and attn.dropout > 0:
+            scores = (q * (d // heads) ** -0.5) @ k.transpose(-2, -1)
+            w = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)
+            o = fast_dropout(w, attn.dropout, True) @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        o = o.transpose(1, 2).reshape(B * L, d)
+        if rows is not None:
+            o = o.index_select(0, rows)
+        return fast_dropout(F.linear(o, attn.out_proj.weight, attn.out_proj.bias), layer.dropout1.p, training)
+
+    def ff_block(y: torch.Tensor) -> torch.Tensor:
+        hidden = fast_dropout(layer.activation(layer.linear1(y)), layer.dropout.p, training)
+        return fast_dropout(layer.linear2(hidden), layer.dropout2.p, training)
+
+    if layer.norm_first:
+        x = x + sa_block(layer.norm1(x))
+        return x + ff_block(layer.norm2(x))
+    x = layer.norm1(x + sa_block(x))
+    return layer.norm2(x + ff_block(x))
+
+
+def fused_encoder(layers, norm, x: torch.Tensor, attend: torch.Tensor,
+                  valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Encoder `layers` (then `norm`, if any) over x [B, L, d] with keys `attend` [B, L] (True = valid;
+    every row needs one True so softmax is defined), attention fused; the mask is built once here.
+    With `valid` [B, L] given and some position not valid, the per-token work runs on the valid positions
+    only and the output is ZERO at every other position (callers zero those anyway)."""
+    B, L, d = x.shape
+    attn_mask = key_attn_mask(attend)  # shared by every layer and head
+    rows = None
+    if valid is not None and not bool(valid.all()):
+        rows = valid.reshape(-1).nonzero().squeeze(1)  # flat indices of the valid tokens, once per batch
+    h = x.reshape(B * L, d) if rows is None else x.reshape(B * L, d).index_select(0, rows)
+    for layer in layers:
+        h = fused_layer(layer, h, attn_mask, rows, B, L)
+    if norm is not None:
+        h = norm(h)
+    if rows is None:
+        return h.view(B, L, d)
+    return h.new_zeros(B * L, d).index_copy(0, rows, h).view(B, L, d)
+
+
+def trim_width(values: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Drop padded columns beyond the batch's longest history (>= 1 column kept); one host sync."""
+    width = max(int(mask.sum(1).max()), 1) if mask.shape[0] else 1
+    if width >= values.shape[1]:
+        return values, mask
+    return values[:, :width], mask[:, :width]
+
+
 class HistoryEncoder(nn.Module):
-    """Trm(V + P) of eqs. 7-8 for one history; forward(V, mask) -> (H [B,L,d], h [B,d])."""
+    """Trm(V + P) of eqs. 7-8 for one history; forward(V, mask) -> (H [B,L,d], h [B,d]).
+
+    attention: fused (SDPA, mask once per batch, padded width trimmed) | reference (nn.TransformerEncoder);
+    both read the same parameters, so a checkpoint of either loads into the other."""
 
     def __init__(
         self,
@@ -52,13 +160,16 @@ class HistoryEncoder(nn.Module):
         dropout: float = 0.1,
         norm_first: bool = True,
         name: str = "history",
+        attention: Attention = "fused",
     ) -> None:
         super().__init__()
         if d % heads != 0:
             raise ValueError(f"history encoder {name!r}: embedding dim {d} is not divisible by heads={heads}")
         if max_len < 1:
             raise ValueError(f"history encoder {name!r}: max_len must be >= 1, got {max_len}")
-        self.d, self.max_len, self.name = d, max_len, name
+        if attention not in ATTENTION_PATHS:
+            raise ValueError(f"history encoder {name!r}: attention must be one of {ATTENTION_PATHS}, got {attention!r}")
+        self.d, self.max_len, self.name, self.attention = d, max_len, name, attention
         self.pos = nn.Embedding(max_len, d)  # P: one learned row per recency index (eq. 7)
         nn.init.normal_(self.pos.weight, std=0.02)
         layer = nn.TransformerEncoderLayer(
@@ -75,6 +186,9 @@ class HistoryEncoder(nn.Module):
             check_history(self.name, values, mask, self.d, self.max_len)
         B, L, _ = values.shape
         width = L
+        if self.attention == "fused":
+            values, mask = trim_width(values, mask)
+            L = values.shape[1]
         if L == 0:  # every row empty and padded to width 0: one all-padding column keeps shapes valid
             values, mask, L = values.new_zeros(B, 1, self.d), mask.new_zeros(B, 1), 1
         lengths = mask.sum(1)  # [B]
@@ -84,9 +198,14 @@ class HistoryEncoder(nn.Module):
         nonempty = lengths > 0
         attend = mask.clone()
         attend[:, 0] = attend[:, 0] | ~nonempty  # empty rows: one dummy key so softmax is defined
-        H = self.trm(x, src_key_padding_mask=~attend)
+        if self.attention == "fused":
+            H = fused_encoder(self.trm.layers, self.trm.norm, x, attend, valid=mask)
+        else:
+            H = self.trm(x, src_key_padding_mask=~attend)
         H = torch.where(mask.unsqueeze(-1), H, torch.zeros_like(H))
         last = (lengths - 1).clamp_min(0)
         h = H.gather(1, last.view(B, 1, 1).expand(B, 1, self.d)).squeeze(1)
         h = torch.where(nonempty.unsqueeze(-1), h, self.empty.to(h.dtype).expand(B, self.d))
+        if H.shape[1] < width:  # trimmed (or widened from 0): pad back with zero rows to the input width
+            H = F.pad(H, (0, 0, 0, width - H.shape[1]))
         return H[:, :width], h

@@ -13,22 +13,11 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from satrank.embeddings.tables import padded
+from satrank.models.common.encoders import ATTENTION_PATHS, fused_encoder
+from satrank.models.common.mlp import mlp  # noqa: F401  (re-exported: stage-1 tasks import it from here)
 from satrank.models.stage1.config import TowerConfig
 from satrank.pipeline.config import ConfigError
 from satrank.pipeline.features import DataConfig
-
-
-def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float = 0.0) -> nn.Sequential:
-    """Linear-ReLU(-Dropout) stack ending in a plain Linear to `out_dim` (no output activation)."""
-    layers: List[nn.Module] = []
-    d = in_dim
-    for h in hidden:
-        layers += [nn.Linear(d, h), nn.ReLU()]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        d = h
-    layers.append(nn.Linear(d, out_dim))
-    return nn.Sequential(*layers)
 
 
 def check_features(path: str, names: Sequence[str], known: Sequence[str], kind: str) -> None:
@@ -75,14 +64,23 @@ class TransformerHistoryEncoder(nn.Module):
     matter. Padded keys are masked out of attention and padded outputs out of the mean, so the result
     is independent of the padded positions. Empty histories give a zero vector (their single dummy
     key is unmasked only to keep softmax finite; its output is then masked away).
+
+    Kept as its own class (post-norm layer, explicit ff width, masked-mean output, parameter names
+    `position` / `layer.*`, no learned empty vector) so stage-1 checkpoints and figures stay as they were;
+    its attention is the SAME as SAQRec's HistoryEncoder (models/common/encoders.py): `attention: fused`
+    runs the layer through `fused_encoder` (SDPA, mask once per batch), `reference` through the layer itself.
     """
 
-    def __init__(self, dim: int, heads: int, ff: int, max_len: int, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, heads: int, ff: int, max_len: int, dropout: float = 0.0,
+                 attention: str = "fused") -> None:
         super().__init__()
         if dim % heads:
             raise ConfigError(f"history_encoder transformer: embedding dim {dim} not divisible by heads {heads}")
+        if attention not in ATTENTION_PATHS:
+            raise ConfigError(f"history_encoder transformer: attention must be one of {ATTENTION_PATHS}, got {attention!r}")
         self.out_dim = dim
         self.max_len = max_len
+        self.attention = attention
         self.position = nn.Embedding(max_len, dim)
         self.layer = nn.TransformerEncoderLayer(
             d_model=dim, nhead=heads, dim_feedforward=ff, dropout=dropout, batch_first=True
@@ -95,7 +93,10 @@ class TransformerHistoryEncoder(nn.Module):
         x = torch.where(mask.unsqueeze(-1), seq + self.position(recency), torch.zeros_like(seq))
         key_pad = ~mask
         key_pad[:, 0] &= lengths.squeeze(1) > 0  # empty rows: leave one (zero) key visible
-        h = self.layer(x, src_key_padding_mask=key_pad)
+        if self.attention == "fused":
+            h = fused_encoder([self.layer], None, x, ~key_pad, valid=mask)
+        else:
+            h = self.layer(x, src_key_padding_mask=key_pad)
         return masked_mean(h, mask)
 
 
@@ -121,7 +122,7 @@ class UserItemTower(nn.Module):
                 self.encoder = MeanHistoryEncoder(hist_dim)
             else:
                 self.encoder = TransformerHistoryEncoder(
-                    hist_dim, cfg.transformer_heads, cfg.transformer_ff, self.max_len, cfg.dropout
+                    hist_dim, cfg.transformer_heads, cfg.transformer_ff, self.max_len, cfg.dropout, cfg.attention
                 )
         user_in = sum(dims[n] for n in self.user_features) + hist_dim
         item_in = sum(dims[n] for n in self.item_features) + len(self.dense_idx)

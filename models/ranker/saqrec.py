@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from satrank.models.common.encoders import HistoryEncoder
+from satrank.models.common.mlp import mlp
 from satrank.models.ranker.config import ModelConfig
 from satrank.models.ranker.sid_mlse import GatedFusion, MultiLevelSatisfaction, SatisfactionDisentangle
 
@@ -84,15 +85,6 @@ class PrecomputedScorer:
         return inputs.extras[self.key]
 
 
-def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
-    layers: List[nn.Module] = []
-    for h in hidden:
-        layers += [nn.Linear(in_dim, h), nn.ReLU()]
-        in_dim = h
-    layers.append(nn.Linear(in_dim, out_dim))
-    return nn.Sequential(*layers)
-
-
 class SAQRecRanker(nn.Module):
     """SAQRec ranker (variant `saqrec`) or the SASRec-style click-only baseline (`click_only`).
 
@@ -125,7 +117,8 @@ class SAQRecRanker(nn.Module):
 
         def encoder(name: str) -> HistoryEncoder:
             return HistoryEncoder(d, max_lens[name], cfg.transformer_layers, cfg.transformer_heads,
-                                  cfg.transformer_ff_mult, cfg.dropout, cfg.norm_first, name=name)
+                                  cfg.transformer_ff_mult, cfg.dropout, cfg.norm_first, name=name,
+                                  attention=cfg.attention)
 
         h = cfg.histories
         self.enc_click = encoder(h.click)
