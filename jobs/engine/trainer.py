@@ -73,7 +73,6 @@ class Evaluator(Protocol):
     def metrics(self, columns: Dict[str, torch.Tensor], counters: Dict[str, float]) -> Dict[str, Any]: ...
 
 
-# ---------------------------------------------------------------------------------------------- loading
 # ---------------------------------------------------------------------------------------------- trainer
 @dataclass
 class TrainState:
