@@ -51,6 +51,7 @@ from satrank.jobs.engine import checkpoint as ckpt
 from satrank.jobs.engine.cli import build_parser
 from satrank.jobs.evaluate import TEACHER_FILE, build_task, checkpoint_config, evaluate_all, run_checkpoint, teacher_from_dict
 from satrank.jobs.engine.loop import synced_pairs
+from satrank.jobs.engine.progress import loader_bar
 from satrank.jobs.engine.runtime import finite_or_none, get_logger, write_json_atomic
 from satrank.models.metrics.stage1_eval import auc_vs_drawn_truth, canonical_order, row_ids
 from satrank.jobs.engine.checkpoint import (all_gather_objects, check_checkpoint, load_prefixed, local_tables, propensity_run,
@@ -368,6 +369,7 @@ def run(rt, args, cfg_cli) -> None:
                 loader.load_state_dict(st.reader)
             st.current = name
             template = template or first_batch(loader)
+            bar = loader_bar(f"dpo {name}", loader, main=rt.is_main)
             for batch, real in synced_pairs(loader, rt.device, "pad", template):
                 n = batch.size
                 b = pad_rows(batch, rows_fixed, data)
@@ -401,6 +403,7 @@ def run(rt, args, cfg_cli) -> None:
                     st.logits.append(out["sat_head_logit"][:n][ans].cpu())
                     st.labels.append(batch.labels["satisfied"][ans].cpu())
                     st.rows += n
+                    bar.update(n)
                     if args.log_keys:
                         st.keys.append(torch.stack([batch.ids[k] for k in ("user_id", "item_id", "timestamp")], 1))
                 st.step += 1
@@ -409,6 +412,7 @@ def run(rt, args, cfg_cli) -> None:
                 if args.checkpoint_every and since_ckpt >= args.checkpoint_every:
                     save(args, rt, dmp, combined, module, buf, st, theta0, before, cfg)
                     since_ckpt = 0
+            bar.close()
             st.done.append(name)
             st.current, st.reader = None, None
     save(args, rt, dmp, combined, module, buf, st, theta0, before, cfg)

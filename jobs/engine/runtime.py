@@ -53,11 +53,10 @@ class Runtime:
             dist.barrier()
 
     def progress(self, total: Optional[int] = None, desc: str = "", unit: str = "rows"):
-        """tqdm bar on rank 0 only (disabled elsewhere); `bar.update(batch.size)` shows rows/s."""
-        from tqdm.auto import tqdm
+        """satrank.jobs.engine.progress.bar on rank 0 (drawn only on a terminal); `bar.update(batch.size)`."""
+        from satrank.jobs.engine.progress import bar
 
-        return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
-                    disable=not self.is_main, file=sys.stderr)
+        return bar(desc, total, main=self.is_main, unit=unit)
 
     def close(self) -> None:
         """Leave together: barrier, destroy the group (if init_runtime created it), collect garbage.

@@ -43,6 +43,7 @@ from satrank.embeddings.sharding import find_sparse_archs, plan_summary, plan_to
 from satrank.jobs.engine.checkpoint import (CheckpointError, all_gather_objects, broadcast_object, check_checkpoint, load_checkpoint,
                              load_prefixed, save_checkpoint)
 from satrank.jobs.engine.loop import LoopStats, run_loop, synced_pairs
+from satrank.jobs.engine.progress import loader_bar
 from satrank.jobs.engine.readers import first_batch, reap_loader_threads, stage_train_config
 from satrank.jobs.engine.runtime import MetricsWriter, Runtime, finite_or_none, get_logger, write_json_atomic, write_text_atomic
 from satrank.jobs.config.train import TrainConfig
@@ -198,8 +199,8 @@ class Trainer:
                 collector.update(**evaluator.columns(batch, out))
 
         template = self._template(loader)
-        with torch.no_grad(), reap_loader_threads(loader):
-            stats = run_loop(loader, step, self.rt, policy="pad", template=template)
+        with torch.no_grad(), reap_loader_threads(loader), loader_bar("eval", loader, main=self.rt.is_main) as bar:
+            stats = run_loop(loader, step, self.rt, policy="pad", template=template, progress=bar)
         parts = all_gather_objects({"acc": acc, "counters": counters, "padding": stats.padding_steps})
         total = _sum_dicts([p["acc"] for p in parts])
         counts = _sum_dicts([p["counters"] for p in parts])
@@ -233,10 +234,11 @@ class Trainer:
     def _max_steps_reached(self) -> bool:
         return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
 
-    def _feed(self, inner, template: Optional[Batch], stats: LoopStats, recent: deque):
+    def _feed(self, inner, template: Optional[Batch], stats: LoopStats, recent: deque, bar):
         """The pipeline's input: batches in lock-step across ranks, padding copies tagged (PADDING)."""
         for batch, real in synced_pairs(inner, self.rt.device, self.cfg.uneven_batches, template, stats):
             recent.append((real, batch.size))
+            bar.update(batch.size if real else 0)
             yield batch if real else dataclasses.replace(batch, position=PADDING)
 
     def _steps(self, pipe, it, epoch: int):
@@ -272,9 +274,9 @@ class Trainer:
         self.dmp.train()
         stats, recent = LoopStats(), deque(maxlen=8)
         started, finished = time.perf_counter(), False
-        with reap_loader_threads(loader):  # before the next DataLoader forks (see reap_loader_threads)
-            inner = iter(loader)
-            it = self._feed(inner, template, stats, recent)
+        with reap_loader_threads(loader), loader_bar(f"epoch {epoch}", loader, main=self.rt.is_main) as bar:
+            inner = iter(loader)  # reap_loader_threads: before the next DataLoader forks (see there)
+            it = self._feed(inner, template, stats, recent, bar)
             try:
                 finished, sums, loss_n = self._steps(pipe, it, epoch)
             finally:
