@@ -10,15 +10,17 @@ One code path for CPU/gloo and CUDA/nccl (compute kernel `fused` runs on CPU via
 
 Deviations from stock TorchRec, each checked against an unsharded model in tests/test_sharding.py:
 - data_parallel tables use TorchRec's DENSE kernel, which has no fused optimizer; they get the
-  configured embedding optimizer in its torch form (after DDP's all-reduce) at optimizer.step();
+  configured embedding optimizer in its torch form (after DDP's all-reduce) at optimizer.step().
+  FBGEMM warns on every backward through that kernel (no autograd kernel registered), so the default
+  config shards even tiny tables table_wise, where the fused kernel serves them;
 - TorchRec 1.8 lists row_wise for pooled (EBC) tables on CUDA only; it runs on CPU/gloo as well,
   so the EBC sharder here allows it on CPU too.
 FBGEMM's CPU kernels offer rowwise_adagrad, exact_adagrad and sgd (not adam): checked up front.
 """
 from __future__ import annotations
 
-import json
 import logging
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
@@ -29,7 +31,9 @@ from torchrec import optim as trec_optim
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -39,6 +43,18 @@ from satrank.embeddings.tables import TABLE_KEY, SparseArch, TableSpec, init_emb
 from satrank.pipeline.config import ConfigError
 
 logger = logging.getLogger("satrank.embeddings")  # configured by satrank.jobs.engine.runtime.setup_logging
+
+# Deprecation warnings that only TorchRec can remove, each filtered by its exact message (nothing else):
+# - TorchRec 1.8's row-wise pooled sharding (comm_ops.reduce_scatter_base_pooled, and the all-gather of its
+#   backward) still calls torch.distributed.reduce_scatter_tensor / all_gather_into_tensor, deprecated in
+#   torch 2.13 for *_single; the warning is attributed to torch.distributed.c10d_logger.
+# - TorchRec's DefaultDataParallelWrapper builds DDP with broadcast_buffers=False; its replacement
+#   forward_sync_buffers=False would also sync buffers at init, a change only TorchRec can make.
+for _name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+    warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{_name}` is deprecated", category=FutureWarning,
+                            module=r"torch\.distributed\.c10d_logger")
+warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning,
+                        module=r"torchrec\.distributed\.model_parallel")
 
 _FUSED_CLASSES = {
     "rowwise_adagrad": trec_optim.RowWiseAdagrad,
@@ -176,10 +192,14 @@ def shard_model(
                 "under torch.no_grad() instead"
             )
         _apply_optimizer_in_backward(opt_cls, arch.parameters(), dict(opt_kwargs))
-    topology = Topology(world_size=runtime.world_size, compute_device=device.type,
-                        local_world_size=runtime.local_world_size)
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(world_size=runtime.world_size, local_world_size=runtime.local_world_size),
+        kernel_config=KernelConfig(compute_device=device.type))
+    # fixed 15% reserve (the planner's default share): TorchRec deprecates its heuristic reservation,
+    # which estimates dense sizes from tensors that are not materialised yet
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=planner_batch_size,
-                                       constraints=_constraints(specs, device.type), debug=False)
+                                       constraints=_constraints(specs, device.type), debug=False,
+                                       storage_reservation=FixedPercentageStorageReservation(0.15))
     pg = dist.group.WORLD
     plan = planner.collective_plan(model, sharders(), pg)
     dmp = DistributedModelParallel(module=model, env=ShardingEnv.from_process_group(pg), device=device,
@@ -232,10 +252,6 @@ def dense_optimizer_factory(kind: str, lr: float, weight_decay: float) -> Callab
     raise ValueError(f"dense_optimizer: {kind!r} is not one of ['adam', 'adagrad', 'sgd']")
 
 
-def plan_json(plan: ShardingPlan) -> str:
-    return json.dumps(plan_to_dict(plan), indent=2, sort_keys=True)
-
-
 def full_state_dict(module: nn.Module, dst: int = 0) -> Dict[str, torch.Tensor]:
     """Collective: every rank calls; rank `dst` gets a CPU state_dict with whole tables (sharded
     tables gathered), other ranks get {}. For comparisons and export, not for checkpoints."""
@@ -245,7 +261,7 @@ def full_state_dict(module: nn.Module, dst: int = 0) -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
     for key, value in module.state_dict().items():
         if isinstance(value, ShardedTensor):
-            full = torch.empty(value.size(), dtype=value.dtype) if rank == dst else None
+            full = torch.empty(value.metadata().size, dtype=value.dtype) if rank == dst else None
             value.gather(dst=dst, out=full)
             if rank == dst:
                 out[key] = full

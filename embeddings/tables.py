@@ -253,7 +253,7 @@ def init_embedding_weights(module: nn.Module, seed: int) -> List[str]:
             continue
         table = m.group("table")
         if isinstance(value, ShardedTensor):
-            num_rows, dim = value.size()
+            num_rows, dim = value.metadata().size  # .size() of a ShardedTensor warns (deprecated)
             for shard in value.local_shards():
                 r0, c0 = shard.metadata.shard_offsets
                 _fill(shard.tensor, seed, table, num_rows, dim, r0, c0)

@@ -29,6 +29,7 @@ from satrank.jobs.engine.checkpoint import checkpoint_config  # noqa: F401  (re-
 from satrank.jobs.engine.cli import build_parser, parse
 from satrank.jobs.config import SatrankConfig, load_config
 from satrank.jobs.engine.loop import synced_pairs
+from satrank.jobs.engine.progress import loader_bar
 from satrank.jobs.engine.runtime import Runtime, get_logger, init_runtime, write_json_atomic
 from satrank.jobs.engine.readers import first_batch
 from satrank.models.metrics.ranker_eval import (METRIC_KEYS, CandidateMetrics, EvaluationConfig, ImpressionMetrics, LooMetrics,
@@ -105,11 +106,13 @@ def _eval_reader(cfg: SatrankConfig, uri: Path, with_labels: bool) -> BatchLoade
 def _run(model: nn.Module, batches, runtime: Runtime, update, template=None) -> int:
     """Score every batch once (pad policy: padded steps run the forward but update nothing)."""
     rows = 0
-    for batch, real in synced_pairs(batches, runtime.device, "pad", template):
-        _, out = model(batch.to(runtime.device))
-        if real:
-            update(batch, out)
-            rows += batch.size
+    with loader_bar("evaluate", batches, main=runtime.is_main) as bar:
+        for batch, real in synced_pairs(batches, runtime.device, "pad", template):
+            _, out = model(batch.to(runtime.device))
+            if real:
+                update(batch, out)
+                rows += batch.size
+                bar.update(batch.size)
     return rows
 
 

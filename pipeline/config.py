@@ -11,7 +11,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
+from typing import Any, Dict, List, Sequence, Type, TypeVar
 
 import yaml
 
@@ -203,5 +203,3 @@ def load(cls: Type[T], path: str | Path, overrides: Sequence[str] = ()) -> T:
 def dump(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
 
-
-OptionalStr = Optional[str]

@@ -38,7 +38,7 @@ from satrank.pipeline.errors import DataError
 from satrank.pipeline.features import DataConfig
 from satrank.pipeline.reader_config import ReaderConfig
 from satrank.pipeline.shards import list_shards, open_parquet as _open, read_fragments  # noqa: F401 (re-exported)
-from satrank.pipeline.transport import POOL_KEEP, BufferPool, Packet
+from satrank.pipeline.transport import POOL_KEEP, BufferPool, FinalPosition, Packet
 from satrank.pipeline.work_units import (PLANS, ROW_GROUPS, Fragment, WorkUnit, choose_plan, plan_units,
                                          window_order)
 
@@ -214,7 +214,7 @@ class _PackedShards(ShardDataset):
             if parts is None:  # the final position: send what is left, then the zero-row batch
                 if group:
                     yield Packet.pack(keys, group, pool)
-                yield empty_batch(keys, n_dense, position)
+                yield FinalPosition(keys, n_dense, position)  # no KJT built in the worker (see FinalPosition)
                 return
             group.append((parts, position))
             size += parts.n_values * 8 + parts.size * 64
@@ -343,7 +343,7 @@ class BatchLoader:
             for item in it:
                 if isinstance(item, Packet):
                     mapped.append(item.buffer)
-                for batch in item.unpack() if isinstance(item, Packet) else (item,):
+                for batch in item.unpack() if isinstance(item, (Packet, FinalPosition)) else (item,):
                     slot = batch.position["slot"]
                     self._history.append((self._yielded, batch.size > 0, slot, self._positions[slot]))
                     self._positions[slot] = batch.position

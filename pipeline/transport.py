@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from satrank.pipeline.batch import Batch
-from satrank.pipeline.convert import Parts, assemble
+from satrank.pipeline.convert import Parts, assemble, empty_batch
 
 POOL_KEEP = 4  # idle buffers a worker keeps: ~ prefetch_factor (2) + one in use + one being filled
 _HEADER = 64  # bytes before the packed tensors; int64 at 0: 1 while the main process uses the buffer
@@ -119,3 +119,15 @@ class Packet:
         if self.leased:
             self.buffer[:8].view(torch.int64)[0] = 0  # copied out: the worker may reuse it
         return Packet(pinned, self.layout, leased=False)
+
+
+class FinalPosition:
+    """A worker slot's final position and counts, sent without a Batch: the main process builds the zero-row
+    Batch. Why: building a KeyedJaggedTensor (torch.fx ProxyableClassMeta) makes torch log its is_fx_tracing
+    deprecation once per process, and DataLoader workers are fresh processes every pass."""
+
+    def __init__(self, keys: List[str], n_dense: int, position: Dict[str, Any]):
+        self.keys, self.n_dense, self.position = keys, n_dense, position
+
+    def unpack(self) -> Iterator[Batch]:
+        yield empty_batch(self.keys, self.n_dense, self.position)

@@ -224,7 +224,7 @@ def test_fresh_adapter_leaves_every_main_output_bit_identical():
     batch, _ = _batch(net)
     out = net(batch)
     x = _inputs(net, batch)
-    plain = net.easq.ranker(x)  # the same ranker, called directly: the user hook is a no-op here
+    plain = net.easq.ranker(x)  # the same ranker, called directly: no user_delta, no adapter
     assert set(out) == set(plain) | {SAT_HEAD}
     for k, v in plain.items():
         assert torch.equal(out[k], v), k
@@ -245,6 +245,25 @@ def test_trained_adapter_changes_the_main_path_and_merged_serving_matches_it():
         assert (served[k] - out[k]).abs().max() < 1e-5, k
     assert SAT_HEAD not in served
     assert not serving.ranker.user_proj._forward_hooks  # the copy does not call back into the pathway
+
+
+def test_the_user_layer_pathway_is_explicit_data_flow_without_hooks():
+    """The user-target LoRA reaches v_u as the ranker's `user_delta` argument and comes back as its `v_u` output:
+    no module holds a hook, and the satisfaction head reads exactly v_u + sg(h_lora)."""
+    net = Net(["item", "user"])
+    _trained_adapters(net)
+    net.eval()
+    batch, _ = _batch(net)
+    x = _inputs(net, batch)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    with torch.no_grad():
+        delta = net.easq.deltas(x)
+        out = net.easq.ranker(x, user_delta=delta["user"], with_user_vector=True)
+        torch.testing.assert_close(out["v_u"], net.easq.ranker.user_vector(x) + delta["user"], rtol=0, atol=0)
+        assert "v_u" not in net.easq.ranker(x) and "v_u" not in net.easq(x)  # only when asked for
+        main, v_u = net.easq._run(x, {t: d for t, d in delta.items()})
+        torch.testing.assert_close(main["click"], net.easq(x)["click"], rtol=0, atol=0)
+        torch.testing.assert_close(v_u, out["v_u"], rtol=0, atol=0)
 
 
 def test_dpo_weight_zero_ramp_keeps_the_graph_but_gives_zero_gradients():
@@ -272,6 +291,7 @@ def test_install_easq_on_a_ranker_task_keeps_the_behaviour_loss_off_the_lora():
     task.sparse_arch.materialize(seed=0)
     easq = install_easq(task, EasqConfig(targets=["item", "user"]))
     assert task.ranker.ranker is easq
+    assert task.l2_module() is easq.ranker  # the L2 term covers the backbone only, named by task.l2_path
     _trained_adapters(task)
     rows = make_rows(data, 32, 1)
     b = batch_from_rows(data, rows)

@@ -66,7 +66,7 @@ def test_dpo_checkpoint_is_recognised_and_served_with_the_adapters_folded(world,
     with torch.no_grad():
         _, out = easq(batch)
         t = easq.task
-        signals = t.teacher(t.g.sparse_arch(batch.sparse), batch.dense) if t.g is not None else {}
+        signals = t.teacher(t.g.sparse_arch(batch.sparse), batch.dense, t.g) if t.g is not None else {}
         x = ranker_inputs(t.sparse_arch(batch.sparse), batch.dense, easq.easq.cfg, t.data, signals)
         no_adapter = torch.sigmoid(easq.easq.ranker(x)["click"])  # the same weights, adapters off
     torch.testing.assert_close(served["p_click"], out["click_prob"].float(), rtol=0, atol=1e-5)

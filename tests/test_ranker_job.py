@@ -233,7 +233,7 @@ def test_label_correction_state_round_trips_through_the_state_dict():
     from satrank.models.ranker.task import RankerLoss
 
     cfg = MultiTaskLossConfig()
-    a, b = (RankerLoss(cfg, ModelConfig(), torch.nn.Linear(1, 1)) for _ in range(2))
+    a, b = (RankerLoss(cfg, ModelConfig()) for _ in range(2))
     losses = torch.cat([torch.rand(500) * 0.3, 0.5 + torch.rand(500)]).double()
     a.mtl.corrector.fit(losses, epoch=1)
     state = a.get_extra_state()

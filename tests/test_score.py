@@ -335,7 +335,7 @@ def _train(data: Path, run: Path) -> None:
     from satrank.jobs.engine.checkpoint import save_checkpoint
     from satrank.jobs.config import load_config
     from satrank.jobs.evaluate import TEACHER_FILE, build_task, teacher_to_dict
-    from satrank.jobs.engine.loop import synced_batches
+    from satrank.jobs.engine.loop import synced_pairs
     from satrank.jobs.engine.runtime import init_runtime, write_json_atomic
     from satrank.models.ranker.task import TeacherSpec
     from satrank.pipeline.reader import BatchLoader
@@ -346,7 +346,7 @@ def _train(data: Path, run: Path) -> None:
         teacher = TeacherSpec(cfg.embeddings, cfg.pretrain.tower, cfg.satisfaction)
         dmp, opt = shard_model(build_task(cfg, teacher, seed=0), cfg.embeddings, rt, dense_lr=0.01)
         loader = BatchLoader(data / "train", cfg.data, dataclasses.replace(cfg.reader, shuffle=True))
-        for step, batch in enumerate(synced_batches(loader, rt.device)):
+        for step, (batch, _) in enumerate(synced_pairs(loader, rt.device, "stop")):
             loss, _ = dmp(batch)
             loss.backward()
             opt.step()

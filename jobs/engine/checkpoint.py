@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -34,6 +35,20 @@ from satrank.embeddings.tables import TABLE_KEY, feature_signature
 from satrank.jobs.engine.collectives import all_gather_objects, broadcast_object, rank, world_size
 from satrank.jobs.engine.runtime import write_json_atomic, write_text_atomic
 from satrank.pipeline import config as cfgio
+
+# TorchRec keeps sharded tables as ShardedTensor, and torch's own DCP planners (default_planner,
+# planner_helpers) touch them through the ShardedTensor API that torch 2.13 deprecates; only torch/TorchRec
+# can change that, so exactly that message from exactly those modules is filtered.
+warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating ShardedTensor",
+                        category=FutureWarning, module=r"torch\.distributed\.checkpoint\.(default_planner|planner_helpers)")
+
+
+def _shape(value: torch.Tensor) -> tuple:
+    """Global shape of a plain tensor or a ShardedTensor (whose .size() warns: deprecated)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    return tuple(value.metadata().size if isinstance(value, ShardedTensor) else value.size())
+
 
 FORMAT = "satrank-checkpoint/1"
 STATE_DIR = "state"
@@ -304,7 +319,7 @@ def load_tables_into(
                 f"checkpoint {meta['path']!r} {what} table {table!r} (pass source_prefix); tables: {sorted(by_table)}"
             )
         value = target[mine[table][0]]
-        shape, saved_shape = tuple(value.size()), tuple(saved[src[0]].size)
+        shape, saved_shape = _shape(value), tuple(saved[src[0]].size)
         if shape != saved_shape:
             raise CheckpointError(f"table {table!r}: checkpoint shape {saved_shape} vs model shape {shape} ({meta['path']!r})")
         request[src[0]] = value
@@ -360,7 +375,7 @@ def load_prefixed(path: str | Path, module: nn.Module, mapping: Mapping[str, str
                                   f"model keys without a checkpoint weight {missing[:6]}, checkpoint weights "
                                   f"without a model key {[mapped[k] for k in extra][:6]} (different model config?)")
         for dkey, skey in mapped.items():
-            shape, saved_shape = tuple(target[dkey].size()), tuple(saved["model." + skey].size)
+            shape, saved_shape = _shape(target[dkey]), tuple(saved["model." + skey].size)
             if shape != saved_shape:
                 raise CheckpointError(f"{what}: {skey} has shape {saved_shape} in {str(ckpt)!r} but the model's "
                                       f"{dkey} has {shape} (different model config?)")

@@ -15,8 +15,8 @@ then, by policy:
        behaviour); batches left on other ranks are counted (their iterators are drained, not
        stepped) and reported in LoopStats and a warning, never silently dropped.
 
-TrainPipelineSparseDist pulls batches itself; wrap its input with `synced_batches(...,
-policy="stop")` (which yields plain batches in that mode) to keep ranks aligned.
+TrainPipelineSparseDist pulls batches itself; satrank.jobs.engine.trainer feeds it from `synced_pairs`
+(padding copies tagged) to keep ranks aligned.
 """
 from __future__ import annotations
 
@@ -88,13 +88,6 @@ def synced_pairs(
             stats.rows += batch.size
             last = batch
             yield batch, True
-
-
-def synced_batches(batches: Iterable[Batch], device: torch.device,
-                   stats: Optional[LoopStats] = None) -> Iterator[Batch]:
-    """policy='stop' as a plain batch iterator (for TrainPipelineSparseDist.progress)."""
-    for batch, _ in synced_pairs(batches, device, "stop", None, stats):
-        yield batch
 
 
 def run_loop(

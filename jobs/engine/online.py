@@ -19,6 +19,7 @@ import torch
 
 from satrank.jobs.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from satrank.jobs.engine.loop import synced_pairs
+from satrank.jobs.engine.progress import loader_bar
 from satrank.jobs.engine.readers import first_batch
 from satrank.jobs.engine.runtime import finite_or_none, get_logger
 from satrank.jobs.engine.stream import ShardStream
@@ -98,11 +99,13 @@ def run_stream(trainer: Any, source: ShardStream, step: OnlineStep, *, checkpoin
     trainer.dmp.train()
     for loader in source.loaders(trainer.rt.is_main):
         template = template or first_batch(loader)
-        for batch, real in synced_pairs(loader, trainer.rt.device, "pad", template):
-            step(batch, real)
-            trainer.state.step += 1
-            since += 1
-            source.mark(loader)
-            if checkpoint_every and since >= checkpoint_every:
-                checkpoint()
+        with loader_bar("dpo stream", loader, main=trainer.rt.is_main) as bar:
+            for batch, real in synced_pairs(loader, trainer.rt.device, "pad", template):
+                step(batch, real)
+                bar.update(batch.size if real else 0)
+                trainer.state.step += 1
+                since += 1
+                source.mark(loader)
+                if checkpoint_every and since >= checkpoint_every:
+                    checkpoint()
     return save_stream(trainer, source, step, extra)

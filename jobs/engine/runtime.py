@@ -53,11 +53,10 @@ class Runtime:
             dist.barrier()
 
     def progress(self, total: Optional[int] = None, desc: str = "", unit: str = "rows"):
-        """tqdm bar on rank 0 only (disabled elsewhere); `bar.update(batch.size)` shows rows/s."""
-        from tqdm.auto import tqdm
+        """satrank.jobs.engine.progress.bar on rank 0 (drawn only on a terminal); `bar.update(batch.size)`."""
+        from satrank.jobs.engine.progress import bar
 
-        return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
-                    disable=not self.is_main, file=sys.stderr)
+        return bar(desc, total, main=self.is_main, unit=unit)
 
     def close(self) -> None:
         """Leave together: barrier, destroy the group (if init_runtime created it), collect garbage.
@@ -144,9 +143,23 @@ class _RankFilter(logging.Filter):
         return True
 
 
+class _FxTracingNotice(logging.Filter):
+    """Drops torch's `is_fx_tracing will return true ...` deprecation notice, and nothing else. Upstream cause:
+    torch.fx's own ProxyableClassMeta (TorchRec's KeyedJaggedTensor metaclass) calls the deprecated
+    torch.fx._symbolic_trace.is_fx_tracing() on every construction (torch 2.13); only torch can change that.
+    Reader workers build no KeyedJaggedTensor (satrank.pipeline.transport.FinalPosition), so only the main
+    process would print it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("is_fx_tracing will return true")
+
+
 def setup_logging(runtime: Runtime, debug: bool = False) -> logging.Logger:
     """`satrank.*` loggers print `[rank r/w] time level name: msg` to stderr; INFO on rank 0 only
     (other ranks WARNING and above) unless debug, which gives DEBUG on every rank."""
+    fx_log = logging.getLogger("torch.fx._symbolic_trace")
+    if not any(isinstance(f, _FxTracingNotice) for f in fx_log.filters):
+        fx_log.addFilter(_FxTracingNotice())
     logger = logging.getLogger(LOGGER_NAME)
     for h in list(logger.handlers):
         if getattr(h, "_satrank", False):

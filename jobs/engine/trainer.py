@@ -51,6 +51,7 @@ from satrank.jobs.engine.checkpoint import (CheckpointError, check_checkpoint, l
 from satrank.jobs.engine.collectives import all_gather_objects, broadcast_object
 from satrank.jobs.engine.loop import LoopStats, run_loop, synced_pairs
 from satrank.jobs.engine.online import OnlineStep, restore_stream, run_stream
+from satrank.jobs.engine.progress import loader_bar
 from satrank.jobs.engine.readers import first_batch, reap_loader_threads, stage_train_config
 from satrank.jobs.engine.runtime import MetricsWriter, Runtime, finite_or_none, get_logger, write_json_atomic, write_text_atomic
 from satrank.jobs.engine.stream import ShardStream
@@ -212,8 +213,8 @@ class Trainer:
                 collector.update(**evaluator.columns(batch, out))
 
         template = self._template(loader)
-        with torch.no_grad(), reap_loader_threads(loader):
-            stats = run_loop(loader, step, self.rt, policy="pad", template=template)
+        with torch.no_grad(), reap_loader_threads(loader), loader_bar("eval", loader, main=self.rt.is_main) as bar:
+            stats = run_loop(loader, step, self.rt, policy="pad", template=template, progress=bar)
         parts = all_gather_objects({"acc": acc, "counters": counters, "padding": stats.padding_steps})
         total = _sum_dicts([p["acc"] for p in parts])
         counts = _sum_dicts([p["counters"] for p in parts])
@@ -247,10 +248,11 @@ class Trainer:
     def _max_steps_reached(self) -> bool:
         return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
 
-    def _feed(self, inner, template: Optional[Batch], stats: LoopStats, recent: deque):
+    def _feed(self, inner, template: Optional[Batch], stats: LoopStats, recent: deque, bar):
         """The pipeline's input: batches in lock-step across ranks, padding copies tagged (PADDING)."""
         for batch, real in synced_pairs(inner, self.rt.device, self.cfg.uneven_batches, template, stats):
             recent.append((real, batch.size))
+            bar.update(batch.size if real else 0)
             yield batch if real else dataclasses.replace(batch, position=PADDING)
 
     def _steps(self, pipe, it, epoch: int):
@@ -286,9 +288,9 @@ class Trainer:
         self.dmp.train()
         stats, recent = LoopStats(), deque(maxlen=8)
         started, finished = time.perf_counter(), False
-        with reap_loader_threads(loader):  # before the next DataLoader forks (see reap_loader_threads)
-            inner = iter(loader)
-            it = self._feed(inner, template, stats, recent)
+        with reap_loader_threads(loader), loader_bar(f"epoch {epoch}", loader, main=self.rt.is_main) as bar:
+            inner = iter(loader)  # reap_loader_threads: before the next DataLoader forks (see there)
+            it = self._feed(inner, template, stats, recent, bar)
             try:
                 finished, sums, loss_n = self._steps(pipe, it, epoch)
             finally:

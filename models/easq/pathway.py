@@ -17,9 +17,9 @@ Two paths read that layer (sg = stop-gradient, `detach`):
 The LoRA input x is detached too: TorchRec's fused optimizers update the tables inside backward, so
 a gradient through the LoRA branch would otherwise move the embedding tables.
 Both paths come from ONE ranker forward: main injects sg(h_lora) (for `item` by adding it to the
-candidate embedding, v_i is linear in e_i; for `user` through a forward hook on user_proj), and the
-satisfaction path reads sg(h_main) + (h_lora - sg(h_lora)), which has the value h + h_lora and the
-gradient of h_lora alone. A fresh adapter (B = 0) leaves every main output bit-identical.
+candidate embedding, v_i is linear in e_i; for `user` as the ranker's `user_delta` argument, added to
+user_proj's output, which the ranker returns as `v_u` on request), and the satisfaction path reads
+sg(h_main) + (h_lora - sg(h_lora)), which has the value h + h_lora and the gradient of h_lora alone. A fresh adapter (B = 0) leaves every main output bit-identical.
 
 `easq.pathway: shared` builds the baseline instead (an ordinary auxiliary satisfaction tower): no LoRA,
 no stop-gradient, the satisfaction head reads the ranker's u_f, v_i (, v_u) as they are, so L_sat
@@ -156,7 +156,6 @@ class EasqRanker(nn.Module):
             lora["item"] = LoRABranch(ranker.d + extra, ranker.d, cfg.rank, cfg.alpha, cfg.dropout)
         if "user" in cfg.targets:
             lora["user"] = LoRABranch(ranker.user_proj.in_features, ranker.d, cfg.rank, cfg.alpha, cfg.dropout)
-            self._hook = ranker.user_proj.register_forward_hook(self._user_hook)
         sides = {name: _id_side(name, ranker.cfg) for name in cfg.id_targets}
         for name in sides:
             if not id_rows or name not in id_rows:
@@ -169,9 +168,6 @@ class EasqRanker(nn.Module):
         self.id_lora = nn.ModuleDict({} if self.shared else id_lora)
         self.id_sides: Dict[str, str] = {} if self.shared else sides
         self.sat_head = SatisfactionHead(ranker.d, list(cfg.sat_head_hidden), with_user="user" in cfg.targets)
-        self._capture = False  # True only during EasqRanker's own ranker calls
-        self._user_inject: Optional[torch.Tensor] = None
-        self._v_u: Optional[torch.Tensor] = None
 
     @property
     def heads(self) -> List[str]:
@@ -224,26 +220,15 @@ class EasqRanker(nn.Module):
             i = i + idd["item"]
         return self.sat_head(u, i, u_s)
 
-    def _user_hook(self, module: nn.Module, inputs, output: torch.Tensor) -> Optional[torch.Tensor]:
-        if not self._capture:
-            return None  # a plain call of the ranker (e.g. the merged copy's owner): no-op
-        if self._user_inject is None:  # adapters off (reference forward, shared pathway): only record v_u
-            self._v_u = output
-            return None
-        v = output + self._user_inject
-        self._v_u = v
-        return v
-
     def _run(self, x: RankerInputs, inject: Dict[str, torch.Tensor]
              ) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
-        """One ranker forward with `inject[t]` added to layer t's output; returns (outputs, v_u seen)."""
+        """One ranker forward with `inject[t]` added to layer t's output; returns (outputs, v_u), v_u (after
+        the injection) only when the user layer is targeted (the satisfaction head reads it), else None."""
         if "item" in inject:
             x = dataclasses.replace(x, item=x.item + inject["item"])  # v_i = e_i + ... is linear in e_i
-        self._capture, self._user_inject, self._v_u = True, inject.get("user"), None
-        try:
-            return self.ranker(x), self._v_u
-        finally:
-            self._capture, self._user_inject, self._v_u = False, None, None
+        out = self.ranker(x, user_delta=inject.get("user"), with_user_vector=self.sat_head.with_user)
+        v_u = out.pop("v_u", None)
+        return out, v_u
 
     # ------------------------------------------------------------------ forwards
     def forward(self, x: RankerInputs) -> Dict[str, torch.Tensor]:
@@ -315,8 +300,7 @@ class EasqRanker(nn.Module):
         plus a d x d `item_in` = I + the adapter's e_i block applied to the candidate embedding (the
         identity part of v_i cannot absorb it, and the item table is shared with the histories). The id
         adapters (`id_targets`) feed the satisfaction head only, so serving has nothing of them to fold."""
-        ranker = copy.deepcopy(self.ranker, memo={id(self): self})  # memo: the hook's owner is not copied
-        ranker.user_proj._forward_hooks.clear()  # the copy must not call back into this module
+        ranker = copy.deepcopy(self.ranker)
         item_in = None
         if "user" in self.lora:
             ranker.user_proj.weight += self.lora["user"].delta_weight()
@@ -378,8 +362,8 @@ def parameter_groups(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Parameter
 
 def install_easq(task: nn.Module, cfg: EasqConfig) -> EasqRanker:
     """Wrap the SAQRecRanker of a satrank.models.ranker.task.RankerTask in an EasqRanker, in place, before
-    DMP wrapping. The task's L2 term (loss.gamma) is re-pointed at the backbone so the behaviour
-    loss never reaches the LoRA. Returns the EasqRanker (task.ranker.ranker)."""
+    DMP wrapping. The task's L2 term (loss.gamma, `task.l2_path`) is re-pointed at the backbone so the
+    behaviour loss never reaches the LoRA. Returns the EasqRanker (task.ranker.ranker)."""
     holder = getattr(task, "ranker", None)
     base = getattr(holder, "ranker", None)
     if not isinstance(base, SAQRecRanker):
@@ -388,7 +372,6 @@ def install_easq(task: nn.Module, cfg: EasqConfig) -> EasqRanker:
     id_rows = {f.name: f.num_rows for f in data.sparse} if data is not None else None
     easq = EasqRanker(base, cfg, id_rows)
     holder.ranker = easq
-    loss_fn = getattr(task, "loss_fn", None)
-    if loss_fn is not None and hasattr(loss_fn, "set_l2_module"):
-        loss_fn.set_l2_module(base)  # L2 over the backbone only
+    if hasattr(task, "l2_path"):
+        task.l2_path = "ranker.ranker.ranker"  # L2 over the backbone only (EasqRanker.ranker)
     return easq

@@ -76,8 +76,7 @@ class EasqTask(nn.Module):
         path with the adapters folded into user_proj / item_proj + the item_in matrix; no satisfaction head), in
         eval mode. Takes the task out of this module (call it once, after the weights are loaded)."""
         task, merged = self.task, self.easq.merged()
-        task.ranker.ranker = merged
-        task.loss_fn.set_l2_module(merged.ranker)  # L2 term (unused in eval) on the served copy
+        task.ranker.ranker = merged  # task.l2_path "ranker.ranker.ranker" is now the served copy (L2 unused in eval)
         return task.eval()
 
     def _signals(self, batch: Batch) -> Dict[str, torch.Tensor]:
@@ -86,7 +85,7 @@ class EasqTask(nn.Module):
             return {}
         with torch.no_grad():
             gsp = t.g.sparse_arch(batch.sparse)
-        return t.teacher(gsp, batch.dense)
+        return t.teacher(gsp, batch.dense, t.g)
 
     def forward(self, batch: Batch, pairs: Optional[Batch] = None, sample: Optional[PairSample] = None,
                 n_real: Optional[int] = None, rho: Optional[torch.Tensor] = None,
@@ -97,7 +96,7 @@ class EasqTask(nn.Module):
         out = t.ranker(sp, batch.dense, {**signals, **id_extras(batch.sparse, self.easq.id_features)})
         n = batch.size if n_real is None else int(n_real)
         if pairs is None:  # evaluation / scoring: RankerTask's outputs (+ the satisfaction head)
-            loss, res = t.loss_fn(_head(out, n), _head(batch.labels, n), _head(signals, n))
+            loss, res = t.loss_fn(_head(out, n), _head(batch.labels, n), _head(signals, n), t.l2_module())
             res["sat_head_logit"] = out[SAT_HEAD][:n].detach()
             return loss, res
         # ---- training step: behaviour (main path) + L_sat (LoRA) + DPO on the pair rows
@@ -109,7 +108,7 @@ class EasqTask(nn.Module):
             pextras[HISTORY_SCORES] = psig[HISTORY_SCORES]
         scores = self.easq.dpo_scores(ranker_inputs(psp, pairs.dense, self.easq.cfg, t.data, pextras))
         outs, labels, sig = _head(out, n), _head(batch.labels, n), _head(signals, n)
-        b_loss, res = t.loss_fn(outs, labels, sig)
+        b_loss, res = t.loss_fn(outs, labels, sig, t.l2_module())
         if rho is None:
             rho = torch.ones(n, dtype=outs[SAT_HEAD].dtype, device=outs[SAT_HEAD].device)
         real_pairs = sample is not None and sample.num_pairs > 0

@@ -28,7 +28,8 @@ satisfaction probabilities s_hat of each clicked history item (V_r = the ranker'
 embeddings of them; a g with its own frozen tables instead reads what the job put in
 `inputs.extras`, see `PrecomputedScorer`). g is frozen (Algorithm 1 trains it before the main
 model): it is called under torch.no_grad(), exactly once per forward, only when MLSE is on, and is
-not a submodule. Scores are probabilities, used as printed in eq. 11 (softmax(s_hat), T = 1).
+a plain callable, never a submodule (`set_history_scorer`). Scores are probabilities, used as printed in
+eq. 11 (softmax(s_hat), T = 1).
 
 Wiring: `build_ranker` sizes it from `data:` and the table dims; `RankerFromSparse` wraps
 `ranker_inputs` (SparseOutput + Batch.dense -> RankerInputs) and the ranker as one table-free
@@ -146,7 +147,7 @@ class SAQRecRanker(nn.Module):
             self.wt_tower = mlp(2 * d + 1, cfg.watch_time_hidden, 1)
         if cfg.use_skip_head:
             self.skip_tower = mlp(d, cfg.skip_mlp_hidden, d)
-        object.__setattr__(self, "_history_scorer", history_scorer)  # not a submodule: g is frozen
+        self.set_history_scorer(history_scorer)
 
     @property
     def fusion_names(self) -> List[str]:
@@ -165,7 +166,12 @@ class SAQRecRanker(nn.Module):
         return out
 
     def set_history_scorer(self, scorer: Optional[HistoryScorer]) -> None:
-        object.__setattr__(self, "_history_scorer", scorer)
+        """A plain callable, never a module: g is frozen and owned by the task, its scores reach MLSE
+        through `RankerInputs.extras` (PrecomputedScorer), so the ranker's state_dict holds no part of g."""
+        if isinstance(scorer, nn.Module):
+            raise TypeError(f"history_scorer: {type(scorer).__name__} is an nn.Module; pass its scores through "
+                            "RankerInputs.extras (PrecomputedScorer) so the frozen g stays outside the ranker")
+        self._history_scorer = scorer
 
     def _history(self, x: RankerInputs, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
         if name not in x.histories:
@@ -194,11 +200,14 @@ class SAQRecRanker(nn.Module):
             feats.append(x.dense.to(x.item.dtype))
         return x.item + self.item_proj(torch.cat(feats, dim=-1))
 
-    def forward(self, x: RankerInputs) -> Dict[str, torch.Tensor]:
+    def forward(self, x: RankerInputs, user_delta: Optional[torch.Tensor] = None,
+                with_user_vector: bool = False) -> Dict[str, torch.Tensor]:
+        """Outputs by name (module doc). `user_delta` [B, d] is added to v_u, and `with_user_vector` adds
+        `v_u` to the outputs: EASQ's user-layer pathway passes and reads them (satrank.models.easq.pathway)."""
         cfg, h = self.cfg, self.cfg.histories
         V_r, m_r = self._history(x, h.click)
         H_r, h_r = self.enc_click(V_r, m_r)
-        v_u = self.user_vector(x)
+        v_u = self.user_vector(x) if user_delta is None else self.user_vector(x) + user_delta
         parts: List[torch.Tensor] = []
         if cfg.use_sid:
             _, h_pos = self.enc_sat(*self._history(x, h.satisfied))
@@ -228,6 +237,8 @@ class SAQRecRanker(nn.Module):
             out["watch_time"] = self.wt_tower(torch.cat([u_f, v_i, dur], dim=-1)).squeeze(-1)
         if cfg.use_skip_head:
             out["skip"] = (u_f * self.skip_tower(v_i)).sum(-1)
+        if with_user_vector:
+            out["v_u"] = v_u
         return out
 
 

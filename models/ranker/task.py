@@ -71,18 +71,16 @@ def needs_teacher(model: ModelConfig) -> bool:
 class Teacher(nn.Module):
     """Leaf: g's lookups -> {HISTORY_SCORES: [B, L] probabilities, PSEUDO: [B] probabilities}.
 
-    g is referenced, not owned (it is RankerTask.g); everything runs under no_grad in eval mode.
+    g is an argument of forward (RankerTask.g owns it); everything runs under no_grad in eval mode.
     `history_calls` counts calls of g's history scorer (tests check MLSE-off never calls it).
     """
 
-    def __init__(self, g: SatisfactionModel, history: str, scores: bool, pseudo: bool) -> None:
+    def __init__(self, history: str, scores: bool, pseudo: bool) -> None:
         super().__init__()
-        object.__setattr__(self, "_g", g)
         self.history, self.scores, self.pseudo = history, scores, pseudo
         self.history_calls = 0
 
-    def forward(self, sparse: SparseOutput, dense: torch.Tensor) -> Dict[str, torch.Tensor]:
-        g: SatisfactionModel = self._g  # type: ignore[attr-defined]
+    def forward(self, sparse: SparseOutput, dense: torch.Tensor, g: SatisfactionModel) -> Dict[str, torch.Tensor]:
         out: Dict[str, torch.Tensor] = {}
         with torch.no_grad():
             if self.scores:
@@ -102,21 +100,15 @@ class RankerLoss(nn.Module):
     sets) the loss is None in eval mode and an error in training mode.
     """
 
-    def __init__(self, loss_cfg: MultiTaskLossConfig, model_cfg: ModelConfig, ranker: nn.Module, seed: int = 0) -> None:
+    def __init__(self, loss_cfg: MultiTaskLossConfig, model_cfg: ModelConfig, seed: int = 0) -> None:
         super().__init__()
         self.mtl = MultiTaskLoss(loss_cfg, model_cfg, seed=seed)
         self.gamma = loss_cfg.gamma
         self.epoch = 0
-        self.set_l2_module(ranker)
-
-    def set_l2_module(self, module: nn.Module) -> None:
-        """The module whose parameters the L2 term (loss.gamma) covers: the dense ranker by default; EASQ points it
-        at the backbone alone (satrank.models.easq.pathway.install_easq). Held outside the module tree, so its parameters are
-        not registered twice (state_dict and optimizers see them through the ranker only)."""
-        object.__setattr__(self, "_ranker", module)
 
     def forward(self, out: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor],
-                teacher: Dict[str, torch.Tensor]) -> Tuple[Optional[torch.Tensor], Dict[str, Any]]:
+                teacher: Dict[str, torch.Tensor], l2: nn.Module) -> Tuple[Optional[torch.Tensor], Dict[str, Any]]:
+        """`l2`: the module whose parameters the L2 term (loss.gamma) covers (RankerTask.l2_module)."""
         res: Dict[str, Any] = {"click_logit": out["click"].detach(), "click_prob": torch.sigmoid(out["click"].detach())}
         if "satisfaction" in out:
             res["sat_logit"] = out["satisfaction"].detach()
@@ -132,7 +124,7 @@ class RankerLoss(nn.Module):
             if self.training:
                 raise ValueError(f"ranker: training batch has no label 'click' (labels present: {sorted(labels)})")
             return None, res
-        params = self._ranker.parameters() if self.gamma > 0 else None  # type: ignore[attr-defined]
+        params = l2.parameters() if self.gamma > 0 else None
         parts = self.mtl(out, labels, self.epoch, pseudo_satisfaction=pseudo, params=params, record=self.training)
         loss = parts.pop("loss")
         res["loss"] = loss.detach()
@@ -207,13 +199,19 @@ class RankerTask(nn.Module):
             self.g = SatisfactionModel(data, teacher.emb, teacher.tower,
                                        dataclasses.replace(teacher.satisfaction, loss="naive"), None, sparse_device)
             self.g.arch.requires_grad_(False)
-            self.teacher = Teacher(self.g, model.histories.click, scores=model.use_mlse, pseudo=model.use_satisfaction)
-        self.loss_fn = RankerLoss(loss, model, self.ranker, seed=seed)
+            self.teacher = Teacher(model.histories.click, scores=model.use_mlse, pseudo=model.use_satisfaction)
+        self.loss_fn = RankerLoss(loss, model, seed=seed)
+        # submodule path of what the L2 term covers: the dense ranker; EASQ sets its backbone (install_easq)
+        self.l2_path = "ranker"
         self.train(True)
 
     @property
     def heads(self):
         return self.ranker.ranker.heads
+
+    def l2_module(self) -> nn.Module:
+        """The submodule at `l2_path`, passed to the loss for its L2 term (registered once, under the ranker)."""
+        return self.get_submodule(self.l2_path)
 
     def train(self, mode: bool = True) -> "RankerTask":
         super().train(mode)
@@ -237,9 +235,9 @@ class RankerTask(nn.Module):
         if self.g is not None:
             with torch.no_grad():
                 gsp = self.g.sparse_arch(batch.sparse)
-            signals = self.teacher(gsp, batch.dense)
+            signals = self.teacher(gsp, batch.dense, self.g)
         out = self.ranker(sp, batch.dense, signals)
-        return self.loss_fn(out, batch.labels, signals)
+        return self.loss_fn(out, batch.labels, signals, self.l2_module())
 
 
 def find_task(model: nn.Module) -> RankerTask:

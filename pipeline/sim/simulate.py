@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from satrank.pipeline.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from satrank.pipeline.features import DataConfig
@@ -337,7 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config key, e.g. --set simulate.topics=30 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace existing simulator output in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     return p
 
 
@@ -363,9 +364,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         flags = {k: getattr(args, k) for k in _FLAGS}
         cfg, _ = load_simulate_config(args.config, args.overrides, flags)
-        report = None if args.quiet else (lambda d, n, s: print(
-            f"simulate: {d}/{n} rows, {s:.1f}s, {d / max(s, 1e-9):,.0f} rows/s", file=sys.stderr))
-        res = simulate(args.out, cfg, overwrite=args.overwrite, progress=report)
+        # a rows/s bar drawn only on a terminal (tqdm disable=None), erased when done: the rule of
+        # satrank.jobs.engine.progress, which pipeline cannot import (imports point down only)
+        with tqdm(total=cfg.impressions, desc="simulate", unit="rows", unit_scale=True, dynamic_ncols=True,
+                  leave=False, disable=True if args.quiet else None, file=sys.stderr) as bar:
+            res = simulate(args.out, cfg, overwrite=args.overwrite, progress=lambda d, n, s: bar.update(d - bar.n))
     except ConfigError as exc:
         print(f"satrank simulate: error: {exc}", file=sys.stderr)
         return 2
