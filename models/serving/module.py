@@ -50,7 +50,8 @@ STAGE1_HEADS = {"click_logit": "click", "sat_logit": "satisfaction"}  # stage-1 
 class Scorer(Protocol):
     """Batch -> {column of each served head, score}: float32 [B] (NaN for absent heads)."""
 
-    heads: Tuple[str, ...]
+    heads: Tuple[str, ...]  # head names the model produces
+    outputs: List[str]  # the returned columns, in order (one per served head, then score)
 
     def __call__(self, batch: Batch) -> Dict[str, torch.Tensor]: ...
 
