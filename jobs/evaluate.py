@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 from satrank.jobs.engine.checkpoint import checkpoint_config  # noqa: F401  (re-exported for jobs.train / jobs.dpo)
