@@ -24,7 +24,7 @@ from test_score import RUN_OVERRIDES, SIM, env, torchrun  # noqa: E402
 HEAD = ["data.labels.extra=[like]", "model.extra_heads=[{name: like, label: like, weight: 1.0}]"]
 TRAIN = ["model.mlse=false", "model.mtl=false", "ranker_train.epochs=3", "ranker_train.patience=0",
          "train.dense_lr=0.01", "evaluate.loo_negatives=20"]
-MARGIN = 0.1  # like AUC must exceed 0.5 + MARGIN
+MARGIN = 0.25  # like AUC must exceed 0.5 + MARGIN; measured: 0.905 valid, 0.895 test (10% label noise), 1.0 candidates
 
 
 def sets(*overrides: str) -> list:
