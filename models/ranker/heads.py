@@ -9,9 +9,10 @@ derived from the list `head_specs(model, loss)`.
 
 One name per head, end to end: `name` is the ranker's output key, the task's output key (the raw
 head: a logit, or log1p seconds for watch time), the loss part `loss/<name>`, the validation loss
-`loss_<name>` and the metric prefix (`<name>_auc`). Only the Parquet/export column `output` differs,
-to keep the published columns stable: click -> p_click, satisfaction -> p_satisfied, watch_time ->
-watch_time_pred; every other head -> p_<name>.
+`loss_<name>` and the metric prefix (`<name>_auc`). Kept as published, so existing outputs and tables
+stay comparable: the Parquet/export column `output` (click -> p_click, satisfaction -> p_satisfied,
+watch_time -> watch_time_pred; every other head -> p_<name>) and the built-in metric keys (click_auc /
+click_gauc, sat_auc_answered, watch_time_mae / watch_time_xauc: `HeadSpec.metric` names the family).
 
 Built-in heads (switches in `model:`, weights in `loss:`), in loss-summation order:
   click         u_f . v_i, BCE on `click` (eq. 15), weight 1
