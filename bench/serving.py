@@ -49,7 +49,7 @@ def make_model(work: Path) -> Path:
     """An untrained ranker checkpoint (+ teacher.json) in satrank.jobs.train's format."""
     from satrank.jobs.engine.checkpoint import save_checkpoint
     from satrank.jobs.config import load_config
-    from satrank.jobs.evaluate import TEACHER_FILE, teacher_to_dict
+    from satrank.jobs.engine.runs import TEACHER_FILE, teacher_to_dict
     from satrank.models.ranker.task import TeacherSpec
     from satrank.models.serving.module import build_model
 
@@ -58,7 +58,7 @@ def make_model(work: Path) -> Path:
         cfg = load_config()
         teacher = TeacherSpec(cfg.embeddings, cfg.pretrain.tower, cfg.satisfaction)
         torch.manual_seed(0)
-        save_checkpoint(run, build_model("ranker", cfg, teacher), extra={"job": "bench"}, config=cfg)
+        save_checkpoint(run, build_model("ranker", cfg, teacher), extra={"job": "train"}, config=cfg)
         (run / TEACHER_FILE).write_text(json.dumps(teacher_to_dict(teacher, None)))
     return run
 
@@ -80,7 +80,7 @@ def score_throughput(work: Path, data: Path, run: Path, nproc: int) -> dict:
 
 def latency(work: Path, data: Path, run: Path, iters: int, threads: int) -> dict:
     from satrank.jobs.export import export
-    from satrank.jobs.serve_check import Features, load_module, verify_artifact
+    from satrank.models.serving.check import Features, load_module, verify_artifact
     from satrank.jobs.config.serve import load_serve_config
 
     art = work / "artifact"

@@ -98,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             summary[name] = json.loads(metrics.read_text())
     print("\n[demo] summary\n" + json.dumps(summary, indent=2, default=str))
     if "train" in summary:  # the stage-2 evaluation table (satrank.models.metrics.ranker_eval.METRIC_KEYS, DIR/test + candidates)
-        from satrank.jobs.evaluate import format_table
+        from satrank.jobs.engine.evaluation import format_table
 
         print("\n[demo] stage-2 evaluation (SAQRec, best validation checkpoint)\n"
               + format_table({"SAQRec": summary["train"]}), flush=True)

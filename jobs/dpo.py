@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from satrank.jobs.engine.checkpoint import CheckpointError, load_prefixed, propensity_run
+from satrank.jobs.engine.checkpoint import CheckpointError, checkpoint_config, load_prefixed, propensity_run
 from satrank.jobs.engine.cli import build_parser
 from satrank.jobs.engine.easq_run import TEACHER_FILE, build_easq, evaluate_run, prequential, read_teacher
 from satrank.jobs.engine.easq_step import EasqOptimizers, EasqStep, FrozenPropensity
@@ -28,7 +28,7 @@ from satrank.jobs.engine.readers import stage_train_config
 from satrank.jobs.engine.runtime import finite_or_none, get_logger, write_json_atomic
 from satrank.jobs.engine.stream import ShardStream, timestamp_ordered
 from satrank.jobs.engine.trainer import Trainer, run_job
-from satrank.jobs.evaluate import checkpoint_config, run_checkpoint
+from satrank.jobs.engine.runs import run_checkpoint
 from satrank.models.metrics.ranker_eval import EvaluationConfig
 
 JOB = "dpo"

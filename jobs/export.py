@@ -3,305 +3,38 @@
     python -m satrank.jobs.export --model RUN --out EXPORT_DIR [--data DIR] [--config CFG]
         [--set export.int8=true] [--set score.fusion.w_sat=2.0] [--kind ...] [--overwrite]
 
-EXPORT_DIR (published atomically: built in a temp directory beside it, then renamed):
-  model.pt        torch.jit.trace of satrank.models.serving.module.ServingModule: the unsharded model (from a DCP
-                  checkpoint of any world size, LoRA merged; a satrank.jobs.dpo run serves its main heads with
-                  the EASQ adapters folded in) with plain-tensor table lookups, the fusion
-                  of satrank.models.common.fusion baked in. forward(values int64, lengths int32, dense float32) ->
-                  (p_click, p_satisfied, watch_time_pred, score); loads with torch alone (no TorchRec,
-                  FBGEMM or project code), batch size free.
-  model_int8.pt   (export.int8) the same with every table in FBGEMM's fused 8-bit rowwise format
-                  (int8 codes + fp32 scale/bias per row, dequantised at lookup); its AUC change against
-                  model.pt on `export.eval_rows` rows of DIR/`export.eval_split` is in the manifest.
-  config.yaml     the run config the model was built from.
-  manifest.json   feature schema and vocabulary policies (KJT key order, columns, vocab sizes,
-                  out_of_range, max_len, dense transforms), the interface, fusion formula and weights,
-                  the model (kind, heads, checkpoint fingerprint, world size that wrote it, LoRA),
-                  training data range, evaluation metrics (RUN/metrics.json), the export check
-                  (traced vs eager), quantisation, and sha256 + size of every other file.
-  SHA256SUMS      sha256 of every file including manifest.json (`sha256sum -c SHA256SUMS` works).
-
-The export refuses to publish when the traced fp32 module differs from the eager model by more than
-`export.check_atol` on real candidate rows (DIR/candidates with --data) or on synthetic rows.
-satrank.jobs.serve_check verifies an artifact in a fresh process without any project code.
+The run is loaded unsharded (satrank.jobs.engine.runs.load_model: any world size that wrote it, LoRA merged, a
+satrank.jobs.dpo run serving its main heads with the EASQ adapters folded in; its kind from meta.json) and
+satrank.models.serving.export builds, checks and atomically publishes EXPORT_DIR (model.pt, model_int8.pt with
+export.int8, config.yaml, manifest.json, SHA256SUMS; see there). satrank.jobs.serve_check verifies an artifact
+in a fresh process.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
 import sys
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
-import numpy as np
-import pyarrow.parquet as pq
-import torch
-
-from satrank.jobs.engine.runtime import get_logger, init_runtime
-from satrank.jobs.score import KNOWN_ERRORS, LoadedModel, load_model, one_line
-from satrank.jobs.config.serve import ExportConfig, ServeConfig, load_serve_config
-from satrank.models.common.fusion import FORMULA, effective_weights
-from satrank.models.serving.module import KINDS, OUTPUTS, ModelScorer, ServingModule, example_inputs, trace
-from satrank.pipeline import config as cfgio
-from satrank.pipeline.batch import Batch
+from satrank.jobs.config.serve import ServeConfig, load_serve_config
+from satrank.jobs.engine import checkpoint as ckpt
+from satrank.jobs.engine.runs import load_model
+from satrank.jobs.engine.runtime import init_runtime
+from satrank.models.serving.export import build_artifact
+from satrank.models.serving.module import KINDS
 from satrank.pipeline.config import ConfigError
 from satrank.pipeline.errors import DataError
-from satrank.pipeline.features import DataConfig
-from satrank.pipeline.reader import BatchLoader, list_shards
-from satrank.pipeline.reader_config import ReaderConfig
 
-FORMAT = "satrank-serving/1"
-MODEL_FILE, INT8_FILE, MANIFEST, SUMS = "model.pt", "model_int8.pt", "manifest.json", "SHA256SUMS"
-log = get_logger("export")
-
-
-def sha256_bytes_of(path: Path) -> Tuple[str, int]:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest(), path.stat().st_size
-
-
-def feature_schema(data: DataConfig) -> Dict[str, Any]:
-    """What a client must send, in the order the module expects (see satrank.models.serving.module.ServingModule)."""
-    return {
-        "keys": data.sparse_names,
-        "sparse": [{"name": f.name, "column": f.column, "vocab_size": f.vocab_size, "out_of_range": f.out_of_range,
-                    "num_rows": f.num_rows, "table": f.table_name} for f in data.sparse],
-        "sequence": [{"name": f.name, "column": f.column, "vocab_size": f.vocab_size, "out_of_range": f.out_of_range,
-                      "num_rows": f.num_rows, "table": f.table_name, "max_len": f.max_len, "optional": f.optional}
-                     for f in data.sequence],
-        "dense": [{"name": f.name, "column": f.column, "transform": f.transform} for f in data.dense],
-        "ids": cfgio.to_dict(data.ids),
-        "policies": {"error": "id < 0 or id >= vocab_size is refused",
-                     "hash": "id >= vocab_size -> id mod vocab_size (negative ids refused)",
-                     "oov": "id >= vocab_size -> vocab_size, the table's extra out-of-vocabulary row",
-                     "sequences": "list<int64> oldest first; only the last max_len ids are used; every id is checked",
-                     "dense_log1p": "log1p(x) in float64 then float32; x <= -1, NaN, inf and nulls are refused"},
-    }
-
-
-def interface() -> Dict[str, Any]:
-    return {
-        "format": "torchscript (torch.jit.trace)", "load": "torch.jit.load(path, map_location='cpu')",
-        "inputs": [
-            {"name": "values", "dtype": "int64", "shape": ["sum of lengths"],
-             "doc": "KJT values, key-major in `features.keys` order; ids after the vocabulary policy"},
-            {"name": "lengths", "dtype": "int32", "shape": ["len(keys) * B"],
-             "doc": "lengths[k*B + b] = number of ids of key k in row b (1 for single-valued keys)"},
-            {"name": "dense", "dtype": "float32", "shape": ["B", "len(features.dense)"],
-             "doc": "dense features, transforms applied"}],
-        "outputs": [{"name": n, "dtype": "float32", "shape": ["B"]} for n in OUTPUTS],
-        "missing_head": "NaN (its fusion weight is 0)",
-        "rank": "1 + number of candidates of the same request with a higher score (ties: earlier row first)",
-    }
-
-
-def batch_inputs(batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return batch.sparse.values(), batch.sparse.lengths(), batch.dense
-
-
-def _batches(uri: Path, data: DataConfig, rows: int, with_labels: bool, batch_size: int = 1024) -> List[Batch]:
-    rcfg = ReaderConfig(batch_size=batch_size, num_workers=0, shuffle=False)
-    out, n = [], 0
-    for batch in BatchLoader(uri, data, rcfg, rank=0, world_size=1, with_labels=with_labels):
-        out.append(batch)
-        n += batch.size
-        if n >= rows:
-            break
-    return out
-
-
-@torch.no_grad()
-def check_traced(traced, loaded: LoadedModel, serve: ServeConfig, data_dir: Optional[Path]) -> Dict[str, Any]:
-    """Max |traced - eager| per output on DIR/candidates rows (with --data) and on synthetic batches of
-    257 and 1 rows (empty to full histories); DataError over export.check_atol."""
-    data = loaded.cfg.data
-    scorer = ModelScorer(loaded.model, serve.score.fusion, data)
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    source, batches = "synthetic", []
-    if data_dir is not None and (data_dir / "candidates").exists():
-        source, batches = "candidates+synthetic", _batches(data_dir / "candidates", data, 2048, with_labels=False)
-    for b, seed in ((257, 1), (1, 2)):  # batch sizes other than the traced one, empty to full histories
-        v, ln, d = example_inputs(data, b, seed)
-        batches.append(Batch(sparse=KeyedJaggedTensor(keys=data.sparse_names, values=v, lengths=ln), dense=d))
-    worst = {n: 0.0 for n in OUTPUTS}
-    rows = 0
-    for batch in batches:
-        eager = scorer(batch)
-        got = traced(*batch_inputs(batch))
-        for name, t in zip(OUTPUTS, got):
-            a, b = t.float(), eager[name].float()
-            if not torch.equal(torch.isnan(a), torch.isnan(b)):
-                raise DataError(f"export check: traced and eager {name} disagree on which rows are NaN")
-            diff = (a - b).abs().nan_to_num(0.0)
-            worst[name] = max(worst[name], float(diff.max()) if diff.numel() else 0.0)
-        rows += batch.size
-    atol = serve.export.check_atol
-    bad = {k: v for k, v in worst.items() if v > atol}
-    if bad:
-        raise DataError(f"export check: the traced module differs from the eager model by {bad} > "
-                        f"export.check_atol {atol} on {rows} {source} rows; not publishing")
-    return {"rows": rows, "source": source, "max_abs_diff": worst, "atol": atol}
-
-
-@torch.no_grad()
-def int8_auc(fp32, int8, loaded: LoadedModel, cfg: ExportConfig, data_dir: Path) -> Dict[str, Any]:
-    """Click AUC (and satisfaction AUC on answered rows) of both artifacts on a held-out sample."""
-    from satrank.models.metrics.ranking import auc
-
-    split = data_dir / cfg.eval_split
-    if not split.exists():
-        raise DataError(f"export.int8: {split} does not exist (export.eval_split names the held-out split)")
-    batches = _batches(split, loaded.cfg.data, cfg.eval_rows, with_labels=True)
-    cols: Dict[str, List[np.ndarray]] = {k: [] for k in ("click", "answered", "satisfied", "fp32_p_click",
-                                                         "int8_p_click", "fp32_p_sat", "int8_p_sat", "dscore")}
-    for batch in batches:
-        a, b = fp32(*batch_inputs(batch)), int8(*batch_inputs(batch))
-        cols["click"].append(batch.labels["click"].numpy())
-        cols["answered"].append(batch.labels["questionnaire_answered"].numpy())
-        cols["satisfied"].append(batch.labels["satisfied"].numpy())
-        cols["fp32_p_click"].append(a[0].numpy())
-        cols["int8_p_click"].append(b[0].numpy())
-        cols["fp32_p_sat"].append(a[1].numpy())
-        cols["int8_p_sat"].append(b[1].numpy())
-        cols["dscore"].append((a[3] - b[3]).abs().numpy())
-    c = {k: np.concatenate(v)[:cfg.eval_rows] for k, v in cols.items()}
-    out: Dict[str, Any] = {"split": cfg.eval_split, "rows": int(c["click"].size)}
-
-    def both(name: str, pa_: np.ndarray, pb: np.ndarray, y: np.ndarray) -> None:
-        try:
-            fa, fb = auc(pa_, y), auc(pb, y)
-        except ValueError as exc:  # one class only in the sample
-            out[name] = {"fp32": None, "int8": None, "delta": None, "note": str(exc)}
-            return
-        out[name] = {"fp32": fa, "int8": fb, "delta": fb - fa}
-
-    both("click_auc", c["fp32_p_click"], c["int8_p_click"], c["click"])
-    answered = c["answered"] == 1
-    if not np.isnan(c["fp32_p_sat"]).all():
-        both("sat_auc_answered", c["fp32_p_sat"][answered], c["int8_p_sat"][answered], c["satisfied"][answered])
-        out["sat_auc_answered"]["rows"] = int(answered.sum())
-    out["max_abs_score_diff"] = float(c["dscore"].max()) if c["dscore"].size else 0.0
-    out["max_abs_p_click_diff"] = float(np.abs(c["fp32_p_click"] - c["int8_p_click"]).max())
-    return out
-
-
-def training_data(loaded: LoadedModel, data_dir: Optional[Path]) -> Dict[str, Any]:
-    """What the checkpoint says about its training data, plus the timestamp range of DIR/train
-    (Parquet row-group statistics) when --data is given."""
-    extra = loaded.meta.get("extra", {})
-    out: Dict[str, Any] = {"checkpoint_extra": {k: extra[k] for k in ("job", "trainer", "data_range") if k in extra}}
-    if data_dir is None or not (data_dir / "train").exists():
-        out["train_split"] = None
-        return out
-    col = loaded.cfg.data.ids.timestamp
-    _, files = list_shards(str(data_dir / "train"))
-    lo, hi, rows = None, None, 0
-    for f in files:
-        md = pq.ParquetFile(f).metadata
-        rows += md.num_rows
-        idx = md.schema.to_arrow_schema().get_field_index(col)
-        for rg in range(md.num_row_groups):
-            st = md.row_group(rg).column(idx).statistics if idx >= 0 else None
-            if st is None or not st.has_min_max:
-                continue
-            lo = st.min if lo is None else min(lo, st.min)
-            hi = st.max if hi is None else max(hi, st.max)
-    out["train_split"] = {"path": str((data_dir / "train").resolve()), "files": len(files), "rows": rows,
-                          "min_timestamp": lo, "max_timestamp": hi, "source": "--data DIR/train (assumed the training data)"}
-    return out
-
-
-def run_metrics(loaded: LoadedModel) -> Optional[Dict[str, Any]]:
-    for p in (loaded.run_dir / "metrics.json", loaded.path / "metrics.json"):
-        if p.is_file():
-            try:
-                m = json.loads(p.read_text())
-            except json.JSONDecodeError:
-                return {"error": f"{p}: not valid JSON"}
-            return {"file": str(p), **{k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None}}
-    return None
+KNOWN_ERRORS = (DataError, ckpt.CheckpointError, ConfigError)
 
 
 def export(model_path: Path, out: Path, serve: ServeConfig, data_dir: Optional[Path] = None,
            kind: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
-    """Build, check and publish the artifact; returns its manifest."""
-    t0 = time.perf_counter()
+    """Load the run, then build, check and publish its artifact; returns the manifest."""
     if out.exists() and not overwrite:
         raise ConfigError(f"--out {str(out)!r} already exists; pass --overwrite to replace it")
     if serve.export.int8 and data_dir is None:
         raise ConfigError("export.int8 needs --data DIR (a labelled held-out split measures its AUC change)")
-    loaded = load_model(model_path, kind)
-    data = loaded.cfg.data
-    module = ServingModule(loaded.model, data, serve.score.fusion)
-    traced = trace(module, data, serve.export.trace_batch_size)
-    check = check_traced(traced, loaded, serve, data_dir)
-    log.info("traced module matches the eager model: max |diff| %s on %d %s rows", check["max_abs_diff"], check["rows"],
-             check["source"])
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        traced.save(str(tmp / MODEL_FILE))
-        quant = None
-        if serve.export.int8:
-            traced8 = trace(ServingModule(loaded.model, data, serve.score.fusion, int8=True), data,
-                            serve.export.trace_batch_size)
-            traced8.save(str(tmp / INT8_FILE))
-            quant = {"int8": {"file": INT8_FILE, "tables": "all", "format": "FBGEMM fused 8-bit rowwise (int8 codes, "
-                              "fp32 scale and bias per row), dequantised at lookup in plain torch",
-                              "held_out": int8_auc(traced, torch.jit.load(str(tmp / INT8_FILE)), loaded, serve.export,
-                                                   data_dir)}}
-        (tmp / "config.yaml").write_text(cfgio.dump(loaded.cfg))
-        files = {p.name: dict(zip(("sha256", "bytes"), sha256_bytes_of(p))) for p in sorted(tmp.iterdir())}
-        meta = loaded.meta
-        manifest = {
-            "format": FORMAT, "created_unix": time.time(),
-            "versions": {"torch": torch.__version__, **meta.get("versions", {})},
-            "model_file": MODEL_FILE,
-            "model": {"kind": loaded.kind, "heads": list(module.heads), "checkpoint": str(loaded.path.resolve()),
-                      "fingerprint": meta["fingerprint"], "written_by_world_size": meta["world_size"],
-                      "checkpoint_created_unix": meta.get("created_unix"), "lora": loaded.lora,
-                      "unsharded": True},
-            "interface": interface(),
-            "features": feature_schema(data),
-            "fusion": {"formula": FORMULA, "weights": serve.score.fusion.weights(),
-                       "effective_weights": effective_weights(serve.score.fusion, module.heads)},
-            "training_data": training_data(loaded, data_dir),
-            "metrics": run_metrics(loaded),
-            "export_check": check,
-            "quantization": quant,
-            "files": files,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        sums = [f"{sha256_bytes_of(p)[0]}  {p.name}" for p in sorted(tmp.iterdir())]
-        (tmp / SUMS).write_text("\n".join(sums) + "\n")
-        _publish(tmp, out, overwrite)
-    except BaseException:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        raise
-    log.info("exported %s model (%s) to %s in %.1fs", loaded.kind, ", ".join(module.heads), out, time.perf_counter() - t0)
-    return manifest
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    old = None
-    if out.exists():
-        if not overwrite:
-            raise ConfigError(f"--out {str(out)!r} appeared while exporting; not replacing it")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
+    return build_artifact(load_model(model_path, kind), out, serve, data_dir, overwrite)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -311,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model", type=Path, required=True,
                         help="satrank.jobs.train or satrank.jobs.dpo run directory, or a checkpoint directory")
     parser.add_argument("--kind", choices=list(KINDS), default=None,
-                        help="model task (default: recognised from the checkpoint)")
+                        help="model task (default: from the checkpoint's meta.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     try:
@@ -326,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             rt.close()
     except KNOWN_ERRORS as exc:
-        print(f"{parser.prog}: error: {one_line(exc)}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     return 0
 

@@ -34,8 +34,8 @@ from typing import List, Optional
 
 from satrank.jobs.engine.checkpoint import CheckpointError, load_prefixed
 from satrank.jobs.engine.cli import build_parser
-from satrank.jobs.evaluate import (TEACHER_FILE, build_task, evaluate_all, format_table, satisfaction_teacher,
-                           teacher_to_dict)
+from satrank.jobs.engine.evaluation import evaluate_all, format_table
+from satrank.jobs.engine.runs import TEACHER_FILE, build_task, satisfaction_teacher, teacher_to_dict
 from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
 from satrank.jobs.engine.runtime import finite_or_none, get_logger, write_json_atomic
 from satrank.jobs.engine.ranker_trainer import TEACHER_MAP, RankerTrainer
@@ -82,7 +82,7 @@ def run(rt, args, cfg) -> None:
         valid_loader = BatchLoader(args.data / "valid", cfg.data, eval_reader(cfg.reader))
         if args.resume is not None:
             trainer.restore(args.resume, train_loader)
-        fit = trainer.fit(train_loader, valid_loader, RankerEvaluator(cfg.loss))
+        fit = trainer.fit(train_loader, valid_loader, RankerEvaluator(cfg.loss, cfg.model))
         restored = fit.get("restored_best")  # the trainer ends on RUN/best's weights when train.restore_best
         evaluated = f"best (epoch {restored['epoch']})" if restored else "last"
         final = evaluate_all(trainer.dmp, cfg, ecfg, args.data, rt)

@@ -26,7 +26,8 @@ class Batch(Pipelineable):
     sparse: KeyedJaggedTensor, keys = DataConfig.sparse_names (single-valued features have
         length 1 per row; sequences are jagged, oldest first, truncated to max_len).
     dense:  float32 [B, n_dense], transforms applied.
-    labels: float32 [B] per name in LABEL_NAMES that the data has (candidate sets have none);
+    labels: float32 [B] per name in LABEL_NAMES that the data has (candidate sets have none), plus one
+        per column of `data.labels.extra` under its column name (labels of extra heads);
         `satisfied` is 0 where not answered: always mask it with `questionnaire_answered`.
     ids:    int64 [B] raw `user_id`, `item_id`, `timestamp`, `request_id` (those present), for
         joins, grouping and exactly-once accounting; never model inputs.

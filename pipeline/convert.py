@@ -109,6 +109,7 @@ class Converter:
                       (lab.questionnaire_answered, "label questionnaire_answered", "binary", True),
                       (lab.satisfied, "label satisfied", "binary", True),
                       (lab.watch_time_s, "label watch_time_s", "number", True)]
+            specs += [(c, f"label {c}", "binary", True) for c in lab.extra]
         specs += [(c, "ground truth", "number", False) for c in data_cfg.truth_columns]
         if row_filter is not None:
             specs.append((row_filter, "row_filter", "flag", True))
@@ -359,6 +360,15 @@ class Converter:
                     self._bad(ctx, bad, column, "present_when_unanswered",
                               f"not null although {lab.questionnaire_answered} == 0", values=x)
             out[role] = x.astype(np.float32)
+        for column in lab.extra:  # extra 0/1 labels (heads of model.extra_heads), keyed by their column
+            x, nulls = self._floats(_array(data, column))
+            if nulls is not None:
+                self._bad(ctx, nulls, column, "null", "null label")
+            bad = ~np.isfinite(x) | ((x != 0) & (x != 1))
+            if bad.any():
+                self._bad(ctx, bad, column, "not_binary", "label is not 0/1", values=x)
+                x = np.where(bad, 0.0, x)
+            out[column] = x.astype(np.float32)
         return out
 
     # ------------------------------------------------------------------ accounting

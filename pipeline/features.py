@@ -72,6 +72,7 @@ class LabelColumns:
     skip: str = "skip"
     questionnaire_answered: str = "questionnaire_answered"
     satisfied: str = "satisfied"
+    extra: List[str] = field(default_factory=list)  # more 0/1 label columns, Batch.labels[column] (extra heads)
 
 
 @dataclass
@@ -115,6 +116,11 @@ class DataConfig:
         for f in self.sequence:
             if f.max_len <= 0:
                 raise ConfigError(f"{path}: sequence feature {f.name!r}: max_len must be > 0")
+        canonical = [getattr(self.labels, n) for n in ("click", "watch_time_s", "skip", "questionnaire_answered",
+                                                          "satisfied")]
+        clash = sorted({c for c in self.labels.extra if c in canonical or self.labels.extra.count(c) > 1})
+        if clash:
+            raise ConfigError(f"{path}.labels.extra: {clash} repeat a label column")
         for c in self.truth_columns:
             if not c.startswith(self.truth_prefix):
                 raise ConfigError(f"{path}: truth column {c!r} must start with {self.truth_prefix!r}")

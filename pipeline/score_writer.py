@@ -40,10 +40,13 @@ SHARDS_DIR = "_shards"
 RUN_FILE = "_run.json"
 MANIFEST = "_manifest.json"
 ID_COLUMNS = ("request_id", "user_id", "item_id")
-VALUE_COLUMNS = ("p_click", "p_satisfied", "watch_time_pred", "score")
-SCHEMA = pa.schema([("request_id", pa.int64()), ("user_id", pa.int64()), ("item_id", pa.int64()),
-                    ("p_click", pa.float32()), ("p_satisfied", pa.float32()), ("watch_time_pred", pa.float32()),
-                    ("score", pa.float32()), ("rank", pa.int32())])
+VALUE_COLUMNS = ("p_click", "p_satisfied", "watch_time_pred", "score")  # the built-in heads' columns + score
+
+
+def schema(value_columns: Sequence[str] = VALUE_COLUMNS) -> pa.Schema:
+    """ids (int64), one float32 column per served head and score (the scorer's order), rank (int32)."""
+    return pa.schema([*[(c, pa.int64()) for c in ID_COLUMNS], *[(c, pa.float32()) for c in value_columns],
+                      ("rank", pa.int32())])
 
 
 class ScoreOutputError(ValueError):
@@ -80,15 +83,18 @@ def rank_within_requests(request_id: np.ndarray, score: np.ndarray) -> np.ndarra
 
 
 def scores_table(ids: Dict[str, np.ndarray], values: Dict[str, np.ndarray]) -> pa.Table:
-    """The output table of one shard, rows ordered by (request_id, rank); NaN heads become nulls."""
+    """The output table of one shard, rows ordered by (request_id, rank); NaN heads become nulls. `values`
+    holds one array per served head's column and `score`, in column order (satrank.models.ranker.heads)."""
+    if "score" not in values:
+        raise ValueError(f"scores_table: no 'score' among the value columns {list(values)}")
     rank = rank_within_requests(ids["request_id"], values["score"])
     order = np.lexsort((rank, ids["request_id"]))
     arrays = [pa.array(np.asarray(ids[c], dtype=np.int64)[order]) for c in ID_COLUMNS]
-    for c in VALUE_COLUMNS:
+    for c in values:
         v = np.asarray(values[c], dtype=np.float32)[order]
         arrays.append(pa.array(v, mask=np.isnan(v)))
     arrays.append(pa.array(rank[order]))
-    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+    return pa.Table.from_arrays(arrays, schema=schema(list(values)))
 
 
 def request_ids_spanning(per_file: Dict[str, np.ndarray]) -> Dict[int, List[str]]:

@@ -32,7 +32,8 @@ def main(data: str, sat_run: str, out: str, overrides: list) -> None:
     from satrank.embeddings.tables import SparseArch
     from satrank.jobs.engine.checkpoint import load_checkpoint
     from satrank.jobs.config import load_config
-    from satrank.jobs.evaluate import build_task, run_checkpoint, satisfaction_teacher, checkpoint_config
+    from satrank.jobs.engine.checkpoint import checkpoint_config
+    from satrank.jobs.engine.runs import build_task, run_checkpoint, satisfaction_teacher
     from satrank.jobs.engine.runtime import init_runtime
     from satrank.jobs.engine.ranker_trainer import TEACHER_MAP, RankerTrainer
     from satrank.jobs.engine.readers import eval_reader, first_batch, stage_train_config, train_reader

@@ -184,7 +184,7 @@ def _expected_rho(world, run_p: Path) -> dict:
     import torch
 
     from satrank.jobs.engine import checkpoint as ckpt
-    from satrank.jobs.evaluate import checkpoint_config
+    from satrank.jobs.engine.checkpoint import checkpoint_config
     from satrank.models.stage1.tasks import PropensityModel
     from satrank.pipeline.reader import BatchLoader
     from satrank.pipeline.reader_config import ReaderConfig

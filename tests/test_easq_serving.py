@@ -40,14 +40,14 @@ def _candidates(world, cfg, rows: int = 200):
 
 def test_dpo_checkpoint_is_recognised_and_served_with_the_adapters_folded(world, dpo_run):
     from satrank.jobs.engine import checkpoint as ckpt
-    from satrank.jobs.score import checkpoint_model_keys, load_model
+    from satrank.jobs.engine.runs import kind_of, load_model
     from satrank.models.easq.pathway import SAT_HEAD
     from satrank.models.common.fusion import FusionConfig
     from satrank.models.ranker.saqrec import ranker_inputs
-    from satrank.models.serving.module import ModelScorer, build_model, detect_kind
+    from satrank.models.serving.module import ModelScorer, build_model
 
     path = ckpt.resolve(dpo_run)
-    assert detect_kind(checkpoint_model_keys(path)) == "easq"
+    assert kind_of(ckpt.read_meta(path), path) == "easq"  # from meta.json's job (dpo), not parameter names
     loaded = load_model(dpo_run)
     assert loaded.kind == "easq" and loaded.lora["easq"]["targets"] == ["item"]
     assert loaded.lora["easq"]["id_targets"] == ["user_id", "item_id"]  # the run trains per-id adapters too
@@ -69,8 +69,8 @@ def test_dpo_checkpoint_is_recognised_and_served_with_the_adapters_folded(world,
         signals = t.teacher(t.g.sparse_arch(batch.sparse), batch.dense, t.g) if t.g is not None else {}
         x = ranker_inputs(t.sparse_arch(batch.sparse), batch.dense, easq.easq.cfg, t.data, signals)
         no_adapter = torch.sigmoid(easq.easq.ranker(x)["click"])  # the same weights, adapters off
-    torch.testing.assert_close(served["p_click"], out["click_prob"].float(), rtol=0, atol=1e-5)
-    torch.testing.assert_close(served["p_satisfied"], out["sat_prob"].float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(served["p_click"], torch.sigmoid(out["click"]).float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(served["p_satisfied"], torch.sigmoid(out["satisfaction"]).float(), rtol=0, atol=1e-5)
     assert float((served["p_click"] - no_adapter).abs().max()) > 1e-5  # the fold is not the identity
     assert SAT_HEAD not in dict(loaded.model.ranker.ranker.named_children())  # main heads only
     assert not [n for n, _ in loaded.model.named_parameters() if "id_lora" in n]
@@ -82,8 +82,8 @@ def test_dpo_checkpoint_is_recognised_and_served_with_the_adapters_folded(world,
 
 def test_dpo_run_scores_with_jobs_score_and_exports_a_matching_artifact(world, dpo_run, tmp_path):
     from satrank.jobs.export import export
-    from satrank.jobs.serve_check import Features, load_module, score_features, verify_artifact
     from satrank.jobs.config.serve import load_serve_config
+    from satrank.models.serving.check import Features, load_module, score_features, verify_artifact
 
     out = tmp_path / "scores"
     res = subprocess.run([sys.executable, *score_cmd(dpo_run, world["data"] / "candidates", out, *SCORE_SET)],
@@ -96,7 +96,7 @@ def test_dpo_run_scores_with_jobs_score_and_exports_a_matching_artifact(world, d
     art = tmp_path / "artifact"
     m = export(dpo_run, art, load_serve_config(), world["data"])
     assert m["model"]["kind"] == "easq" and m["model"]["lora"]["unmerged_branches"] == []
-    assert m["model"]["heads"] == ["p_click", "p_satisfied", "watch_time_pred"]
+    assert m["model"]["heads"] == ["click", "satisfaction", "watch_time"]
     assert m["metrics"]["job"] == "dpo" and m["export_check"]["source"] == "candidates+synthetic"
     manifest = verify_artifact(art)
     module = load_module(art, manifest)

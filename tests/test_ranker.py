@@ -155,6 +155,24 @@ def test_skip_history_and_skip_head_add_a_sixth_fusion_input_and_a_weighted_skip
     torch.testing.assert_close(parts["loss"], expect)
 
 
+def test_an_extra_head_adds_its_tower_and_its_weighted_bce_term_and_needs_its_label():
+    heads = [{"name": "like", "label": "like", "weight": 0.5, "hidden": [4]}]
+    r = _ranker(CountingScorer(), mtl=False, watch_time_head=False, extra_heads=heads)
+    assert r.heads == ["click", "like"] and r.like_tower[0].weight.shape == (4, D)
+    out = r(_inputs())
+    labels = {**_labels(), "like": torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])}
+    parts = MultiTaskLoss(MultiTaskLossConfig(gamma=0.0), r.cfg)(out, labels, epoch=0)
+    expect = (F.binary_cross_entropy_with_logits(out["click"], labels["click"])
+              + 0.5 * F.binary_cross_entropy_with_logits(out["like"], labels["like"]))
+    torch.testing.assert_close(parts["loss"], expect)
+    parts["loss"].backward()
+    assert r.like_tower[-1].weight.grad.abs().sum() > 0
+    with pytest.raises(KeyError, match="label 'like' is required"):
+        MultiTaskLoss(MultiTaskLossConfig(gamma=0.0), r.cfg)(r(_inputs()), _labels(), epoch=0)
+    with pytest.raises(ConfigError, match="built-in head"):
+        _cfg(extra_heads=[{"name": "skip", "label": "like"}])
+
+
 def test_padding_garbage_in_every_history_never_changes_any_output():
     r = _ranker(CountingScorer(), use_skip_history=True, skip_head=True).eval()
     a, b = r(_inputs(garbage=0.0)), r(_inputs(garbage=1e3))

@@ -136,14 +136,14 @@ def test_each_ablation_switch_removes_its_part(worker):
     both, click = worker["no_mlse_no_mtl"], worker["click_only"]
     # full: g scores the click history once per forward (one eval forward, two pipelined training steps)
     assert full["eval_forward_scorer_calls"] == 1 and full["train_scorer_calls"] == full["train_steps"] == 2
-    assert {"sat_logit", "pseudo_satisfaction", "loss/satisfaction", "watch_time_log1p"} <= set(full["output_keys"])
+    assert {"satisfaction", "pseudo_satisfaction", "loss/satisfaction", "watch_time"} <= set(full["output_keys"])
     assert full["fusion_names"] == ["u_sat", "u_dis", "h_r", "u_mlse", "v_u"]
     # without MLSE g's history scorer is never called (g still gives the pseudo-labels of MTL)
     assert no_mlse["eval_forward_scorer_calls"] == 0 and no_mlse["train_scorer_calls"] == 0
     assert no_mlse["has_g"] and "pseudo_satisfaction" in no_mlse["output_keys"] and "mlse" not in no_mlse["ranker_children"]
     # without MTL: no satisfaction tower, no satisfaction loss, no pseudo-labels; MLSE still scores
     assert "sat_tower" not in no_mtl["ranker_children"] and no_mtl["heads"] == ["click", "watch_time"]
-    assert not {"sat_logit", "loss/satisfaction", "pseudo_satisfaction"} & set(no_mtl["output_keys"])
+    assert not {"satisfaction", "loss/satisfaction", "pseudo_satisfaction"} & set(no_mtl["output_keys"])
     assert no_mtl["train_scorer_calls"] == 2
     # without SID: no satisfied / dissatisfied encoders
     assert not {"sid", "enc_sat", "enc_dis"} & set(no_sid["ranker_children"]) and "u_sat" not in no_sid["fusion_names"]
@@ -205,14 +205,14 @@ def test_leave_one_out_lists_rank_each_users_last_click_against_never_interacted
 
 
 def test_fusion_score_is_log_p_click_plus_weighted_log_p_satisfied():
-    out = {"click_logit": torch.tensor([0.0, 2.0]), "sat_logit": torch.tensor([1.0, -1.0])}
+    out = {"click": torch.tensor([0.0, 2.0]), "satisfaction": torch.tensor([1.0, -1.0])}
     fused = ranking_score(out, EvaluationConfig(fusion_sat_weight=0.5))
     expect = torch.tensor([np.log(0.5) + 0.5 * np.log(1 / (1 + np.exp(-1.0))),
                            np.log(1 / (1 + np.exp(-2.0))) + 0.5 * np.log(1 / (1 + np.exp(1.0)))], dtype=torch.float64)
     torch.testing.assert_close(fused, expect)
-    assert torch.equal(ranking_score(out, EvaluationConfig(rank_score="click")), out["click_logit"])
-    torch.testing.assert_close(ranking_score({"click_logit": out["click_logit"]}, EvaluationConfig()),
-                               torch.nn.functional.logsigmoid(out["click_logit"].double()))
+    assert torch.equal(ranking_score(out, EvaluationConfig(rank_score="click")), out["click"])
+    torch.testing.assert_close(ranking_score({"click": out["click"]}, EvaluationConfig()),
+                               torch.nn.functional.logsigmoid(out["click"].double()))
 
 
 def test_impression_metrics_use_answered_rows_only_and_seconds_for_watch_time():

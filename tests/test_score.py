@@ -148,22 +148,27 @@ def test_fusion_adds_weighted_log_probabilities_and_drops_absent_heads():
     import torch
 
     from satrank.models.common.fusion import Fusion, FusionConfig, effective_weights
+    from satrank.models.ranker.config import ModelConfig
+    from satrank.models.ranker.heads import serving_specs
     from satrank.pipeline.config import ConfigError
 
+    specs = serving_specs(ModelConfig())  # click, satisfaction, watch_time
     cfg = FusionConfig(w_click=1.0, w_sat=2.0, w_watch_time=0.5)
     y, s, h = torch.tensor([0.0, 2.0]), torch.tensor([0.0, -1.0]), torch.tensor([1.0, -0.5])
-    p_click, p_sat, wt, score = Fusion(cfg, ["p_click", "p_satisfied", "watch_time_pred"])(y, s, h)
+    fusion = Fusion(cfg, specs, ["click", "satisfaction", "watch_time"])
+    assert fusion.outputs == ["p_click", "p_satisfied", "watch_time_pred", "score"]
+    p_click, p_sat, wt, score = fusion({"click": y, "satisfaction": s, "watch_time": h})
     expected = [np.log(0.5) + 2 * np.log(0.5) + 0.5 * 1.0,
                 np.log(1 / (1 + np.exp(-2))) + 2 * np.log(1 / (1 + np.exp(1))) + 0.0]  # log1p(max(expm1(h), 0))
     assert np.allclose(score.numpy(), expected, atol=1e-6)
     assert np.allclose(wt.numpy(), [np.expm1(1.0), 0.0], atol=1e-6)
     # a click-only model: no satisfaction / watch-time term, NaN outputs for them
-    p_click, p_sat, wt, score = Fusion(cfg, ["p_click"])(y, None, None)
+    p_click, p_sat, wt, score = Fusion(cfg, specs, ["click"])({"click": y})
     assert torch.isnan(p_sat).all() and torch.isnan(wt).all()
     assert np.allclose(score.numpy(), np.log(1 / (1 + np.exp(-y.numpy()))), atol=1e-6)
-    assert effective_weights(cfg, ["p_click"]) == {"w_click": 1.0, "w_sat": 0.0, "w_watch_time": 0.0}
+    assert effective_weights(cfg, ["click"], specs) == {"w_click": 1.0, "w_sat": 0.0, "w_watch_time": 0.0}
     with pytest.raises(ConfigError, match="every weight on them is <= 0"):
-        effective_weights(FusionConfig(w_click=0.0, w_sat=1.0), ["p_click"])
+        effective_weights(FusionConfig(w_click=0.0, w_sat=1.0), ["click"], specs)
 
 
 def test_serve_config_takes_score_and_export_sections_and_refuses_other_overrides():
@@ -212,8 +217,8 @@ def test_score_refuses_a_directory_that_is_not_a_checkpoint(world, tmp_path, cap
 
 
 def test_a_candidate_shard_missing_a_feature_is_named(world, tmp_path):
-    from satrank.jobs.evaluate import checkpoint_config
-    from satrank.jobs.score import shard_info
+    from satrank.jobs.engine.checkpoint import checkpoint_config
+    from satrank.models.serving.score import shard_info
     from satrank.pipeline.errors import DataError
 
     cfg = checkpoint_config(world["run"] / "checkpoint")
@@ -229,17 +234,18 @@ def test_click_model_checkpoint_scores_with_null_satisfaction(world, tmp_path):
 
     from satrank.jobs.engine.checkpoint import save_checkpoint
     from satrank.jobs.config import load_config
-    from satrank.jobs.score import load_model
+    from satrank.jobs.engine.runs import load_model
+    from satrank.models.common.fusion import FusionConfig
     from satrank.models.serving.module import ModelScorer, build_model
     from satrank.pipeline.reader import BatchLoader
     from satrank.pipeline.reader_config import ReaderConfig
 
     cfg = load_config(overrides=RUN_OVERRIDES)
-    save_checkpoint(tmp_path / "click", build_model("click", cfg), config=cfg)
+    save_checkpoint(tmp_path / "click", build_model("click", cfg), extra={"job": "pretrain"}, config=cfg)
     loaded = load_model(tmp_path / "click")
     assert loaded.kind == "click"
-    scorer = ModelScorer(loaded.model, __import__("satrank.models.common.fusion").fusion.FusionConfig(), cfg.data)
-    assert scorer.heads == ("p_click",) and scorer.fusion.weights["w_sat"] == 0.0
+    scorer = ModelScorer(loaded.model, FusionConfig(), cfg.data)
+    assert scorer.heads == ("click",) and scorer.fusion.weights["w_sat"] == 0.0
     batch = next(iter(BatchLoader(world["data"] / "candidates", cfg.data, ReaderConfig(batch_size=50, num_workers=0,
                                                                                        shuffle=False), with_labels=False)))
     out = scorer(batch)
@@ -334,8 +340,8 @@ def _train(data: Path, run: Path) -> None:
     from satrank.embeddings.sharding import shard_model
     from satrank.jobs.engine.checkpoint import save_checkpoint
     from satrank.jobs.config import load_config
-    from satrank.jobs.evaluate import TEACHER_FILE, build_task, teacher_to_dict
     from satrank.jobs.engine.loop import synced_pairs
+    from satrank.jobs.engine.runs import TEACHER_FILE, build_task, teacher_to_dict
     from satrank.jobs.engine.runtime import init_runtime, write_json_atomic
     from satrank.models.ranker.task import TeacherSpec
     from satrank.pipeline.reader import BatchLoader

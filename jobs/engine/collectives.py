@@ -7,7 +7,7 @@ must call them at the same point.
 """
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import Any, Callable, List, Sequence, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -57,3 +57,19 @@ def all_reduce_ints(values: Sequence[int], device: torch.device, op: str = "sum"
     if world_size() > 1:
         dist.all_reduce(t, op=ops[op])
     return [int(x) for x in t.tolist()]
+
+
+def together(fn: Callable[[], Any], errors: Tuple[Type[BaseException], ...]) -> Any:
+    """Run `fn` on every rank; if it raised one of `errors` anywhere, raise the first failure on every rank
+    (so no rank is left waiting in a later collective). Returns this rank's result."""
+    try:
+        res, err = fn(), None
+    except errors as exc:
+        res, err = None, (type(exc).__name__, str(exc))
+    gathered = all_gather_objects(err)
+    failed = [(r, e) for r, e in enumerate(gathered) if e is not None]
+    if failed:
+        rank_, (name, msg) = failed[0]
+        cls = {c.__name__: c for c in errors}[name]
+        raise cls(msg if rank_ == 0 or len(failed) == len(gathered) else f"(rank {rank_}) {msg}")
+    return res

@@ -15,7 +15,9 @@ from satrank.jobs.engine.checkpoint import CheckpointError
 from satrank.jobs.engine.collectives import all_gather_objects
 from satrank.jobs.engine.loop import synced_pairs
 from satrank.jobs.engine.readers import first_batch
-from satrank.jobs.evaluate import TEACHER_FILE, build_task, checkpoint_config, evaluate_all, run_checkpoint, teacher_from_dict
+from satrank.jobs.engine.checkpoint import checkpoint_config
+from satrank.jobs.engine.evaluation import evaluate_all
+from satrank.jobs.engine.runs import TEACHER_FILE, build_task, run_checkpoint, teacher_from_dict
 from satrank.models.easq.task import EasqTask
 from satrank.models.metrics.ranking import auc_or_nan
 from satrank.models.metrics.stage1_eval import auc_vs_drawn_truth, canonical_order, row_ids

@@ -9,7 +9,9 @@ Three protocols, each an accumulator fed with (Batch, model outputs) by a rank-s
                        whose questionnaire was answered (MNAR-selected rows, the only ones with a label);
                        the score is the satisfaction tower s_f, or the click logit for a model without one;
                      watch_time_mae (seconds, prediction expm1 of the log1p head) and watch_time_xauc;
-                       None for a model without a watch-time head.
+                       None for a model without a watch-time head;
+                     <head>_auc for every other head whose HeadSpec.metric is `auc` (skip, extra heads) on
+                       its own label column (satrank.models.ranker.heads).
   CandidateMetrics   the simulator's candidate sets (DIR/candidates): per request, the mean true
                      P(satisfied) / P(click) of the model's top-k (true_sat@k, true_click@k), ranked by
                      `EvaluationConfig.rank_score`: `click` (the click logit y) or `fusion`
@@ -48,6 +50,8 @@ import torch.nn.functional as F
 from satrank.models.metrics.protocol import build_loo_candidates, interactions_by_user, last_clicks
 from satrank.models.metrics.ranking import (MetricAccumulator, auc, click_metrics, loo_ranks, metrics_from_ranks,
                                     truth_topk_metrics, watch_time_metrics)
+from satrank.models.ranker.heads import HeadSpec, head_specs
+from satrank.models.ranker.losses import watch_time_loss
 from satrank.pipeline.batch import Batch
 from satrank.pipeline.config import ConfigError
 from satrank.pipeline.features import DataConfig
@@ -82,18 +86,18 @@ class EvaluationConfig:
 # ------------------------------------------------------------------------------------------ scores
 def ranking_score(out: Mapping[str, torch.Tensor], cfg: EvaluationConfig) -> torch.Tensor:
     """The candidate-ranking score of `cfg.rank_score` from a RankerTask's outputs (see module doc)."""
-    click = out["click_logit"]
+    click = out["click"]
     if cfg.rank_score == "click":
         return click
     score = F.logsigmoid(click.double())
-    if "sat_logit" in out and cfg.fusion_sat_weight > 0:
-        score = score + cfg.fusion_sat_weight * F.logsigmoid(out["sat_logit"].double())
+    if "satisfaction" in out and cfg.fusion_sat_weight > 0:
+        score = score + cfg.fusion_sat_weight * F.logsigmoid(out["satisfaction"].double())
     return score
 
 
 def satisfaction_score(out: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """s_f when the model has a satisfaction tower, else the click logit."""
-    return out["sat_logit"] if "sat_logit" in out else out["click_logit"]
+    return out["satisfaction"] if "satisfaction" in out else out["click"]
 
 
 def _none_if_nan(metrics: Dict[str, float]) -> Dict[str, Optional[float]]:
@@ -101,21 +105,30 @@ def _none_if_nan(metrics: Dict[str, float]) -> Dict[str, Optional[float]]:
 
 
 # ------------------------------------------------------------------------------------------ accumulators
-def impression_columns(batch: Batch, out: Mapping[str, torch.Tensor], user_key: str = "user_id") -> Dict[str, torch.Tensor]:
-    """Per-row columns (1-D, this batch's rows) of a labelled batch and a RankerTask's outputs."""
+def impression_columns(batch: Batch, out: Mapping[str, torch.Tensor], user_key: str = "user_id",
+                       heads: Sequence[HeadSpec] = ()) -> Dict[str, torch.Tensor]:
+    """Per-row columns (1-D, this batch's rows) of a labelled batch and a RankerTask's outputs; `heads` whose
+    metric is `auc` add <name>_pred and <name>_label."""
     lab = batch.labels
     for name in ("click", "questionnaire_answered", "satisfied", "watch_time_s"):
         if name not in lab:
             raise KeyError(f"impression metrics: batch has no label {name!r} (is this a labelled split?)")
     if user_key not in batch.ids:
         raise KeyError(f"impression metrics: batch has no id {user_key!r} (have {sorted(batch.ids)})")
-    cols = dict(click_pred=out["click_logit"].double(), click=lab["click"].clone(), user=batch.ids[user_key].clone(),
+    cols = dict(click_pred=out["click"].double(), click=lab["click"].clone(), user=batch.ids[user_key].clone(),
                 answered=lab["questionnaire_answered"].clone(), satisfied=lab["satisfied"].clone(),
                 sat_pred=satisfaction_score(out).double(), watch_time_s=lab["watch_time_s"].double())
-    if "sat_logit" in out and PSEUDO_KEY in out:
-        cols.update(sat_logit=out["sat_logit"].double(), pseudo=out[PSEUDO_KEY].double())
-    if "watch_time_log1p" in out:
-        cols["wt_log1p"] = out["watch_time_log1p"].double()
+    if "satisfaction" in out and PSEUDO_KEY in out:
+        cols.update(sat_logit=out["satisfaction"].double(), pseudo=out[PSEUDO_KEY].double())
+    if "watch_time" in out:
+        cols["wt_log1p"] = out["watch_time"].double()
+    for spec in heads:
+        if spec.metric == "auc" and spec.name in out:
+            if spec.label not in lab:
+                raise KeyError(f"impression metrics: head {spec.name!r} needs label {spec.label!r}, the batch has "
+                               f"{sorted(lab)} (is it in data.labels.extra?)")
+            cols[f"{spec.name}_pred"] = out[spec.name].double()
+            cols[f"{spec.name}_label"] = lab[spec.label].clone()
     return {k: v.detach() for k, v in cols.items()}
 
 
@@ -134,17 +147,22 @@ def impression_metrics(t: Mapping[str, torch.Tensor]) -> Dict[str, Optional[floa
         out.update(watch_time_metrics(torch.expm1(t["wt_log1p"]).clamp_min(0), t["watch_time_s"]))
     else:
         out.update(watch_time_mae=float("nan"), watch_time_xauc=float("nan"))
+    for key in [k for k in t if k.endswith("_label")]:  # heads with an `auc` metric (impression_columns)
+        name, y = key[:-len("_label")], t[key]
+        pos = int(y.sum())
+        out[f"{name}_auc"] = auc(t[f"{name}_pred"], y) if 0 < pos < y.numel() else float("nan")
     return _none_if_nan(out)
 
 
 class ImpressionMetrics:
     """Click / satisfaction / watch-time metrics over a labelled split (see module doc); compute() gathers."""
 
-    def __init__(self) -> None:
+    def __init__(self, heads: Sequence[HeadSpec] = ()) -> None:
         self.acc = MetricAccumulator()
+        self.heads = list(heads)
 
     def update(self, batch: Batch, out: Mapping[str, torch.Tensor]) -> None:
-        self.acc.update(**impression_columns(batch, out))
+        self.acc.update(**impression_columns(batch, out, heads=self.heads))
 
     def compute(self) -> Dict[str, Optional[float]]:
         return impression_metrics(self.acc.compute())
@@ -154,13 +172,17 @@ class RankerEvaluator:
     """satrank.jobs.engine.trainer Evaluator of the per-epoch validation: the impression metrics plus the mean
     validation loss of every tower, computed per row exactly as MultiTaskLoss does:
     loss_click (eq. 15), loss_satisfaction (eq. 16 against g's pseudo-labels; never the mixed
-    target, so epochs compare), loss_watch_time (loss.watch_time_loss on log1p seconds)."""
+    target, so epochs compare), loss_watch_time (loss.watch_time_loss on log1p seconds), and
+    loss_<name> (BCE) with <name>_auc for every other binary head of `model_cfg` (skip, extra heads)."""
 
-    def __init__(self, loss_cfg) -> None:
+    def __init__(self, loss_cfg, model_cfg=None) -> None:
+        from satrank.models.ranker.config import ModelConfig
+
         self.loss_cfg = loss_cfg
+        self.heads = head_specs(model_cfg or ModelConfig(), loss_cfg)
 
     def columns(self, batch: Batch, outputs: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        return impression_columns(batch, outputs)
+        return impression_columns(batch, outputs, heads=self.heads)
 
     def metrics(self, columns: Dict[str, torch.Tensor], counters: Dict[str, float]) -> Dict[str, Any]:
         t, cfg = columns, self.loss_cfg
@@ -168,14 +190,10 @@ class RankerEvaluator:
         if "sat_logit" in t:
             out["loss_satisfaction"] = float(F.binary_cross_entropy_with_logits(t["sat_logit"], t["pseudo"]))
         if "wt_log1p" in t:
-            target = torch.log1p(t["watch_time_s"].clamp_min(0))
-            per = (F.mse_loss(t["wt_log1p"], target, reduction="none") if cfg.watch_time_loss == "mse"
-                   else F.huber_loss(t["wt_log1p"], target, reduction="none", delta=cfg.huber_delta))
-            if cfg.watch_time_rows == "clicked":
-                m = t["click"] > 0.5
-                out["loss_watch_time"] = float(per[m].sum() / max(int(m.sum()), 1))
-            else:
-                out["loss_watch_time"] = float(per.mean())
+            out["loss_watch_time"] = float(watch_time_loss(t["wt_log1p"], t["watch_time_s"], t["click"], cfg))
+        for key in [k for k in t if k.endswith("_label")]:
+            name = key[:-len("_label")]
+            out[f"loss_{name}"] = float(F.binary_cross_entropy_with_logits(t[f"{name}_pred"], t[key].double()))
         out.update(impression_metrics(t))
         return out
 
@@ -192,7 +210,7 @@ class CandidateMetrics:
         if missing or self.group_key not in batch.ids:
             raise KeyError(f"candidate metrics: batch lacks truth {missing} or id {self.group_key!r} "
                            f"(have truth {sorted(batch.truth)}, ids {sorted(batch.ids)})")
-        self.acc.update(score=ranking_score(out, self.cfg).detach(), click_score=out["click_logit"].detach().double(),
+        self.acc.update(score=ranking_score(out, self.cfg).detach(), click_score=out["click"].detach().double(),
                         group=batch.ids[self.group_key], **{c: batch.truth[c] for c in TRUTH_COLUMNS})
 
     def compute(self) -> Dict[str, float]:
@@ -216,7 +234,7 @@ class LooMetrics:
         self.acc = MetricAccumulator()
 
     def update(self, batch: Batch, out: Mapping[str, torch.Tensor]) -> None:
-        scores = out["click_logit"].detach().double()
+        scores = out["click"].detach().double()
         if scores.numel() % self.group_size:
             raise ValueError(f"leave-one-out: {scores.numel()} rows are not whole groups of {self.group_size}")
         groups = scores.view(-1, self.group_size)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Literal
 
+from satrank.models.ranker.heads import ExtraHead
 from satrank.pipeline.config import ConfigError
 
 GateActivation = Literal["softmax", "none"]
@@ -37,6 +38,7 @@ class ModelConfig:
     use_skip_history: bool = False  # encode `histories.skip` with its own Transformer, 6th fusion input
     skip_head: bool = False  # skip logit u_f . MLP_skip(v_i), trained with BCE on the `skip` label
     watch_time_head: bool = True  # regresses log1p(watch_time_s) from [u_f, v_i, log1p(duration)]
+    extra_heads: List[ExtraHead] = field(default_factory=list)  # binary label heads (satrank.models.ranker.heads)
     histories: HistoryNames = field(default_factory=HistoryNames)
     item_feature: str = "item_id"  # pooled feature holding the candidate's item-table embedding
     user_features: List[str] = field(default_factory=lambda: ["user_id", "user_activity"])  # -> v_u
@@ -81,6 +83,9 @@ class ModelConfig:
             raise bad("user_features", f"repeated names in {self.user_features}")
         if len(set(self.item_attr_features)) != len(self.item_attr_features):
             raise bad("item_attr_features", f"repeated names in {self.item_attr_features}")
+        names = [h.name for h in self.extra_heads]
+        if len(set(names)) != len(names):
+            raise bad("extra_heads", f"repeated head names in {names}")
 
     # ------------------------------------------------------------------ resolved switches
     @property

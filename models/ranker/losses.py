@@ -15,11 +15,15 @@
           `l2_form: squared` (default) is sum theta^2, i.e. classic L2 / weight decay with gradient
           2 gamma theta; `l2_form: norm` is the printed ||Theta||_2 = sqrt(sum theta^2).
 
-A head that the model has is always added, even with weight 0 (then 0 * L keeps the graph, so DDP
-sees gradients for every parameter); a head it does not have contributes no term and no key.
-`MultiTaskLoss.__call__` returns {"loss": total with graph, and per part a detached value:
-"click", "satisfaction", "watch_time", "skip", "l2", "sat_mixed" (1.0 when L_S^mix was used),
-"lambda_mean"}.
+- L_<extra> BCE of each `model.extra_heads` head on its label column, weighted by its own `weight`.
+
+The terms come from the head specs (satrank.models.ranker.heads.head_specs, which also fixes the
+summation order): `HeadSpec.loss` picks the term (`bce`, `pseudo_bce`, `log1p_regression`) and
+`HeadSpec.weight` its weight. A head that the model has is always added, even with weight 0 (then
+0 * L keeps the graph, so DDP sees gradients for every parameter); a head it does not have contributes
+no term and no key. `MultiTaskLoss.__call__` returns {"loss": total with graph, and per part a
+detached value: one per head name ("click", "satisfaction", "watch_time", "skip", extras), "l2",
+"sat_mixed" (1.0 when L_S^mix was used), "lambda_mean"}.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 
 from satrank.models.ranker.label_correction import LabelCorrector
 from satrank.models.ranker.config import ModelConfig, MultiTaskLossConfig
+from satrank.models.ranker.heads import HeadSpec, head_specs
 
 
 def _need(labels: Dict[str, torch.Tensor], name: str, like: torch.Tensor) -> torch.Tensor:
@@ -79,11 +84,30 @@ def satisfaction_loss_final(
     return {"loss": loss, "per_sample": per.detach(), "lambda": lam, "target": target}
 
 
+def watch_time_loss(pred: torch.Tensor, watch_time_s: torch.Tensor, click: Optional[torch.Tensor],
+                    cfg: MultiTaskLossConfig) -> torch.Tensor:
+    """L_wt: loss.watch_time_loss (mse | huber) of the log1p head against log1p(watch_time_s), over all rows or
+    the clicked rows only (loss.watch_time_rows); shared by training and validation."""
+    target = torch.log1p(watch_time_s.clamp_min(0))
+    if cfg.watch_time_loss == "mse":
+        per = F.mse_loss(pred, target, reduction="none")
+    else:
+        per = F.huber_loss(pred, target, reduction="none", delta=cfg.huber_delta)
+    if cfg.watch_time_rows == "clicked":
+        if click is None:
+            raise ValueError("watch-time loss: loss.watch_time_rows=clicked needs the click labels")
+        m = click > 0.5
+        per = torch.where(m, per, torch.zeros_like(per))
+        return per.sum() / m.sum().clamp_min(1).to(per.dtype)
+    return per.mean()
+
+
 class MultiTaskLoss:
     """Eq. 19 with the extra heads; every weight from `MultiTaskLossConfig` (the `loss:` section)."""
 
     def __init__(self, cfg: MultiTaskLossConfig, model: ModelConfig, corrector: Optional[LabelCorrector] = None, seed: int = 0):
         self.cfg, self.model = cfg, model
+        self.heads: list[HeadSpec] = head_specs(model, cfg)
         if corrector is None and cfg.label_correction and model.use_satisfaction:
             corrector = LabelCorrector(cfg.n_mix, cfg.bmm_iters, cfg.bmm_quantiles, cfg.bmm_lookup_size,
                                        cfg.bmm_max_samples, seed=seed)
@@ -111,40 +135,25 @@ class MultiTaskLoss:
         probabilities (required with mtl); params: dense parameters for L2 (required if gamma > 0);
         record: feed the label-correction reservoir (True in training, False in evaluation)."""
         cfg = self.cfg
-        click = out["click"]
+        if "click" not in out:
+            raise KeyError(f"multi-task loss: the model produced no 'click' head (outputs {sorted(out)})")
         parts: Dict[str, torch.Tensor] = {}
-        l_c = F.binary_cross_entropy_with_logits(click, _need(labels, "click", click))  # eq. 15
-        total = l_c
-        parts["click"] = l_c
-        if "satisfaction" in out:
-            if pseudo_satisfaction is None:
-                raise ValueError("multi-task loss: model.mtl is on but no pseudo_satisfaction (stage-1 s_hat) was given")
-            s = satisfaction_loss_final(out["satisfaction"], pseudo_satisfaction, epoch, self.corrector, record)
-            total = total + cfg.beta * s["loss"]
-            parts["satisfaction"] = s["loss"]
-            lam = s["lambda"]
-            parts["sat_mixed"] = torch.tensor(float(lam is not None), device=click.device)
-            if lam is not None:
-                parts["lambda_mean"] = lam.mean()
-        if "watch_time" in out:
-            pred = out["watch_time"]
-            target = torch.log1p(_need(labels, "watch_time_s", pred).clamp_min(0))
-            if cfg.watch_time_loss == "mse":
-                per = F.mse_loss(pred, target, reduction="none")
+        total: Optional[torch.Tensor] = None
+        for spec in self.heads:
+            if spec.name not in out:
+                continue
+            pred = out[spec.name]
+            if spec.loss == "bce":  # eq. 15 for click; skip and extra heads alike
+                term = F.binary_cross_entropy_with_logits(pred, _need(labels, spec.label, pred))
+            elif spec.loss == "pseudo_bce":
+                term = self._satisfaction(pred, pseudo_satisfaction, epoch, record, parts)
+            elif spec.loss == "log1p_regression":
+                clicked = _need(labels, "click", pred) if cfg.watch_time_rows == "clicked" else None
+                term = watch_time_loss(pred, _need(labels, spec.label, pred), clicked, cfg)
             else:
-                per = F.huber_loss(pred, target, reduction="none", delta=cfg.huber_delta)
-            if cfg.watch_time_rows == "clicked":
-                m = _need(labels, "click", pred) > 0.5
-                per = torch.where(m, per, torch.zeros_like(per))
-                l_wt = per.sum() / m.sum().clamp_min(1).to(per.dtype)
-            else:
-                l_wt = per.mean()
-            total = total + cfg.watch_time_weight * l_wt
-            parts["watch_time"] = l_wt
-        if "skip" in out:
-            l_skip = F.binary_cross_entropy_with_logits(out["skip"], _need(labels, "skip", out["skip"]))
-            total = total + cfg.skip_weight * l_skip
-            parts["skip"] = l_skip
+                raise ValueError(f"multi-task loss: head {spec.name!r} has unknown loss {spec.loss!r}")
+            total = term if total is None else total + spec.weight * term  # click first, weight 1 (eq. 19)
+            parts[spec.name] = term
         if cfg.gamma > 0:
             if params is None:
                 raise ValueError("multi-task loss: loss.gamma > 0 needs the dense parameters (params=...)")
@@ -157,3 +166,15 @@ class MultiTaskLoss:
         result = {k: v.detach() for k, v in parts.items()}
         result["loss"] = total
         return result
+
+    def _satisfaction(self, logit: torch.Tensor, pseudo: Optional[torch.Tensor], epoch: int, record: bool,
+                      parts: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """L_S^final (eq. 18) against g's pseudo-labels; records sat_mixed / lambda_mean in `parts`."""
+        if pseudo is None:
+            raise ValueError("multi-task loss: model.mtl is on but no pseudo_satisfaction (stage-1 s_hat) was given")
+        s = satisfaction_loss_final(logit, pseudo, epoch, self.corrector, record)
+        lam = s["lambda"]
+        parts["sat_mixed"] = torch.tensor(float(lam is not None), device=logit.device)
+        if lam is not None:
+            parts["lambda_mean"] = lam.mean()
+        return s["loss"]

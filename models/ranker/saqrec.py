@@ -12,11 +12,13 @@ Item side: histories carry only item ids, so the item-table embedding e_i is the
 history items and candidates; the candidate adds a projection of its attributes:
 v_i = e_i + Linear(concat(author, category, ... embeddings, dense features)).
 
-Towers (eq. 14 and extensions), outputs keyed by name:
+Towers (eq. 14 and extensions), one per head of `satrank.models.ranker.heads.head_specs`, outputs keyed by
+the head's name:
   click          y = u_f . v_i (a logit)                                     always
   satisfaction   s_f = u_f . MLP_s(v_i) (a logit), MLP_s: R^d -> R^d          mtl on (saqrec)
   watch_time     MLP_wt(u_f (+) v_i (+) log1p(duration)) ~ log1p(watch_time_s) watch_time_head on
   skip           u_f . MLP_skip(v_i) (a logit)                                skip_head on
+  <extra>        u_f . MLP_<extra>(v_i) (a logit)                             model.extra_heads
   user [B,d] = u_f, item [B,d] = v_i, fusion_weights [B,K] (order: `fusion_names`).
 Watch time is regressed on the log1p scale because it is heavy-tailed (a few long views would
 dominate an MSE on seconds); the candidate's log1p(duration) is an input so the tower learns the
@@ -46,6 +48,7 @@ from torch import nn
 from satrank.models.common.encoders import HistoryEncoder
 from satrank.models.common.mlp import mlp
 from satrank.models.ranker.config import ModelConfig
+from satrank.models.ranker.heads import HeadSpec, head_specs
 from satrank.models.ranker.sid_mlse import GatedFusion, MultiLevelSatisfaction, SatisfactionDisentangle
 
 if TYPE_CHECKING:  # imported lazily: the ranker itself needs no TorchRec
@@ -92,7 +95,8 @@ class SAQRecRanker(nn.Module):
     Submodules exist only for the parts the resolved switches use, so a switched-off part can
     neither receive gradient nor leave unused parameters for DDP:
       enc_click always; enc_sat, enc_dis, sid with SID; mlse with MLSE; enc_skip with the skip
-      history; sat_tower with mtl; wt_tower / skip_tower with their heads.
+      history; one tower per head (`HeadSpec.module`: sat_tower with mtl, wt_tower / skip_tower / <extra>_tower
+      with their heads).
     """
 
     def __init__(
@@ -141,12 +145,12 @@ class SAQRecRanker(nn.Module):
         self.user_proj = nn.Linear(sum(user_dims[n] for n in cfg.user_features), d)
         item_in = sum(item_attr_dims[n] for n in cfg.item_attr_features) + n_dense
         self.item_proj = nn.Linear(item_in, d) if item_in > 0 else None
-        if cfg.use_satisfaction:
-            self.sat_tower = mlp(d, cfg.sat_mlp_hidden, d)  # MLP_s
-        if cfg.use_watch_time:
-            self.wt_tower = mlp(2 * d + 1, cfg.watch_time_hidden, 1)
-        if cfg.use_skip_head:
-            self.skip_tower = mlp(d, cfg.skip_mlp_hidden, d)
+        self.head_specs: List[HeadSpec] = head_specs(cfg)
+        for spec in self.head_specs:  # created in head order (sat_tower = MLP_s first): same init per seed
+            if spec.tower == "dot_mlp":
+                setattr(self, spec.module, mlp(d, spec.hidden, d))
+            elif spec.tower == "regression":
+                setattr(self, spec.module, mlp(2 * d + 1, spec.hidden, 1))
         self.set_history_scorer(history_scorer)
 
     @property
@@ -156,14 +160,7 @@ class SAQRecRanker(nn.Module):
     @property
     def heads(self) -> List[str]:
         """Output heads this ranker produces (keys of forward's dict that are per-row logits/values)."""
-        out = ["click"]
-        if self.cfg.use_satisfaction:
-            out.append("satisfaction")
-        if self.cfg.use_watch_time:
-            out.append("watch_time")
-        if self.cfg.use_skip_head:
-            out.append("skip")
-        return out
+        return [spec.name for spec in self.head_specs]
 
     def set_history_scorer(self, scorer: Optional[HistoryScorer]) -> None:
         """A plain callable, never a module: g is frozen and owned by the task, its scores reach MLSE
@@ -229,17 +226,22 @@ class SAQRecRanker(nn.Module):
             parts.append(h_skip)
         u_f, w = self.fusion(parts)
         v_i = self.item_vector(x)
-        out = {"click": (u_f * v_i).sum(-1), "user": u_f, "item": v_i, "fusion_weights": w}
-        if cfg.use_satisfaction:
-            out["satisfaction"] = (u_f * self.sat_tower(v_i)).sum(-1)
-        if cfg.use_watch_time:
-            dur = x.duration_log1p.to(u_f.dtype).reshape(-1, 1)
-            out["watch_time"] = self.wt_tower(torch.cat([u_f, v_i, dur], dim=-1)).squeeze(-1)
-        if cfg.use_skip_head:
-            out["skip"] = (u_f * self.skip_tower(v_i)).sum(-1)
+        out = {"user": u_f, "item": v_i, "fusion_weights": w}
+        for spec in self.head_specs:
+            out[spec.name] = self._tower(spec, u_f, v_i, x)
         if with_user_vector:
             out["v_u"] = v_u
         return out
+
+    def _tower(self, spec: HeadSpec, u_f: torch.Tensor, v_i: torch.Tensor, x: RankerInputs) -> torch.Tensor:
+        """One head's raw output [B] (a logit; log1p seconds for the regression tower)."""
+        if spec.tower == "dot":
+            return (u_f * v_i).sum(-1)
+        tower = getattr(self, spec.module)
+        if spec.tower == "dot_mlp":
+            return (u_f * tower(v_i)).sum(-1)
+        dur = x.duration_log1p.to(u_f.dtype).reshape(-1, 1)
+        return tower(torch.cat([u_f, v_i, dur], dim=-1)).squeeze(-1)
 
 
 # ------------------------------------------------------------------------------------------ wiring
@@ -265,6 +267,10 @@ def build_ranker(
         raise ValueError(f"model.item_feature {cfg.item_feature!r}: dim {feature_dim(cfg.item_feature)} != history dim {d}")
     if cfg.use_watch_time and cfg.duration_feature not in data.dense_names:
         raise ValueError(f"model.duration_feature {cfg.duration_feature!r} is not a dense feature {data.dense_names}")
+    for h in cfg.extra_heads if cfg.saqrec else []:
+        if h.label not in data.labels.extra:
+            raise ValueError(f"model.extra_heads.{h.name}.label: {h.label!r} is not a label column the reader loads; "
+                             f"list it in data.labels.extra (now {data.labels.extra})")
     return SAQRecRanker(
         cfg, d,
         max_lens={n: seq[n].max_len for n in cfg.required_histories()},

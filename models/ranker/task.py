@@ -25,9 +25,9 @@ collections (EBC + EC of each arch). Ablations (paper Table 3) come from `model:
 variant=click_only; "without unbiased pre-training" is the same task given a satisfaction run
 trained with `satisfaction.loss: naive`.
 
-Outputs (detached): click_logit, click_prob; sat_logit, sat_prob (satisfaction tower);
-watch_time_log1p (watch-time head); skip_logit (skip head); pseudo_satisfaction (g, with mtl);
-and, when the batch has labels, loss and loss/<part> for each MultiTaskLoss part plus
+Outputs (detached): one per head of satrank.models.ranker.heads under the head's name, its raw value
+(click, satisfaction, skip and extra heads: logits; watch_time: log1p seconds); pseudo_satisfaction
+(g, with mtl); and, when the batch has labels, loss and loss/<part> for each MultiTaskLoss part plus
 loss/satisfaction_bce = eq. 16 against the pseudo-labels (comparable across epochs, unlike
 L_S^mix). The label-correction state (the fitted Beta mixture) travels in the module's
 state_dict as loss_fn's extra state, so checkpoints carry it.
@@ -109,14 +109,7 @@ class RankerLoss(nn.Module):
     def forward(self, out: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor],
                 teacher: Dict[str, torch.Tensor], l2: nn.Module) -> Tuple[Optional[torch.Tensor], Dict[str, Any]]:
         """`l2`: the module whose parameters the L2 term (loss.gamma) covers (RankerTask.l2_module)."""
-        res: Dict[str, Any] = {"click_logit": out["click"].detach(), "click_prob": torch.sigmoid(out["click"].detach())}
-        if "satisfaction" in out:
-            res["sat_logit"] = out["satisfaction"].detach()
-            res["sat_prob"] = torch.sigmoid(res["sat_logit"])
-        if "watch_time" in out:
-            res["watch_time_log1p"] = out["watch_time"].detach()
-        if "skip" in out:
-            res["skip_logit"] = out["skip"].detach()
+        res: Dict[str, Any] = {spec.name: out[spec.name].detach() for spec in self.mtl.heads if spec.name in out}
         pseudo = teacher.get(PSEUDO)
         if pseudo is not None:
             res[PSEUDO] = pseudo

@@ -5,19 +5,21 @@ Why: training shards tables with TorchRec (DMP) over N ranks; scoring and servin
 self-contained module on any machine. A checkpoint (satrank.jobs.engine.checkpoint, DCP) stores every shard with
 its global offsets, so it loads into the unsharded model built here whatever world size wrote it.
 
-- `detect_kind` / `build_model`: which task a checkpoint holds (from its parameter names) and that
-  task rebuilt unsharded from the run config: `ranker` (satrank.models.ranker.task.RankerTask, the stage-2
+- `build_model`: the task of a run (its kind, read from the checkpoint's meta.json by
+  satrank.jobs.engine.runs) rebuilt unsharded from the run config: `ranker` (satrank.models.ranker.task.RankerTask, the stage-2
   SAQRec ranker with its frozen teacher g), `easq` (satrank.models.easq.task.EasqTask, a satrank.jobs.dpo run: the
   stage-2 task + LoRA pathway + satisfaction head; after loading, `EasqTask.serving_task()` folds the
   adapters and serves the main heads), `click` (satrank.models.stage1.tasks.ClickModel) or `satisfaction`
   (satrank.models.stage1.tasks.SatisfactionModel). Tables are materialised on CPU (the checkpoint overwrites them).
-- `ModelScorer`: the `Scorer` interface (Batch -> p_click, p_satisfied, watch_time_pred, score) over
-  the model's own eval forward (no labels: the loss is None), heads read by output name
-  (click_logit, sat_logit, watch_time_log1p), fused by satrank.models.common.fusion.
+- `Stage1Heads`: a stage-1 model's outputs (click_logit / sat_logit) under the ranker's head names.
+- `ModelScorer`: the `Scorer` interface (Batch -> one column per served head + score) over the model's
+  own eval forward (no labels: the loss is None); the heads and their columns come from the run's head
+  specs (satrank.models.ranker.heads.serving_specs: p_click, p_satisfied, watch_time_pred, then any
+  other head), raw values read by head name, fused by satrank.models.common.fusion.
 - `PlainSparseArch`: a SparseArch's tables as plain tensors, looked up from a KJT's values/lengths
   with torch indexing only (no TorchRec/FBGEMM ops), fp32 or int8 (FBGEMM's fused 8-bit rowwise
   format: per row int8 codes, an fp32 scale and an fp32 bias, dequantised at lookup).
-- `ServingModule`: forward(values, lengths, dense) -> (p_click, p_satisfied, watch_time_pred, score),
+- `ServingModule`: forward(values, lengths, dense) -> (one value per served head, score),
   the KJT layout of satrank.pipeline.batch.Batch (keys = DataConfig.sparse_names, key-major, lengths int32)
   plus the dense matrix. It runs the model's own eval forward with every SparseArch swapped for a
   PlainSparseArch, so `torch.jit.trace` records aten ops only and the artifact loads with torch alone.
@@ -29,7 +31,7 @@ import copy
 import importlib
 import importlib.util
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -37,43 +39,24 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from satrank.embeddings.tables import TABLE_KEY, SparseArch, SparseOutput
 from satrank.models.common.fusion import Fusion, FusionConfig
+from satrank.models.ranker.heads import HeadSpec, serving_specs
 from satrank.pipeline.batch import Batch
 from satrank.pipeline.features import DataConfig
 
-HEADS = ("p_click", "p_satisfied", "watch_time_pred")
-OUTPUTS = HEADS + ("score",)
 KINDS = ("ranker", "easq", "click", "satisfaction")
-# model output name -> serving head it feeds (all satisfaction-style models name their outputs alike)
-_OUTPUT_OF_HEAD = {"p_click": "click_logit", "p_satisfied": "sat_logit", "watch_time_pred": "watch_time_log1p"}
+STAGE1_HEADS = {"click_logit": "click", "sat_logit": "satisfaction"}  # stage-1 output -> ranker head name
 
 
 class Scorer(Protocol):
-    """Batch -> {p_click, p_satisfied, watch_time_pred, score}: float32 [B] (NaN for absent heads)."""
+    """Batch -> {column of each served head, score}: float32 [B] (NaN for absent heads)."""
 
-    heads: Tuple[str, ...]
+    heads: Tuple[str, ...]  # head names the model produces
+    outputs: List[str]  # the returned columns, in order (one per served head, then score)
 
     def __call__(self, batch: Batch) -> Dict[str, torch.Tensor]: ...
 
 
 # ------------------------------------------------------------------------------------------- models
-def detect_kind(keys: Iterable[str]) -> str:
-    """Task of a state dict from its parameter names (with or without the DCP "model." prefix)."""
-    names = [k[len("model."):] if k.startswith("model.") else k for k in keys]
-    if any(k.startswith("task.ranker.ranker.sat_head.") for k in names):  # satrank.jobs.dpo (satrank.models.easq.task.EasqTask)
-        return "easq"
-    if any(k.startswith("ranker.") for k in names):
-        return "ranker"
-    if any(k.startswith("arch.head.") for k in names):
-        return "satisfaction"
-    if "arch.bias" in names and any(k.startswith("arch.tower.") for k in names):
-        return "click"
-    if any(k.startswith("arch.mlp.") for k in names):
-        raise ValueError("the checkpoint holds a propensity model (P(questionnaire answered)); it is not a "
-                         "ranking model: score with a ranker, click or satisfaction checkpoint")
-    raise ValueError(f"cannot tell which satrank model the checkpoint holds (first keys: {names[:6]}); "
-                     f"known kinds: {list(KINDS)}")
-
-
 def build_model(kind: str, cfg: Any, teacher: Any = None, seed: int = 0) -> nn.Module:
     """The task `kind` built unsharded from a run config (a satrank.jobs.config.SatrankConfig or anything with
     its sections), tables materialised on CPU, in eval mode. `teacher`: satrank.models.ranker.task.TeacherSpec
@@ -120,41 +103,50 @@ def merge_lora(model: nn.Module) -> Dict[str, Any]:
     return {"available": True, "merged": found, "unmerged_branches": branches}
 
 
-def head_logits(outputs: Dict[str, Any]) -> Dict[str, Optional[torch.Tensor]]:
-    """The three raw heads (logits / log1p watch time) from a model's eval outputs; None if absent."""
-    return {h: outputs.get(name) for h, name in _OUTPUT_OF_HEAD.items()}
+class Stage1Heads(nn.Module):
+    """A stage-1 click / satisfaction model served like a ranker: its outputs renamed to head names
+    (STAGE1_HEADS), so fusion, scoring and export read every kind alike."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch):
+        loss, out = self.model(batch)
+        return loss, {head: out[key] for key, head in STAGE1_HEADS.items() if key in out}
 
 
-def model_heads(model: nn.Module, data: DataConfig, device: torch.device | str = "cpu") -> Tuple[str, ...]:
-    """Serving heads a model produces, found by running its eval forward on a 2-row example."""
+def model_heads(model: nn.Module, data: DataConfig, names: Sequence[str],
+                device: torch.device | str = "cpu") -> Tuple[str, ...]:
+    """Which of the head `names` a model produces, found by running its eval forward on a 2-row example."""
     values, lengths, dense = example_inputs(data, 2, seed=0)
     batch = Batch(sparse=KeyedJaggedTensor(keys=data.sparse_names, values=values, lengths=lengths), dense=dense)
     with torch.no_grad():
         batch = batch.to(torch.device(device))
         _, out = model(batch)
-    return tuple(h for h, t in head_logits(out).items() if t is not None)
+    return tuple(n for n in names if out.get(n) is not None)
 
 
 class ModelScorer:
-    """`Scorer` over a model's eval forward (unsharded or any module taking a Batch -> (loss, outputs))."""
+    """`Scorer` over a model's eval forward (unsharded or any module taking a Batch -> (loss, outputs)).
+    `specs`: the served heads (default: the built-in three of satrank.models.ranker.heads.serving_specs)."""
 
     def __init__(self, model: nn.Module, fusion_cfg: FusionConfig, data: DataConfig,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", specs: Optional[Sequence[HeadSpec]] = None) -> None:
+        from satrank.models.ranker.config import ModelConfig
+
         self.model = model.eval().to(device)
         self.device = torch.device(device)
-        self.heads = model_heads(self.model, data, self.device)
-        self.fusion = Fusion(fusion_cfg, self.heads)
+        self.specs = list(specs) if specs is not None else serving_specs(ModelConfig())
+        self.heads = model_heads(self.model, data, [s.name for s in self.specs], self.device)
+        self.fusion = Fusion(fusion_cfg, self.specs, self.heads)
+        self.outputs = self.fusion.outputs
 
     def __call__(self, batch: Batch) -> Dict[str, torch.Tensor]:
         with torch.inference_mode():
             _, out = self.model(batch.to(self.device))
-            parts = self.fusion(**_fusion_args(head_logits(out)))
-        return {name: t.cpu() for name, t in zip(OUTPUTS, parts)}
-
-
-def _fusion_args(logits: Dict[str, Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
-    return {"click_logit": logits["p_click"], "sat_logit": logits["p_satisfied"],
-            "watch_time_log1p": logits["watch_time_pred"]}
+            parts = self.fusion({n: out.get(n) for n in self.heads})
+        return {name: t.cpu() for name, t in zip(self.outputs, parts)}
 
 
 # ------------------------------------------------------------------------------------------- plain tables
@@ -264,24 +256,29 @@ def plain_copy(model: nn.Module, keys: Sequence[str], int8: bool = False) -> nn.
 
 class ServingModule(nn.Module):
     """forward(values int64 [N], lengths int32 [K*B], dense float32 [B, D]) ->
-    (p_click, p_satisfied, watch_time_pred, score), each float32 [B]; NaN for heads the model lacks.
+    (one value per served head in `outputs` order, score), each float32 [B]; NaN for heads the model lacks.
 
     values/lengths are a KeyedJaggedTensor's, keys = `self.keys` (DataConfig.sparse_names), key-major:
     lengths[k*B + b] ids of key k for row b; single-valued keys have length 1. Ids already mapped by
     the vocabulary policies (hash / oov), sequences truncated to their max_len (last ids kept).
     """
 
-    def __init__(self, model: nn.Module, data: DataConfig, fusion_cfg: FusionConfig, int8: bool = False) -> None:
+    def __init__(self, model: nn.Module, data: DataConfig, fusion_cfg: FusionConfig, int8: bool = False,
+                 specs: Optional[Sequence[HeadSpec]] = None) -> None:
         super().__init__()
+        from satrank.models.ranker.config import ModelConfig
+
         self.keys = list(data.sparse_names)
         self.model = plain_copy(model, self.keys, int8=int8)
-        self.heads = model_heads(self.model, data)
-        self.fusion = Fusion(fusion_cfg, self.heads)
+        specs = list(specs) if specs is not None else serving_specs(ModelConfig())
+        self.heads = model_heads(self.model, data, [s.name for s in specs])
+        self.fusion = Fusion(fusion_cfg, specs, self.heads)
+        self.outputs = self.fusion.outputs
 
     def forward(self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor):
         batch = Batch(sparse=KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths), dense=dense)
         _, out = self.model(batch)
-        return self.fusion(**_fusion_args(head_logits(out)))
+        return self.fusion({n: out.get(n) for n in self.heads})
 
 
 def example_inputs(data: DataConfig, batch_size: int, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
