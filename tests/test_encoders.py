@@ -255,3 +255,27 @@ def test_the_whole_ranker_gives_the_same_outputs_on_either_attention_path_from_o
         from_dict(ModelConfig, {"attention": "flash"}, "model")
     with pytest.raises(ConfigError, match="attention"):
         from_dict(TowerConfig, {"attention": "flash"}, "pretrain.tower")
+
+
+def test_a_traced_fused_encoder_keeps_full_width_for_batches_longer_than_the_example():
+    """The serving artifact is a torch.jit.trace: trimming must not bake the example's width (5) in."""
+    import warnings
+
+    torch.manual_seed(0)
+    enc = HistoryEncoder(8, 10, layers=2, heads=2, name="hist_click").eval()
+
+    class Both(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, V, mask):
+            return self.enc(V, mask, check=False)
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(Both().eval(), _batch([4, 5, 0], 10), check_trace=False)
+    for lengths in ([10, 1, 0, 7, 2], [10, 10], [3, 0, 9]):
+        V, mask = _batch(lengths, 10, seed=5)
+        for a, b in zip(traced(V, mask), enc(V, mask)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -137,7 +137,10 @@ def fused_encoder(layers, norm, x: torch.Tensor, attend: torch.Tensor,
 
 
 def trim_width(values: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Drop padded columns beyond the batch's longest history (>= 1 column kept); one host sync."""
+    """Drop padded columns beyond the batch's longest history (>= 1 column kept); one host sync.
+    Not under torch.jit.trace: the example batch's width would become a constant of the artifact."""
+    if torch.jit.is_tracing():
+        return values, mask
     width = max(int(mask.sum(1).max()), 1) if mask.shape[0] else 1
     if width >= values.shape[1]:
         return values, mask
