@@ -377,7 +377,7 @@ def check_checkpoint(path: str | Path, data: Any, emb: EmbeddingConfig, *, what:
     job = (meta.get("extra") or {}).get("job")
     if expect_job is not None and job != expect_job:
         raise CheckpointError(f"{what}: checkpoint {meta['path']!r} was written by job {job!r}, expected a "
-                              f"jobs.{expect_job} run")
+                              f"satrank.jobs.{expect_job} run")
     return meta
 
 
