@@ -17,12 +17,26 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from satrank.jobs.engine.cli import build_parser, parse
+from satrank.jobs.engine.cli import build_parser
 from satrank.jobs.engine.evaluation import evaluate_all, format_table, load_trained
-from satrank.jobs.engine.runtime import get_logger, init_runtime, write_json_atomic
+from satrank.jobs.engine.runtime import get_logger, write_json_atomic
+from satrank.jobs.engine.trainer import run_job
 from satrank.models.metrics.ranker_eval import EvaluationConfig
 
 log = get_logger("evaluate")
+
+
+def run(rt, args, cfg_cli) -> None:
+    ecfg = getattr(cfg_cli, "evaluate", None) or EvaluationConfig()
+    started = time.perf_counter()
+    dmp, cfg = load_trained(args.model, rt, cfg_cli)
+    metrics = evaluate_all(dmp, cfg, ecfg, args.data, rt, split=args.split)
+    metrics["wall_s"] = round(time.perf_counter() - started, 2)
+    metrics["world_size"] = rt.world_size
+    if rt.is_main:
+        write_json_atomic(args.out / "metrics.json", metrics)
+        log.info("metrics:\n%s", format_table({str(args.model): metrics}))
+    del dmp
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -30,22 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="satrank.jobs.train run directory (or a checkpoint)")
     parser.add_argument("--split", default="test",
                         help="labelled split of the impression metrics and the leave-one-out ground truths")
-    args, cfg_cli = parse(parser, argv)
-    ecfg = getattr(cfg_cli, "evaluate", None) or EvaluationConfig()
-    rt = init_runtime(seed=0, debug=args.debug)
-    try:
-        started = time.perf_counter()
-        dmp, cfg = load_trained(args.model, rt, cfg_cli)
-        metrics = evaluate_all(dmp, cfg, ecfg, args.data, rt, split=args.split)
-        metrics["wall_s"] = round(time.perf_counter() - started, 2)
-        metrics["world_size"] = rt.world_size
-        if rt.is_main:
-            write_json_atomic(args.out / "metrics.json", metrics)
-            log.info("metrics:\n%s", format_table({str(args.model): metrics}))
-        del dmp
-    finally:
-        rt.close()
-    return 0
+    return run_job(parser, argv, run)  # bad input: one line naming the problem, exit 1 (2 for config)
 
 
 if __name__ == "__main__":

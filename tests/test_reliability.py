@@ -185,3 +185,44 @@ def test_a_foreign_non_empty_directory_or_a_file_is_refused(tmp_path):
     (bad / "checkpoint" / "meta.json").write_text("{not json")
     with pytest.raises(RunDirError, match=r"meta\.json is unreadable"):
         claim_run_dir(bad, "train")
+
+
+def _crafted_run(root: Path, target: Path) -> Path:
+    """A run directory that looks like a train run but whose DCP metadata pickle would create `target`."""
+    from satrank.jobs.engine.checkpoint import FORMAT
+
+    run = root / "crafted"
+    (run / "checkpoint" / "state").mkdir(parents=True)
+    with open(run / "checkpoint" / "state" / ".metadata", "wb") as f:
+        pickle.dump(_CreatesAFile(target), f)
+    (run / "checkpoint" / "meta.json").write_text(json.dumps({"format": FORMAT, "extra": {"job": "train"}}))
+    return run
+
+
+@pytest.mark.parametrize("job", ["export", "evaluate"])
+def test_a_crafted_run_directory_is_refused_by_the_jobs_before_any_code_runs(tmp_path, job):
+    import subprocess
+    import sys
+
+    target = tmp_path / "pwned"
+    run = _crafted_run(tmp_path, target)
+    args = {"export": ["--model", str(run), "--out", str(tmp_path / "out")],
+            "evaluate": ["--model", str(run), "--data", str(tmp_path), "--out", str(tmp_path / "out")]}[job]
+    proc = subprocess.run([sys.executable, "-m", f"satrank.jobs.{job}", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"satrank {job}: error" in last and "refused to load" in last and "pathlib.Path.touch" in last, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not target.exists()
+
+
+def test_every_checkpoint_path_goes_through_the_trust_boundary(tmp_path):
+    from satrank.jobs.engine.checkpoint import CheckpointError, read_meta, resolve
+
+    target = tmp_path / "pwned"
+    run = _crafted_run(tmp_path, target)
+    for call in (lambda: resolve(run), lambda: resolve(run / "checkpoint"), lambda: read_meta(run)):
+        with pytest.raises(CheckpointError, match="refused to load"):
+            call()
+    assert not target.exists()

@@ -188,8 +188,11 @@ def test_checkpoint_written_by_two_ranks_loads_and_continues_on_one_rank(pretrai
 # ------------------------------------------------------------------------------------------ propensity
 def test_propensity_model_ranks_answered_impressions_well_above_chance(propensity):
     m = metrics(propensity)
-    # measured: auc 0.67-0.68 on this world; the true propensity itself reaches 0.72 (the ceiling)
-    assert m["auc"] > 0.64 and m["truth_auc_vs_label"] > m["auc"], m
+    # measured: auc 0.754 with whole row groups dealt to slots (2 padding steps an epoch), 0.781 since the reader
+    # balances slots (issue 21: same 47,104 rows, no padding). true_p_answered reaches 0.762, but it is not a
+    # ceiling: it is P(answered | u, i) while this model also sees the impression's logged behaviour (click,
+    # watch time; docs/stage1.md), which the answer depends on, so beating it is allowed.
+    assert m["auc"] > 0.70 and m["truth_auc_vs_label"] > 0.70, m
     assert m["logloss"] < 0.11 and m["ece"] < 0.02
     table = m["reliability"]
     assert len(table) == 10 and sum(r["count"] for r in table) == 6000 and table[0]["count"] > 5000

@@ -34,6 +34,7 @@ from satrank.embeddings.sharding import find_sparse_archs, plan_summary, plan_to
 from satrank.embeddings.tables import TABLE_KEY, feature_signature
 from satrank.jobs.engine.collectives import all_gather_objects, broadcast_object, rank, world_size
 from satrank.jobs.engine.runtime import write_json_atomic, write_text_atomic
+from satrank.jobs.engine.trusted_dcp import CheckpointTrustError, TrustedReader, read_state_metadata
 from satrank.pipeline import config as cfgio
 
 # TorchRec keeps sharded tables as ShardedTensor, and torch's own DCP planners (default_planner,
@@ -200,10 +201,15 @@ def _version(pkg: str) -> str:
 
 
 def resolve(path: str | Path) -> Path:
-    """RUN dir or RUN/checkpoint dir -> the checkpoint dir; CheckpointError if it is neither."""
+    """RUN dir or RUN/checkpoint dir -> the checkpoint dir, its DCP metadata verified; CheckpointError if it is
+    neither or the metadata is not DCP's own (a crafted pickle is refused before it is built)."""
     path = Path(path)
     for cand in (path, path / "checkpoint"):
         if (cand / "meta.json").is_file() and (cand / STATE_DIR / ".metadata").is_file():
+            try:  # the trust boundary: no part of a checkpoint is used before its DCP metadata passes (trusted_dcp)
+                read_state_metadata(cand / STATE_DIR)
+            except CheckpointTrustError as exc:
+                raise CheckpointError(str(exc)) from None
             return cand
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
@@ -232,7 +238,7 @@ def read_meta(path: str | Path) -> Dict[str, Any]:
 def _dcp_load(state: Dict[str, Any], ckpt: Path, what: str) -> None:
     """dcp.load with its failures (a BaseException, raised on every rank alike) as CheckpointError."""
     try:
-        dcp.load(state, checkpoint_id=str(ckpt / STATE_DIR))
+        dcp.load(state, storage_reader=TrustedReader(str(ckpt / STATE_DIR)))
     except CheckpointException as exc:
         causes = sorted({f"{type(e).__name__}: {e}" for e, _ in exc.failures.values()})
         raise CheckpointError(f"{what}: loading {str(ckpt)!r} failed: {'; '.join(causes)}") from None
@@ -293,7 +299,7 @@ def load_tables_into(
     """
     meta = read_meta(path)
     state_dir = Path(meta["path"]) / STATE_DIR
-    saved = dcp.FileSystemReader(str(state_dir)).read_metadata().state_dict_metadata
+    saved = TrustedReader(str(state_dir)).read_metadata().state_dict_metadata
     by_table: Dict[str, List[str]] = {}
     for key in saved:
         m = TABLE_KEY.match(key[len("model."):]) if key.startswith("model.") else None
@@ -359,7 +365,7 @@ def load_prefixed(path: str | Path, module: nn.Module, mapping: Mapping[str, str
     distributed. Returns the target keys loaded."""
     meta = check_checkpoint(path, data, emb, what=what, expect_job=expect_job)
     ckpt = Path(meta["path"])
-    saved = dcp.FileSystemReader(str(ckpt / STATE_DIR)).read_metadata().state_dict_metadata
+    saved = TrustedReader(str(ckpt / STATE_DIR)).read_metadata().state_dict_metadata
     target = module.state_dict()
     request: Dict[str, Any] = {}
     target_of: Dict[str, str] = {}
@@ -382,7 +388,7 @@ def load_prefixed(path: str | Path, module: nn.Module, mapping: Mapping[str, str
             request["model." + skey] = target[dkey]
             target_of["model." + skey] = dkey
     try:
-        dcp.load(request, checkpoint_id=str(ckpt / STATE_DIR))
+        dcp.load(request, storage_reader=TrustedReader(str(ckpt / STATE_DIR)))
     except dcp.api.CheckpointException as exc:
         causes = sorted({f"{type(e).__name__}: {e}" for e, _ in exc.failures.values()})
         raise CheckpointError(f"{what}: loading {str(ckpt)!r} failed: {'; '.join(causes)}") from None

@@ -54,9 +54,9 @@ def kind_of(meta: Dict[str, Any], path: Path) -> str:
 
 def checkpoint_model_keys(path: Path) -> List[str]:
     """Parameter/buffer names of the model part of a DCP checkpoint (without the "model." prefix)."""
-    import torch.distributed.checkpoint as dcp
+    from satrank.jobs.engine.trusted_dcp import read_state_metadata
 
-    md = dcp.FileSystemReader(str(path / ckpt.STATE_DIR)).read_metadata().state_dict_metadata
+    md = read_state_metadata(path / ckpt.STATE_DIR).state_dict_metadata
     return sorted(k[len("model."):] for k in md if k.startswith("model."))
 
 

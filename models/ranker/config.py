@@ -50,7 +50,7 @@ class ModelConfig:
     transformer_ff_mult: int = 4  # feed-forward width = mult * d
     dropout: float = 0.1
     norm_first: bool = True  # pre-LayerNorm blocks (+ a final LayerNorm)
-    attention: Literal["fused", "reference"] = "fused"  # fused: SDPA, mask once per batch | reference: nn.TransformerEncoder
+    attention: Literal["fused", "reference"] = "reference"  # reference: nn.TransformerEncoder | fused: SDPA, mask once per batch
     # gates MLP_{s+}, MLP_{s-}, MLP_MLSE, MLP_f
     gate_hidden: List[int] = field(default_factory=list)  # [] = one linear layer R^{kd} -> R^k
     gate_activation: GateActivation = "softmax"  # softmax: convex weights; none: raw MLP outputs

@@ -42,7 +42,7 @@ class TowerConfig:
     history_encoder: Literal["mean", "transformer"] = "mean"  # masked mean | 1-layer Transformer + masked mean
     transformer_heads: int = 2
     transformer_ff: int = 64
-    attention: Literal["fused", "reference"] = "fused"  # transformer encoder: SDPA fast path | nn.TransformerEncoderLayer
+    attention: Literal["fused", "reference"] = "reference"  # transformer encoder: nn.TransformerEncoderLayer | fused (SDPA)
     dropout: float = 0.0
 
     def validate(self, path: str) -> None:
