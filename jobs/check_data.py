@@ -67,12 +67,12 @@ def run(args, cfg) -> int:
         metrics = {**total, "batches": sum(p["batches"] for p in everyone), "world_size": rt.world_size,
                    "num_workers": cfg.reader.num_workers, "files": everyone[0]["files"],
                    "fragments": everyone[0]["fragments"], "rows_per_rank": [p["rows"] for p in everyone],
-                   "work_units": everyone[0]["work_units"], "layout_warning": everyone[0]["warning"],
+                   "work_units": everyone[0]["work_units"], "layout_advice": everyone[0]["warning"],
                    "data": str(args.data), "row_filter": args.row_filter, "with_labels": not args.no_labels,
                    "wall_s": wall, "rows_per_s": total["rows_read"] / wall if wall > 0 else None}
         if rt.is_main:
-            if metrics["layout_warning"]:
-                logger.warning("check-data: uneven layout: %s", metrics["layout_warning"])
+            if metrics["layout_advice"]:
+                logger.warning("check-data: uneven layout: %s", metrics["layout_advice"])
             if args.out is not None:
                 write_json_atomic(args.out / "metrics.json", metrics)
             reasons = f" {total['rows_rejected']}" if total["rows_rejected"] else ""

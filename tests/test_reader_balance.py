@@ -166,6 +166,7 @@ def test_check_data_warns_in_one_line_when_a_big_row_group_forces_uneven_read_wo
     assert "row_group_size=8192" in lines[0]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["rows_per_rank"] == [20_000] and metrics["work_units"]["rows_per_slot"] == [10_000, 10_000]
+    assert "row_group_size=8192" in metrics["layout_advice"]
     # the same rows in 8192-row groups: still cut into row ranges, but the drop is small: no warning
     write_table(table, tmp_path / "small" / "part-00000.parquet", row_group_rows=8192)
     loader = BatchLoader(tmp_path / "small", data_cfg, reader_cfg(num_workers=2))
