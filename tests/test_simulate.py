@@ -14,7 +14,8 @@ import pytest
 
 from satrank.pipeline.config import ConfigError, from_dict, load_yaml, to_dict
 from satrank.pipeline.sim.world import HistoryBuffers, build_world, true_probs
-from satrank.pipeline.sim.simulate import CANDIDATE_SCHEMA, IMPRESSION_SCHEMA, SimulateConfig, main, simulate
+from satrank.pipeline.sim.simulate import (CANDIDATE_SCHEMA, IMPRESSION_SCHEMA, ITEM_SCHEMA, SimulateConfig, main,
+                                           simulate)
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(users=300, items=400, impressions=30000, topics=8, authors=50, shard_rows=4000,
@@ -75,6 +76,26 @@ def test_schema_is_exactly_canonical(world_dir):
             "true_p_click", "true_p_satisfied", "true_p_answered"]
     s = pq.read_schema(next((out / "candidates").glob("part-*.parquet")))
     assert s.names == cand and s.equals(CANDIDATE_SCHEMA) and IMPRESSION_SCHEMA.names == [n for n, _ in expected]
+
+
+def test_items_table_has_one_row_per_item_and_matches_every_impression_and_candidate_row(world_dir):
+    out, res = world_dir
+    assert res["items"] == {"rows": SMALL["items"], "path": "items/part-00000.parquet"}
+    assert json.loads((out / "world.json").read_text())["items"] == res["items"]
+    assert sorted(p.name for p in (out / "items").iterdir()) == ["part-00000.parquet"]  # no temp file left
+    items = pq.read_table(out / res["items"]["path"])
+    assert items.schema.equals(ITEM_SCHEMA)
+    assert pq.ParquetFile(out / res["items"]["path"]).metadata.row_group(0).column(0).compression == "ZSTD"
+    ids = items.column("item_id").to_numpy()
+    assert np.array_equal(ids, np.arange(SMALL["items"]))  # exactly one row per item id, in id order
+    for rows in (read_log(out), read_split(out, "candidates")):
+        i = rows.column("item_id").to_numpy()
+        for col in ("author_id", "category_id", "duration_s"):  # bit-equal, duration_s float32 included
+            assert np.array_equal(rows.column(col).to_numpy(), items.column(col).to_numpy()[i]), col
+    # the same table whatever the log: it is the world's, rebuilt from the seed
+    world = build_world(small(seed=3))
+    assert np.array_equal(items.column("author_id").to_numpy(), world.item_author)
+    assert np.array_equal(items.column("duration_s").to_numpy(), world.duration.astype(np.float32))
 
 
 def test_labels_are_consistent_and_truth_is_calibrated(world_dir):
@@ -277,6 +298,85 @@ def test_candidates_have_unique_requests_with_configured_count_after_the_log(wor
 def test_yaml_section_matches_dataclass_defaults():
     raw = load_yaml(REPO / "configs" / "sim.yaml")
     assert to_dict(from_dict(SimulateConfig, raw["simulate"], "simulate")) == to_dict(SimulateConfig())
+
+
+# ------------------------------------------------------------------------------ the alternative world
+ALT_KEYS = {"sat_w_attractiveness": -0.5, "answer_w_watch": -4.0, "answer_w_click": 2.0, "answer_bias": -5.0,
+            "popularity_quality_corr": 0.0, "personalization": 0.8}
+
+
+def alt_small(**kw) -> SimulateConfig:
+    raw = load_yaml(REPO / "configs" / "sim_alt.yaml")["simulate"]
+    return from_dict(SimulateConfig, {**raw, **SMALL, **kw}, "simulate")
+
+
+def test_alt_yaml_differs_from_the_default_only_in_its_documented_simulate_keys():
+    raw, alt = load_yaml(REPO / "configs" / "sim.yaml"), load_yaml(REPO / "configs" / "sim_alt.yaml")
+    assert {k: v for k, v in raw.items() if k != "simulate"} == {k: v for k, v in alt.items() if k != "simulate"}
+    default, other = to_dict(SimulateConfig()), to_dict(from_dict(SimulateConfig, alt["simulate"], "simulate"))
+    assert {k: other[k] for k in other if other[k] != default[k]} == ALT_KEYS
+
+
+def test_sat_w_attractiveness_lowers_satisfaction_only_when_set():
+    for w, moves in ((0.0, False), (-0.5, True)):
+        cfg = small(sat_w_attractiveness=w)
+        world = build_world(cfg)
+        users, items = np.arange(cfg.users).repeat(3), np.tile(np.arange(3), cfg.users)
+        pc0, ps0, _, _ = true_probs(world, cfg, users, items)
+        world.attractiveness[:3] += 2.0
+        pc1, ps1, _, _ = true_probs(world, cfg, users, items)
+        assert (pc1 > pc0).all()  # click-bait moves clicks in both worlds
+        assert (ps1 < ps0).all() if moves else np.array_equal(ps1, ps0)
+
+
+def _monte_carlo_answer_rate(cfg: SimulateConfig, world, user: int, item: int, n: int, rng) -> float:
+    """P(answered) of one (user, item) by drawing click, satisfaction and watch time as docs/simulator.md says."""
+    u, i = np.array([user]), np.array([item])
+    pc, ps, _, base = true_probs(world, cfg, u, i)
+    click, sat = rng.random(n) < pc[0], rng.random(n) < ps[0]
+    d = world.duration[item]
+    f = np.where(click, np.where(sat, rng.beta(*cfg.watch_beta_satisfied, n), rng.beta(*cfg.watch_beta_dissatisfied, n)),
+                 np.minimum(rng.exponential(cfg.scroll_mean_s, n), d) / d)
+    logit = base[0] + cfg.answer_w_click * click + cfg.answer_w_satisfied * sat + cfg.answer_w_watch * f
+    return float((1.0 / (1.0 + np.exp(-logit))).mean())
+
+
+@pytest.mark.parametrize("w_watch", [3.0, -4.0])
+def test_true_p_answered_is_the_marginal_for_either_sign_of_answer_w_watch(w_watch):
+    """The quadrature over the watched share (world._mean_answer_prob) against plain Monte Carlo of the story."""
+    cfg = alt_small(answer_w_watch=w_watch, answer_bias=-1.0, answer_w_satisfied=0.7)  # rates ~0.3: tight MC
+    world = build_world(cfg)
+    rng = np.random.default_rng(0)
+    for user, item in ((0, 0), (5, 17), (42, 3), (123, 250)):
+        _, _, pa_, _ = true_probs(world, cfg, np.array([user]), np.array([item]))
+        mc = _monte_carlo_answer_rate(cfg, world, user, item, 400_000, rng)
+        assert abs(pa_[0] - mc) < 0.003, (w_watch, user, item, pa_[0], mc)  # MC s.e. < 0.001
+
+
+def test_alt_world_keeps_the_premise_with_answers_driven_by_short_views(tmp_path):
+    out = tmp_path / "alt"
+    res = simulate(out, alt_small(seed=2, impressions=60000))
+    st, t = res["stats"], read_log(out)
+    # answers sparse and their marginal exact; click-bait moves clicks and (here) lowers satisfaction
+    assert 0.01 <= st["answer_rate"] <= 0.03, st["answer_rate"]
+    assert abs(st["answer_rate"] - st["mean_true_p_answered"]) < 0.002
+    world = build_world(alt_small(seed=2))
+    attr = world.attractiveness[t.column("item_id").to_numpy()]
+    assert np.corrcoef(attr, t.column("true_p_click").to_numpy())[0, 1] > 0.4
+    assert np.corrcoef(attr, t.column("true_p_satisfied").to_numpy())[0, 1] < -0.1
+    # missing not at random, the other way round: dissatisfied impressions answer more, so answered rows
+    # look LESS satisfied than their true probability says
+    assert st["answer_rate_given_dissatisfied"] > 1.5 * st["answer_rate_given_satisfied"]
+    assert st["observed_satisfied_rate_answered"] < st["mean_true_p_satisfied_answered"] - 0.08
+    click = t.column("click").to_numpy() == 1
+    frac = t.column("watch_time_s").to_numpy() / world.duration[t.column("item_id").to_numpy()]
+    ans = t.column("questionnaire_answered").to_numpy() == 1
+    assert ans[click & (frac < 0.3)].mean() > 2.5 * ans[click & (frac > 0.6)].mean()
+
+
+def test_a_non_finite_weight_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match="simulate.sat_w_attractiveness: must be finite"):
+        small(sat_w_attractiveness=float("nan")).validate()
 
 
 def test_cli_refuses_users_and_items_above_vocab_and_non_positive_numbers(tmp_path, capsys):

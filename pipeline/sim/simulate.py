@@ -31,7 +31,8 @@ from satrank.pipeline.features import DataConfig
 from satrank.pipeline.sim.world import (HISTORY_CAPS, N_ACTIVITY, HistoryBuffers, SimulateConfig, World, _sigmoid,
                                 build_world, exposure_probs, sample_exposures, true_probs, watch_fraction)
 
-__all__ = ["SimulateConfig", "simulate", "main", "IMPRESSION_SCHEMA", "CANDIDATE_SCHEMA", "check_vocab"]
+__all__ = ["SimulateConfig", "simulate", "main", "IMPRESSION_SCHEMA", "CANDIDATE_SCHEMA", "ITEM_SCHEMA", "ITEMS_PATH",
+           "check_vocab"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sim.yaml"
 SPLITS = ("train", "valid", "test")
@@ -49,6 +50,10 @@ CANDIDATE_SCHEMA = pa.schema(
     [("request_id", pa.int64()), ("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64()),
      ("author_id", pa.int64()), ("category_id", pa.int64()), ("user_activity", pa.int64())]
     + [(h, _L) for h in HIST] + [("duration_s", pa.float32())] + _TRUTH)
+# the item attribute table (one row per item id 0..items-1), like the video feature table industrial logs ship
+ITEM_SCHEMA = pa.schema([("item_id", pa.int64()), ("author_id", pa.int64()), ("category_id", pa.int64()),
+                         ("duration_s", pa.float32())])
+ITEMS_PATH = "items/part-00000.parquet"
 
 
 class ShardWriter:
@@ -226,8 +231,21 @@ def _candidates(world: World, cfg: SimulateConfig, hist: HistoryBuffers, rng: np
             "max_ts": int(ts.max()) if R else None}
 
 
+def _items(world: World, cfg: SimulateConfig, out: Path) -> Dict[str, object]:
+    """DIR/items/part-00000.parquet: item_id, author_id, category_id, duration_s of every item (the values
+    the impression and candidate rows carry), one file written under a temp name and renamed."""
+    ids = np.arange(cfg.items, dtype=np.int64)
+    table = pa.Table.from_arrays([pa.array(ids), pa.array(world.item_author.astype(np.int64)),
+                                  pa.array(world.item_topic.astype(np.int64)), _f32(world.duration)],
+                                 schema=ITEM_SCHEMA)
+    sink = ShardWriter(out / "items", ITEM_SCHEMA, cfg.items, min(cfg.row_group_rows, cfg.items), cfg.compression)
+    sink.write(table)
+    sink.close()
+    return {"rows": sink.rows, "path": ITEMS_PATH}
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    targets = [out / d for d in (*SPLITS, "candidates")] + [out / "world.json"]
+    targets = [out / d for d in (*SPLITS, "candidates", "items")] + [out / "world.json"]
     existing = [t for t in targets if t.exists()]
     if existing and not overwrite:
         raise ConfigError(f"--out {str(out)!r} already holds simulator output ({existing[0].name}); "
@@ -245,7 +263,8 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 def simulate(out_dir: str | Path, cfg: SimulateConfig, overwrite: bool = False,
              progress: Optional[Callable[[int, int, float], None]] = None) -> dict:
-    """Write DIR/{train,valid,test,candidates}/part-NNNNN.parquet and DIR/world.json; return the summary
+    """Write DIR/{train,valid,test,candidates}/part-NNNNN.parquet, DIR/items/part-00000.parquet and DIR/world.json;
+    return the summary
     (world.json content plus `wall_s` and `rows_per_s`)."""
     cfg.validate("simulate")
     t0 = time.perf_counter()
@@ -286,6 +305,7 @@ def simulate(out_dir: str | Path, cfg: SimulateConfig, overwrite: bool = False,
     cand = _candidates(world, cfg, hist, rng_cand, t_end, N,
                        ShardWriter(out / "candidates", CANDIDATE_SCHEMA, cfg.shard_rows, cfg.row_group_rows,
                                    cfg.compression))
+    items = _items(world, cfg, out)
     summary = {
         "format": "satrank-sim/1", "seed": cfg.seed,
         "sizes": {"users": cfg.users, "items": cfg.items, "impressions": N, "topics": cfg.topics,
@@ -293,6 +313,7 @@ def simulate(out_dir: str | Path, cfg: SimulateConfig, overwrite: bool = False,
         "splits": {s: {"rows": sinks[k].rows, "shards": sinks[k].shards, "min_ts": ts_range[k][0],
                        "max_ts": ts_range[k][1]} for k, s in enumerate(SPLITS)},
         "candidates": cand,
+        "items": items,
         "stats": stats.summary(np.bincount(world.activity, minlength=N_ACTIVITY)),
         "config": to_dict(cfg),
     }

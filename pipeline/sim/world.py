@@ -9,7 +9,8 @@ The generative story and every formula are in docs/simulator.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -56,13 +57,15 @@ class SimulateConfig:
     sat_w_quality: float = 0.8
     sat_w_interest: float = 1.0
     sat_w_activity: float = 0.4  # + sat_w_activity * (activity - 2): active users are the satisfied ones
+    sat_w_attractiveness: float = 0.0  # + w * attractiveness; < 0: click-bait disappoints (configs/sim_alt.yaml)
     # questionnaire answered: logit = answer_bias + w_act*(activity-2) + w_pop*pop_z + w_click*click
     #   + w_watch*(watch_time_s / duration_s) + w_sat*sat
     answer_bias: float = -6.5
     answer_w_activity: float = 0.5
     answer_w_popularity: float = 0.4
     answer_w_click: float = 0.5
-    answer_w_watch: float = 3.0  # the questionnaire shows in the player: longer views see (and answer) it more
+    answer_w_watch: float = 3.0  # the questionnaire shows in the player: longer views see (and answer) it more;
+    #   < 0: short views answer more (dissatisfied viewers answer, configs/sim_alt.yaml)
     answer_w_satisfied: float = 0.0  # MNAR on the realised label: no propensity can undo it
     # watch time
     scroll_mean_s: float = 1.0  # unclicked impressions: Exponential(scroll_mean_s), capped at duration
@@ -85,6 +88,10 @@ class SimulateConfig:
         def bad(key: str, msg: str) -> ConfigError:
             return ConfigError(f"{path}.{key}: {msg}")
 
+        for f in fields(self):  # a NaN or infinite weight would silently poison every probability
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise bad(f.name, f"must be finite, got {v}")
         for key in ("users", "items", "impressions", "topics", "authors", "round_seconds",
                     "shard_rows", "row_group_rows", "candidates_per_request"):
             if getattr(self, key) <= 0:
@@ -234,10 +241,15 @@ def click_logit(world: World, cfg: SimulateConfig, users: np.ndarray, items: np.
 
 
 def satisfaction_logit(world: World, cfg: SimulateConfig, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """No attractiveness term: click-bait draws clicks but does not satisfy."""
+    """Attractiveness enters only through `sat_w_attractiveness` (0 by default: click-bait draws clicks but
+    does not satisfy; < 0 in configs/sim_alt.yaml: it disappoints). The term is skipped at 0 so the default
+    world stays bit-identical."""
     aff = world.affinity[users, world.item_topic[items]]
-    return (cfg.sat_bias + cfg.sat_w_quality * world.quality[items] + cfg.sat_w_interest * aff
-            + cfg.sat_w_activity * (world.activity[users] - 2.0) + world.user_sat_offset[users])
+    logit = (cfg.sat_bias + cfg.sat_w_quality * world.quality[items] + cfg.sat_w_interest * aff
+             + cfg.sat_w_activity * (world.activity[users] - 2.0) + world.user_sat_offset[users])
+    if cfg.sat_w_attractiveness != 0.0:
+        logit = logit + cfg.sat_w_attractiveness * world.attractiveness[items]
+    return logit
 
 
 def answer_base_logit(world: World, cfg: SimulateConfig, users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -263,7 +275,8 @@ def watch_fraction(watch: np.ndarray, duration: np.ndarray) -> np.ndarray:
 
 def _mean_answer_prob(cfg: SimulateConfig, logit: np.ndarray, click: bool, sat: bool,
                       duration: np.ndarray) -> np.ndarray:
-    """E[sigma(logit + w_watch * f)] over the watch fraction f given click and satisfaction (docs/simulator.md)."""
+    """E[sigma(logit + w_watch * f)] over the watch fraction f given click and satisfaction (docs/simulator.md).
+    The nodes and weights describe the law of f only, so the same quadrature holds for either sign of w_watch."""
     if cfg.answer_w_watch == 0.0:
         return _sigmoid(logit)
     if click:
