@@ -126,8 +126,19 @@ def test_evaluate_reloads_the_two_rank_checkpoint_in_one_process_with_the_same_f
     again = json.loads((tmp_path / "metrics.json").read_text())
     first = runs["full"]["metrics"]
     assert again["world_size"] == 1 and first["world_size"] == 2
+    share = "true_sat@10_headroom_share"
     for key in METRIC_KEYS:
-        assert again[key] == pytest.approx(first[key], abs=2e-4), key
+        if key != share:
+            assert again[key] == pytest.approx(first[key], abs=2e-4), key
+    # the oracles rank by the truth columns: the same figures whoever scored, and ceilings of the model's
+    for key in ("true_sat@10_oracle_sat", "true_click@10_oracle_sat", "true_sat@10_oracle_click",
+                "true_click@10_oracle_click"):
+        assert again[key] == first[key], key
+    assert again["true_sat@10"] <= again["true_sat@10_oracle_sat"]
+    assert again["true_click@10"] <= again["true_click@10_oracle_click"]
+    span = again["true_sat@10_oracle_sat"] - again["true_sat@10_oracle_click"]
+    assert span > 0.05 and again[share] == pytest.approx((again["true_sat@10"] - again["true_sat@10_oracle_click"]) / span)
+    assert again[share] == pytest.approx(first[share], abs=2e-4 / span)
 
 
 # ------------------------------------------------------------------------------------------ ablations

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from satrank.models.metrics.ranking import (MetricAccumulator, auc, auc_or_nan, click_metrics, gauc, loo_ranks, mae,
-                                    metrics_from_ranks, rank_metrics, standard_metrics, topk_true_mean,
-                                    truth_topk_metrics, watch_time_metrics, xauc)
+from satrank.models.metrics.ranking import (MetricAccumulator, auc, auc_or_nan, click_metrics, gauc, headroom_share,
+                                    loo_ranks, mae, metrics_from_ranks, oracle_topk_metrics, rank_metrics,
+                                    standard_metrics, topk_true_mean, truth_topk_metrics, watch_time_metrics, xauc)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -180,6 +180,59 @@ def test_truth_topk_metrics_key_names():
     assert set(m) == {"true_sat@10", "true_click@10"}
     with pytest.raises(ValueError, match="unknown column 'p_sat'"):
         truth_topk_metrics(s, {"p_sat": t}, g)
+
+
+# 2 requests x 4 candidates; dyadic truths, so every figure below is exact in float32 and float64
+ORACLE_ROWS = [  # (request, true_p_satisfied, true_p_click, model score)
+    (0, 0.875, 0.125, 0.2), (0, 0.75, 0.25, 0.9), (0, 0.25, 0.875, 0.8), (0, 0.375, 0.625, 0.1),
+    (1, 0.5, 0.75, 0.3), (1, 0.5, 0.25, 0.4), (1, 0.625, 0.375, 0.5), (1, 0.125, 0.875, 0.6),
+]
+
+
+def _oracle_batch(rows):
+    from types import SimpleNamespace
+    g, sat, click, score = zip(*rows)
+    batch = SimpleNamespace(ids={"request_id": torch.tensor(g)},
+                            truth={"true_p_satisfied": torch.tensor(sat, dtype=torch.float32),
+                                   "true_p_click": torch.tensor(click, dtype=torch.float32)})
+    return batch, {"click": torch.tensor(score, dtype=torch.float64)}
+
+
+def test_candidate_metrics_report_both_oracles_and_the_headroom_share_exactly():
+    from satrank.models.metrics.ranker_eval import CandidateMetrics, EvaluationConfig
+
+    acc = CandidateMetrics(EvaluationConfig(k=2, rank_score="click"))
+    batch, out = _oracle_batch(ORACLE_ROWS[:3])  # two batches: the metric sees gathered columns
+    acc.update(batch, out)
+    batch, out = _oracle_batch(ORACLE_ROWS[3:])
+    acc.update(batch, out)
+    m = acc.compute()
+    # model top-2: request 0 {0.9, 0.8} -> sat (0.75 + 0.25)/2, click (0.25 + 0.875)/2; request 1 {0.6, 0.5}
+    assert m["true_sat@2"] == (0.5 + 0.375) / 2 and m["true_click@2"] == (0.5625 + 0.625) / 2
+    # satisfaction oracle: request 0 {0.875, 0.75}; request 1 0.625 then ONE place for the 0.5 tie of two
+    # rows whose click truths are 0.75 and 0.25: the tie contributes its mean (0.5), whatever the row order
+    assert m["true_sat@2_oracle_sat"] == (0.8125 + 0.5625) / 2
+    assert m["true_click@2_oracle_sat"] == (0.1875 + (0.375 + 0.5) / 2) / 2
+    # click oracle: request 0 {0.875, 0.625}, request 1 {0.875, 0.75}
+    assert m["true_sat@2_oracle_click"] == (0.3125 + 0.3125) / 2
+    assert m["true_click@2_oracle_click"] == (0.75 + 0.8125) / 2
+    assert m["true_sat@2_headroom_share"] == pytest.approx((0.4375 - 0.3125) / (0.6875 - 0.3125), abs=1e-15)  # 1/3
+    assert m["true_sat@2_oracle_sat"] >= m["true_sat@2"] and m["true_click@2_oracle_click"] >= m["true_click@2"]
+    # the same figures whatever the row order
+    perm = [7, 2, 4, 0, 5, 1, 6, 3]
+    again = CandidateMetrics(EvaluationConfig(k=2, rank_score="click"))
+    again.update(*_oracle_batch([ORACLE_ROWS[i] for i in perm]))
+    assert again.compute() == m
+
+
+def test_headroom_share_is_none_without_headroom_and_oracles_need_both_truths():
+    g, sat, click, _ = (torch.tensor(c) for c in zip(*ORACLE_ROWS))
+    m = oracle_topk_metrics({"true_p_satisfied": sat, "true_p_click": click}, g, k=4)  # whole requests
+    assert m["true_sat@4_oracle_sat"] == m["true_sat@4_oracle_click"] == (0.5625 + 0.4375) / 2
+    assert headroom_share(0.5, m["true_sat@4_oracle_click"], m["true_sat@4_oracle_sat"]) is None
+    assert headroom_share(0.25, 0.0, 1.0) == 0.25 and headroom_share(-0.5, 0.0, 1.0) == -0.5
+    with pytest.raises(ValueError, match="truth lacks \\['true_p_click'\\]"):
+        oracle_topk_metrics({"true_p_satisfied": sat}, g, k=2)
 
 
 # ------------------------------------------------------------------------------ accumulator

@@ -99,7 +99,7 @@ def evaluate_all(model: nn.Module, cfg: SatrankConfig, ecfg: EvaluationConfig, d
                          ("candidates", lambda: evaluate_candidates(model, cfg, ecfg, data_dir / "candidates", runtime)),
                          ("leave_one_out", lambda: evaluate_loo(model, cfg, ecfg, data_dir, runtime, split))):
             if name == "candidates" and not (data_dir / "candidates").exists():
-                log.warning("no %s: true_sat@k / true_click@k are null", data_dir / "candidates")
+                log.warning("no %s: true_sat@k / true_click@k and their oracles are null", data_dir / "candidates")
                 continue
             t0 = time.perf_counter()
             metrics.update(fn())

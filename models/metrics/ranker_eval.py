@@ -18,7 +18,10 @@ Three protocols, each an accumulator fed with (Batch, model outputs) by a rank-s
                      (log sigmoid(y) + w log sigmoid(s_f) = log P(click) P(sat)^w, the expected
                      satisfied clicks for w = 1; models without s_f fall back to log sigmoid(y)).
                      Both rankings are always reported: true_*@k by the configured score and
-                     true_*@k_by_click by the click logit alone.
+                     true_*@k_by_click by the click logit alone. The ceilings on the same requests:
+                     true_*@k_oracle_sat / true_*@k_oracle_click rank by the truth columns
+                     true_p_satisfied / true_p_click (satrank.models.metrics.ranking.oracle_topk_metrics),
+                     and true_sat@k_headroom_share = (true_sat@k - oracle_click) / (oracle_sat - oracle_click).
   LooMetrics         sec. 5.1.2: for each user with a click in the split, the most recent click
                      (satrank.models.metrics.protocol.last_clicks) against `loo_negatives` sampled items the user
                      never interacted with (no impression in any split), ranked by the click logit:
@@ -48,8 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from satrank.models.metrics.protocol import build_loo_candidates, interactions_by_user, last_clicks
-from satrank.models.metrics.ranking import (MetricAccumulator, auc, click_metrics, loo_ranks, metrics_from_ranks,
-                                    truth_topk_metrics, watch_time_metrics)
+from satrank.models.metrics.ranking import (MetricAccumulator, auc, click_metrics, headroom_share, loo_ranks,
+                                            metrics_from_ranks, oracle_topk_metrics, truth_topk_metrics,
+                                            watch_time_metrics)
 from satrank.models.ranker.heads import HeadSpec, head_specs
 from satrank.models.ranker.losses import watch_time_loss
 from satrank.pipeline.batch import Batch
@@ -58,7 +62,9 @@ from satrank.pipeline.features import DataConfig
 from satrank.pipeline.rows import AttributeTable, collect_attributes, read_columns, repeat_with, table_batches, take_rows
 
 METRIC_KEYS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "click_auc", "click_gauc",
-               "sat_auc_answered", "watch_time_mae", "watch_time_xauc", "true_sat@10", "true_click@10")
+               "sat_auc_answered", "watch_time_mae", "watch_time_xauc", "true_sat@10", "true_click@10",
+               "true_sat@10_oracle_sat", "true_click@10_oracle_sat", "true_sat@10_oracle_click",
+               "true_click@10_oracle_click", "true_sat@10_headroom_share")
 TRUTH_COLUMNS = ("true_p_satisfied", "true_p_click")
 PSEUDO_KEY = "pseudo_satisfaction"  # satrank.models.ranker.task.PSEUDO
 
@@ -199,7 +205,8 @@ class RankerEvaluator:
 
 
 class CandidateMetrics:
-    """true_sat@k / true_click@k of each request's top-k (configured score and click logit)."""
+    """true_sat@k / true_click@k of each request's top-k (configured score and click logit), the oracles'
+    (top-k by true_p_satisfied, by true_p_click) and the share of the click -> satisfaction oracle gap taken."""
 
     def __init__(self, cfg: EvaluationConfig, group_key: str = "request_id") -> None:
         self.cfg, self.group_key = cfg, group_key
@@ -213,7 +220,7 @@ class CandidateMetrics:
         self.acc.update(score=ranking_score(out, self.cfg).detach(), click_score=out["click"].detach().double(),
                         group=batch.ids[self.group_key], **{c: batch.truth[c] for c in TRUTH_COLUMNS})
 
-    def compute(self) -> Dict[str, float]:
+    def compute(self) -> Dict[str, Optional[float]]:
         t = self.acc.compute()
         if "group" not in t:
             raise ValueError("candidate metrics: no rows were scored")
@@ -223,6 +230,9 @@ class CandidateMetrics:
                                  "candidate_requests": int(torch.unique(t["group"]).numel())}
         out.update(truth_topk_metrics(t["score"], truth, t["group"], k))
         out.update({f"{name}_by_click": v for name, v in truth_topk_metrics(t["click_score"], truth, t["group"], k).items()})
+        out.update(oracle_topk_metrics(truth, t["group"], k))
+        sat = f"true_sat@{k}"
+        out[f"{sat}_headroom_share"] = headroom_share(out[sat], out[f"{sat}_oracle_click"], out[f"{sat}_oracle_sat"])
         return out
 
 

@@ -8,7 +8,8 @@ never favour the model. Inputs are torch tensors (or numpy arrays); figures come
 
 Metric key names (used by `standard_metrics`):
     hr@1 hr@5 hr@10 ndcg@5 ndcg@10 mrr | click_auc click_gauc | watch_time_xauc watch_time_mae |
-    true_sat@10 true_click@10
+    true_sat@10 true_click@10 | true_sat@10_oracle_sat true_click@10_oracle_sat true_sat@10_oracle_click
+    true_click@10_oracle_click true_sat@10_headroom_share (`oracle_topk_metrics`, `headroom_share`)
 """
 from __future__ import annotations
 
@@ -307,6 +308,33 @@ def truth_topk_metrics(score, truth: Mapping[str, object], group, k: int = 10) -
             raise ValueError(f"truth: unknown column {col!r}; expected one of {sorted(TRUTH_KEYS)}")
         out[f"{TRUTH_KEYS[col]}@{int(k)}"] = topk_true_mean(score, t, group, k)
     return out
+
+
+ORACLES = {"oracle_sat": "true_p_satisfied", "oracle_click": "true_p_click"}  # suffix -> the truth column ranked by
+
+
+def oracle_topk_metrics(truth: Mapping[str, object], group, k: int = 10) -> Dict[str, float]:
+    """The ceilings of `truth_topk_metrics` on the same requests: every `true_*@k` of the top-k by the truth
+    column itself, `<key>_oracle_sat` (ranked by true_p_satisfied) and `<key>_oracle_click` (by true_p_click).
+    Why: true_sat@k of a model means little without the range it lives in; the click oracle is the best
+    a perfect click model can do, the satisfaction oracle the best any ranking can do. Ties in the oracle's
+    score are resolved like a model's (`topk_true_mean`: a tie block straddling the k-th place contributes
+    its mean truth), so the figures are deterministic and do not depend on row order."""
+    missing = [c for c in ORACLES.values() if c not in truth]
+    if missing:
+        raise ValueError(f"oracle metrics: truth lacks {missing} (have {sorted(truth)})")
+    out: Dict[str, float] = {}
+    for suffix, col in ORACLES.items():
+        out.update({f"{key}_{suffix}": v for key, v in truth_topk_metrics(truth[col], truth, group, k).items()})
+    return out
+
+
+def headroom_share(value: float, oracle_click: float, oracle_sat: float) -> Optional[float]:
+    """(value - oracle_click) / (oracle_sat - oracle_click): 0 = ranks as well as the click oracle on true
+    satisfaction, 1 = as well as the satisfaction oracle (< 0 and > 1 are possible for the first bound);
+    None when the two oracles agree (no headroom to share, e.g. k >= every request's size)."""
+    span = oracle_sat - oracle_click
+    return None if abs(span) <= 1e-12 else (value - oracle_click) / span
 
 
 # ------------------------------------------------------------------------------- accumulation
