@@ -30,9 +30,11 @@ STAGE = "pretrain"
 def run(rt, args, cfg) -> None:
     train = stage_train_config(cfg, STAGE)
     torch.manual_seed(train.seed)
-    trainer = Trainer(rt, ClickModel(cfg.data, cfg.embeddings, cfg.pretrain.tower,
-                                           watch_time_weight=cfg.pretrain.watch_time_weight,
-                                           watch_time_rows=cfg.pretrain.watch_time_rows),
+    p = cfg.pretrain
+    model = ClickModel(cfg.data, cfg.embeddings, p.tower, watch_time_weight=p.watch_time_weight,
+                       watch_time_rows=p.watch_time_rows, watch_time_target=p.watch_time_target,
+                       duration_feature=p.duration_feature)
+    trainer = Trainer(rt, model,
                       emb=cfg.embeddings, train=train, out_dir=args.out, job=STAGE, run_config=cfg)
     try:
         train_loader = BatchLoader(args.data / "train", cfg.data, train_reader(cfg.reader, train))

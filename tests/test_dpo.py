@@ -108,7 +108,7 @@ def test_ramp_waits_for_the_auc_then_rises_linearly_and_stays_latched():
 
 
 def test_easq_loss_on_unanswered_rows_only_is_an_exact_zero_and_missing_labels_are_named():
-    fn = EasqLoss(EasqConfig())
+    fn = EasqLoss(EasqConfig(distill_weight=0.0))
     s = torch.randn(6, requires_grad=True)
     labels = {"questionnaire_answered": torch.zeros(6), "satisfied": torch.zeros(6)}
     res = fn({SAT_HEAD: s}, labels, torch.full((6,), 0.2))
@@ -117,6 +117,21 @@ def test_easq_loss_on_unanswered_rows_only_is_an_exact_zero_and_missing_labels_a
         fn({SAT_HEAD: s}, {"satisfied": torch.zeros(6)}, torch.full((6,), 0.2))
     with pytest.raises(ValueError, match="needs the propensities"):
         fn({SAT_HEAD: s}, labels, None)
+
+
+def test_distillation_from_g_is_weighted_bce_and_refuses_to_run_without_g():
+    """distill_weight * BCE(sat head, g's pseudo-label) on every row (answered or not); no g: a named error."""
+    fn = EasqLoss(EasqConfig(distill_weight=0.5))
+    s = torch.tensor([0.0, 2.0, -1.0], requires_grad=True)
+    pseudo = torch.tensor([0.5, 0.9, 0.2])
+    labels = {"questionnaire_answered": torch.zeros(3), "satisfied": torch.zeros(3)}
+    res = fn({SAT_HEAD: s}, labels, torch.full((3,), 0.2), pseudo=pseudo)
+    p = torch.sigmoid(s.detach())
+    expect = -(pseudo * p.log() + (1 - pseudo) * (1 - p).log()).mean()
+    assert abs(float(res["distill"]) - float(expect)) < 1e-6
+    assert abs(float(res["loss"]) - 0.5 * float(expect)) < 1e-6  # no answered row: L_sat is 0
+    with pytest.raises(ValueError, match="distill_weight > 0 needs g's pseudo-labels"):
+        fn({SAT_HEAD: s}, labels, torch.full((3,), 0.2))
 
 
 # ------------------------------------------------------------------------------------------ pair buffer
@@ -270,7 +285,7 @@ def test_dpo_aligns_the_serving_head_with_satisfaction_on_held_out_pairs():
                                       "item_attr_features": []}, "model")
         torch.manual_seed(0)
         ranker = SAQRecRanker(cfg, D, {"hist_click": 2}, {"user_id": 8}, {}, n_dense=0)
-        return EasqRanker(ranker, EasqConfig(ramp_threshold=0.7, ramp_updates=20, auc_min_per_class=20, rank=4,
+        return EasqRanker(ranker, EasqConfig(distill_weight=0.0, ramp_threshold=0.7, ramp_updates=20, auc_min_per_class=20, rank=4,
                                              dpo_weight=1.0))
 
     def rows(gen, B=64):

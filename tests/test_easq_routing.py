@@ -47,7 +47,7 @@ class Net(nn.Module):
         self.mcfg = _model_cfg()
         torch.manual_seed(seed)
         base = build_ranker(self.mcfg, self.data, self.arch.feature_dim)
-        self.easq = EasqRanker(base, EasqConfig(targets=targets, **easq), {f.name: f.num_rows for f in self.data.sparse})
+        self.easq = EasqRanker(base, EasqConfig(targets=targets, **{"distill_weight": 0.0, **easq}), {f.name: f.num_rows for f in self.data.sparse})
         self.head = RankerFromSparse(self.easq, self.data)
 
     def forward(self, batch):

@@ -266,6 +266,28 @@ def test_click_model_watch_time_head_adds_weighted_mse_on_clicked_rows_only():
     assert plain.arch.watch_head is None and "watch_time_pred" not in plain(b)[1]
 
 
+def test_click_model_fraction_target_is_bce_against_the_share_watched_on_clicked_rows():
+    """watch_time_target=fraction: BCE(logit, clip(watch / duration, 0, 1)), duration = expm1 of the log1p column."""
+    data = data_config()
+    torch.manual_seed(0)
+    model = materialize(ClickModel(data, EMB, TowerConfig(dim=8), watch_time_weight=0.5, watch_time_target="fraction"))
+    b = make_batch(data, 16, seed=4)
+    duration = torch.tensor([10.0, 20.0, 5.0, 40.0] * 4)
+    b.dense = torch.log1p(duration).unsqueeze(1)
+    watch = torch.tensor([5.0, 25.0, 0.0, 10.0] * 4)  # shares 0.5, 1 (clipped from 1.25), 0, 0.25
+    b.labels["watch_time_s"] = watch
+    loss, out = model(b)
+    c = b.labels["click"]
+    share = torch.tensor([0.5, 1.0, 0.0, 0.25] * 4)
+    per = torch.nn.functional.binary_cross_entropy_with_logits(out["watch_time_pred"], share, reduction="none")
+    expect = (per * c).sum() / c.sum()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(out["click_logit"], c)
+    assert torch.allclose(out["loss_watch_time"], expect, atol=1e-6) and torch.allclose(loss, bce + 0.5 * expect, atol=1e-6)
+    data.dense[0].transform = "none"
+    with pytest.raises(ValueError, match="pretrain.duration_feature: 'duration_s' must have transform log1p"):
+        ClickModel(data, EMB, TowerConfig(dim=8), watch_time_weight=0.5, watch_time_target="fraction")
+
+
 def test_missing_label_raises_in_training_and_returns_no_loss_in_eval():
     data = data_config()
     b = make_batch(data, 4, seed=2)

@@ -43,6 +43,10 @@ class EasqConfig:
     sat_weight: float = 1.0
     clip: float = 0.005  # M: inverse propensities 1 / max(rho_hat, M); well below the answer rate
     ips_normalizer: Literal["all", "answered"] = "all"  # ips only, see satrank.models.stage1.losses.ips_loss
+    # + distill_weight * BCE(satisfaction head, g's pseudo-label) on every row: the head starts from what the
+    # stage-1 satisfaction model g (itself trained on the answers, eq. 6) knows, instead of from ~2% answered
+    # rows alone; needs the stage-2 teacher g (model.mtl). 0 = the head learns from the answers only.
+    distill_weight: float = 1.0
     # ---- DPO (satrank.models.easq.dpo.dpo_loss)
     dpo_mode: DpoMode = "easq"  # easq: policy = main head, reference = sg(sat head); adapter_policy: ablation
     dpo_head: str = "click"  # main-head output whose logit is the policy's log-probability
@@ -90,7 +94,7 @@ class EasqConfig:
             raise bad("sat_head_hidden", f"hidden widths must be >= 1, got {self.sat_head_hidden}")
         if self.lr <= 0:
             raise bad("lr", f"must be > 0, got {self.lr}")
-        for key in ("weight_decay", "sat_weight", "dpo_weight", "weak_pair_weight"):
+        for key in ("weight_decay", "sat_weight", "dpo_weight", "weak_pair_weight", "distill_weight"):
             if getattr(self, key) < 0:
                 raise bad(key, f"must be >= 0, got {getattr(self, key)}")
         if not 0.0 < self.clip <= 1.0:

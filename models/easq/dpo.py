@@ -185,7 +185,7 @@ def _label(labels: Dict[str, torch.Tensor], name: str, like: torch.Tensor) -> to
 
 
 class EasqLoss:
-    """sat_weight * L_sat + dpo_weight * ramp * L_DPO; every setting from `EasqConfig`.
+    """sat_weight * L_sat + distill_weight * BCE(sat head, g) + dpo_weight * ramp * L_DPO; settings from `EasqConfig`.
 
     __call__(out, labels, propensity, pair_scores=None, pairs=None) -> {"loss": total with graph, and
     detached parts: "sat", "dpo", "dpo_ramp", "sat_auc", "pairs", "pair_accuracy", "dpo_margin"}.
@@ -214,7 +214,7 @@ class EasqLoss:
 
     def __call__(self, out: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor],
                  propensity: Optional[torch.Tensor] = None, pair_scores: Optional[Dict[str, torch.Tensor]] = None,
-                 pairs=None, observe: bool = True) -> Dict[str, torch.Tensor]:
+                 pairs=None, observe: bool = True, pseudo: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         cfg = self.cfg
         if SAT_HEAD not in out:
             raise KeyError(f"easq loss: outputs have no {SAT_HEAD!r} (is the ranker an EasqRanker?); have {sorted(out)}")
@@ -242,6 +242,13 @@ class EasqLoss:
         if l_sat is None:  # pairwise without pairs this step
             l_sat = _graph_zero(s)
         total = cfg.sat_weight * l_sat
+        if cfg.distill_weight > 0:  # the head starts from g's knowledge (pseudo = sigmoid g(u, i), detached)
+            if pseudo is None:
+                raise ValueError("easq loss: easq.distill_weight > 0 needs g's pseudo-labels (stage-2 model.mtl on); "
+                                 "set easq.distill_weight=0 to train the satisfaction head on the answers only")
+            l_distill = F.binary_cross_entropy_with_logits(s, pseudo.detach().to(s.dtype))
+            total = total + cfg.distill_weight * l_distill
+            res["distill"] = l_distill.detach()
         ramp = self.ramp.weight
         res["sat"] = l_sat.detach()
         res["dpo_ramp"] = torch.tensor(ramp, device=s.device)

@@ -23,7 +23,7 @@ from satrank.models.easq.dpo import EasqLoss
 from satrank.models.easq.pathway import SAT_HEAD, EasqRanker, id_extras, install_easq
 from satrank.models.easq.config import EasqConfig
 from satrank.models.easq.pair_buffer import PairSample, fields_to_batch, row_fields
-from satrank.models.ranker.task import RankerTask
+from satrank.models.ranker.task import PSEUDO, RankerTask
 from satrank.models.ranker.saqrec import ranker_inputs
 from satrank.pipeline.batch import Batch
 
@@ -113,7 +113,7 @@ class EasqTask(nn.Module):
             rho = torch.ones(n, dtype=outs[SAT_HEAD].dtype, device=outs[SAT_HEAD].device)
         real_pairs = sample is not None and sample.num_pairs > 0
         e = self.loss(outs, labels, rho[:n], scores if real_pairs else None, sample if real_pairs else None,
-                      observe=step_weight > 0)
+                      observe=step_weight > 0, pseudo=sig.get(PSEUDO))
         keep = sum(v.sum() for v in scores.values() if v.requires_grad) * 0.0  # every parameter in the graph
         total = step_weight * (behaviour_weight * b_loss + e["loss"]) + keep
         res.update({f"easq/{k}": v for k, v in e.items() if k != "loss"})

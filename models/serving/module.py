@@ -75,8 +75,10 @@ def build_model(kind: str, cfg: Any, teacher: Any = None, seed: int = 0) -> nn.M
     elif kind == "click":
         from satrank.models.stage1.tasks import ClickModel
 
-        model = ClickModel(cfg.data, cfg.embeddings, cfg.pretrain.tower, watch_time_weight=cfg.pretrain.watch_time_weight,
-                           watch_time_rows=cfg.pretrain.watch_time_rows)
+        p = cfg.pretrain
+        model = ClickModel(cfg.data, cfg.embeddings, p.tower, watch_time_weight=p.watch_time_weight,
+                           watch_time_rows=p.watch_time_rows, watch_time_target=p.watch_time_target,
+                           duration_feature=p.duration_feature)
     elif kind == "satisfaction":
         from satrank.models.stage1.tasks import SatisfactionModel
 

@@ -67,10 +67,16 @@ class PretrainConfig:
     tower: TowerConfig = field(default_factory=TowerConfig)
     watch_time_weight: float = 0.0  # 0 = click only (the paper's base ranker)
     watch_time_rows: Literal["clicked", "all"] = "clicked"  # rows whose watch time is regressed
+    # log1p: MSE on log1p(watch_time_s) (dominated by the item's duration) | fraction: BCE of a logit against the
+    # share watched, clip(watch_time_s / duration, 0, 1), the part of viewing that satisfaction drives
+    watch_time_target: Literal["log1p", "fraction"] = "log1p"
+    duration_feature: str = "duration_s"  # dense feature holding the item's duration (fraction target only)
 
     def validate(self, path: str) -> None:
         if self.watch_time_weight < 0:
             raise ConfigError(f"{path}.watch_time_weight: must be >= 0, got {self.watch_time_weight}")
+        if self.watch_time_target not in ("log1p", "fraction"):
+            raise ConfigError(f"{path}.watch_time_target: must be log1p or fraction, got {self.watch_time_target!r}")
 
 
 # behaviour label role -> input transform (satrank.models.stage1.tasks.PropensityArch)

@@ -75,15 +75,18 @@ class ClickArch(nn.Module):
 
 
 class ClickTaskLoss(nn.Module):
-    """Click BCE (eq. 15) + weight * MSE(watch pred, log1p(watch_time_s)) on clicked (or all) rows."""
+    """Click BCE (eq. 15) + weight * the watch head's loss on clicked (or all) rows: MSE against
+    log1p(watch_time_s) (`log1p`), or BCE against the share watched clip(watch / duration, 0, 1) (`fraction`)."""
 
-    def __init__(self, weight: float, rows: str) -> None:
+    def __init__(self, weight: float, rows: str, target: str = "log1p", duration_index: Optional[int] = None) -> None:
         super().__init__()
         self.click = BinaryTaskLoss("click", "click", "click_model")
-        self.weight, self.rows = weight, rows
+        self.weight, self.rows, self.target, self.duration_index = weight, rows, target, duration_index
+        if target == "fraction" and duration_index is None:
+            raise ValueError("click_model: watch_time_target=fraction needs the duration's dense column index")
 
-    def forward(self, logit: torch.Tensor, watch: Optional[torch.Tensor], labels: Dict[str, torch.Tensor]
-                ) -> Tuple[Optional[torch.Tensor], Outputs]:
+    def forward(self, logit: torch.Tensor, watch: Optional[torch.Tensor], labels: Dict[str, torch.Tensor],
+                dense: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], Outputs]:
         loss, out = self.click(logit, labels)
         if watch is None:
             return loss, out
@@ -91,9 +94,14 @@ class ClickTaskLoss(nn.Module):
         y = _label(labels, "watch_time_s", self.training, "click_model watch-time head")
         if loss is None or y is None:
             return loss, out
-        sq = (watch - torch.log1p(y.clamp_min(0.0))) ** 2
-        mask = labels["click"] if self.rows == "clicked" else torch.ones_like(sq)
-        l_wt = (sq * mask).sum() / mask.sum().clamp_min(1.0)
+        if self.target == "fraction":
+            duration = torch.expm1(dense[:, self.duration_index]).clamp_min(1e-6)  # the dense column is log1p(seconds)
+            share = (y.clamp_min(0.0) / duration).clamp(0.0, 1.0)
+            per = nn.functional.binary_cross_entropy_with_logits(watch, share, reduction="none")
+        else:
+            per = (watch - torch.log1p(y.clamp_min(0.0))) ** 2
+        mask = labels["click"] if self.rows == "clicked" else torch.ones_like(per)
+        l_wt = (per * mask).sum() / mask.sum().clamp_min(1.0)
         loss = loss + self.weight * l_wt
         out["loss_watch_time"] = l_wt.detach()
         out["loss"] = loss.detach()
@@ -126,17 +134,24 @@ class ClickModel(nn.Module):
 
     def __init__(
         self, data: DataConfig, emb: EmbeddingConfig, tower: TowerConfig, sparse_device: torch.device = META,
-        watch_time_weight: float = 0.0, watch_time_rows: str = "clicked",
+        watch_time_weight: float = 0.0, watch_time_rows: str = "clicked", watch_time_target: str = "log1p",
+        duration_feature: str = "duration_s",
     ) -> None:
         super().__init__()
         self.sparse_arch = SparseArch(data, emb, device=sparse_device)
         self.arch = ClickArch(data, _dims(self.sparse_arch), tower, watch_time=watch_time_weight > 0)
-        self.loss_fn = ClickTaskLoss(watch_time_weight, watch_time_rows)
+        duration_index = None
+        if watch_time_weight > 0 and watch_time_target == "fraction":
+            duration_index = dense_index(data, "pretrain.duration_feature", [duration_feature])[0]
+            if data.dense[duration_index].transform != "log1p":
+                raise ValueError(f"pretrain.duration_feature: {duration_feature!r} must have transform log1p "
+                                 f"(the fraction target inverts it), got {data.dense[duration_index].transform!r}")
+        self.loss_fn = ClickTaskLoss(watch_time_weight, watch_time_rows, watch_time_target, duration_index)
 
     def forward(self, batch) -> Tuple[Optional[torch.Tensor], Outputs]:
         sp = self.sparse_arch(batch.sparse)
         logit, watch = self.arch(sp.pooled, sp.sequences, batch.dense)
-        return self.loss_fn(logit, watch, batch.labels)
+        return self.loss_fn(logit, watch, batch.labels, batch.dense)
 
 
 # ---------------------------------------------------------------------------------------------- propensity

@@ -1,0 +1,165 @@
+"""Alignment bench (issue 15): does the pipeline rank for TRUE satisfaction better than click-only?
+
+    .venv/bin/python bench/alignment.py --world default --seeds 0,1,2 [--arms ...] [--set key=value ...]
+
+Per seed it simulates a fresh world (configs/sim.yaml or configs/sim_alt.yaml, simulate.seed = the seed,
+train.seed = the seed), then runs the stages as a user would (torchrun, `--nproc` ranks):
+stage 1 (click model, propensity, g with IPS and with the naive loss), stage 2 (click-only and full
+SAQRec, plus any Table 3 ablation asked for), stage 3 (EASQ online DPO on top of full SAQRec, and its
+DPO-off control: the same job with easq.dpo_weight=0). Every arm's figures come from the jobs' own
+metrics.json (jobs.train evaluates on DIR/test and the candidate sets; jobs.dpo reports `after`).
+It prints ONE JSON line: per arm and seed true_sat@10, true_click@10, hr@10, click_auc (and the
+oracles), stage-1 ideal_loss_all / auc_true_all of IPS and naive, and the paired differences against
+click-only (SAQRec and ablations) and against the DPO-off control (DPO) with the number of seeds won.
+
+Runs live under --out/<world>/seed<k>/<stage>; a stage whose metrics.json exists is reused (metrics.json
+is written atomically at a job's end), so an interrupted bench resumes; --fresh starts a seed over.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLDS = {"default": ROOT / "configs" / "sim.yaml", "alt": ROOT / "configs" / "sim_alt.yaml"}
+ABLATIONS = {  # paper Table 3: arm -> (satisfaction run, --set overrides of jobs.train)
+    "wo_unbiased": ("sat_naive", []),
+    "wo_sid": ("sat_ips", ["model.sid=false"]),
+    "wo_mlse": ("sat_ips", ["model.mlse=false"]),
+    "wo_mtl": ("sat_ips", ["model.mtl=false"]),
+}
+ARMS = ["click_only", "saqrec", "dpo", "dpo_off", *ABLATIONS]
+METRICS = ["true_sat@10", "true_click@10", "hr@10", "click_auc", "true_sat@10_oracle_sat", "true_sat@10_oracle_click"]
+STAGE1 = ["ideal_loss_all", "auc_true_all"]
+
+
+def torchrun(nproc: int, module: str, args: List[str], log: Path) -> None:
+    """One stage as a user runs it; its output goes to `log` (the bench prints one JSON line only)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--monitor-interval=0.5", "-m", module, *args]
+    with open(log, "w") as fh:
+        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"bench/alignment: {module} failed (exit {done.returncode}); see {log}")
+
+
+def stage(run: Path, name: str, nproc: int, module: str, args: List[str], common: List[str]) -> dict:
+    """Run one stage into run/name unless its metrics.json exists; return that metrics.json."""
+    out = run / name
+    metrics = out / "metrics.json"
+    if not metrics.is_file():
+        if out.exists():
+            shutil.rmtree(out)  # an unfinished earlier attempt of this bench (no metrics.json): redo it
+        started = time.time()
+        torchrun(nproc, module, [*args, "--out", str(out), *common], run / f"{name}.log")
+        print(f"[alignment] {run.name}/{name}: {time.time() - started:.0f}s", file=sys.stderr, flush=True)
+    return json.loads(metrics.read_text())
+
+
+def run_seed(world: str, seed: int, arms: List[str], base: Path, nproc: int, overrides: List[str]) -> Dict[str, dict]:
+    """Every stage of one seed's world; returns {arm or stage-1 name: metrics}."""
+    run = base / world / f"seed{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    common = [f"--config={WORLDS[world]}", f"--set=simulate.seed={seed}", f"--set=train.seed={seed}",
+              *[f"--set={o}" for o in overrides]]
+    data = run / "data"
+    if not (data / "world.json").is_file():
+        subprocess.run([sys.executable, "-m", "satrank.pipeline.sim.simulate", "--out", str(data), "--overwrite",
+                        "--quiet", *common], check=True)
+    d = ["--data", str(data)]
+    res: Dict[str, dict] = {}
+    stage(run, "pretrain", nproc, "satrank.jobs.pretrain", d, common)
+    stage(run, "propensity", nproc, "satrank.jobs.propensity", d, common)
+    init = ["--init", str(run / "pretrain"), "--propensity", str(run / "propensity")]
+    res["g_ips"] = stage(run, "sat_ips", nproc, "satrank.jobs.satisfaction", [*d, *init], common)
+    res["g_naive"] = stage(run, "sat_naive", nproc, "satrank.jobs.satisfaction", [*d, *init],
+                           [*common, "--set=satisfaction.loss=naive"])
+    train = "satrank.jobs.train"
+    if "click_only" in arms:
+        res["click_only"] = stage(run, "click_only", nproc, train, [*d, "--satisfaction", str(run / "sat_ips")],
+                                  [*common, "--set=model.variant=click_only"])
+    if any(a in arms for a in ("saqrec", "dpo", "dpo_off")):
+        res["saqrec"] = stage(run, "saqrec", nproc, train, [*d, "--satisfaction", str(run / "sat_ips")], common)
+    for arm, (sat, sets) in ABLATIONS.items():
+        if arm in arms:
+            res[arm] = stage(run, arm, nproc, train, [*d, "--satisfaction", str(run / sat)],
+                             [*common, *[f"--set={s}" for s in sets]])
+    for arm, sets in (("dpo", []), ("dpo_off", ["easq.dpo_weight=0.0"])):
+        if arm in arms:
+            m = stage(run, arm, nproc, "satrank.jobs.dpo",
+                      [*d, "--init", str(run / "saqrec"), "--propensity", str(run / "propensity")],
+                      [*common, *[f"--set={s}" for s in sets]])
+            res[arm] = {**m.get("after", {}), "dpo_ramp": m.get("dpo_ramp"),
+                        "prequential_sat_auc": m.get("prequential_sat_auc")}
+    return res
+
+
+def paired(per_seed: Dict[int, Dict[str, dict]], arm: str, base: str, key: str = "true_sat@10") -> Optional[dict]:
+    """Mean ratio and difference of `key` (arm over base) across seeds, and how many seeds the arm won."""
+    pairs = [(r[arm].get(key), r[base].get(key)) for r in per_seed.values() if arm in r and base in r]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if not pairs:
+        return None
+    return {"ratio_mean": round(statistics.mean(a / b for a, b in pairs), 4),
+            "diff_mean": round(statistics.mean(a - b for a, b in pairs), 4),
+            "seeds_won": sum(a > b for a, b in pairs), "seeds": len(pairs)}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/alignment.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", choices=sorted(WORLDS), default="default")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated world + training seeds")
+    p.add_argument("--arms", default="click_only,saqrec,dpo,dpo_off",
+                   help=f"comma-separated, from {','.join(ARMS)}")
+    p.add_argument("--nproc", type=int, default=2, help="torchrun ranks per stage")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_alignment")
+    p.add_argument("--fresh", action="store_true", help="delete the seeds' earlier runs first")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every stage (repeatable)")
+    a = p.parse_args(argv)
+    arms = [x for x in a.arms.split(",") if x]
+    unknown = [x for x in arms if x not in ARMS]
+    if unknown:
+        p.error(f"--arms: unknown {unknown}; choose from {ARMS}")
+    seeds = [int(s) for s in a.seeds.split(",") if s != ""]
+    started = time.time()
+    per_seed: Dict[int, Dict[str, dict]] = {}
+    for seed in seeds:
+        if a.fresh and (a.out / a.world / f"seed{seed}").exists():
+            shutil.rmtree(a.out / a.world / f"seed{seed}")
+        per_seed[seed] = run_seed(a.world, seed, arms, a.out, a.nproc, a.overrides)
+
+    out: Dict[str, object] = {"bench": "alignment", "world": a.world, "seeds": seeds, "overrides": a.overrides,
+                              "wall_s": round(time.time() - started, 1)}
+    out["stage1"] = {g: {k: [per_seed[s][g].get(k) for s in seeds] for k in STAGE1} for g in ("g_ips", "g_naive")}
+    out["stage1"]["ips_below_naive_ideal_loss_seeds"] = sum(
+        per_seed[s]["g_ips"]["ideal_loss_all"] < per_seed[s]["g_naive"]["ideal_loss_all"] for s in seeds)
+    shown = [x for x in ["click_only", "saqrec", *ABLATIONS, "dpo_off", "dpo"] if x in per_seed[seeds[0]]]
+    out["arms"] = {x: {k: [per_seed[s][x].get(k) for s in seeds] for k in METRICS} for x in shown}
+    for x in ("dpo", "dpo_off"):
+        if x in out["arms"]:
+            out["arms"][x]["dpo_ramp"] = [per_seed[s][x].get("dpo_ramp") for s in seeds]
+            out["arms"][x]["prequential_sat_auc"] = [per_seed[s][x].get("prequential_sat_auc") for s in seeds]
+    vs: Dict[str, object] = {}
+    for x in ["saqrec", *ABLATIONS]:
+        if x in shown and "click_only" in shown:
+            vs[f"{x}_vs_click_only"] = {k: paired(per_seed, x, "click_only", k) for k in ("true_sat@10", "click_auc", "hr@10")}
+    for x in ABLATIONS:
+        if x in shown and "saqrec" in shown:
+            vs[f"saqrec_vs_{x}"] = paired(per_seed, "saqrec", x)
+    if "dpo" in shown and "dpo_off" in shown:
+        vs["dpo_vs_dpo_off"] = {k: paired(per_seed, "dpo", "dpo_off", k) for k in ("true_sat@10", "click_auc", "hr@10")}
+    out["paired"] = vs
+    print(json.dumps(out, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
