@@ -43,6 +43,9 @@ def stages(out: Path, nproc: int, common: List[str]) -> List[tuple]:
         # stage 2 (satrank.jobs.train): the full SAQRec ranker with the frozen satisfaction model g, then its evaluation
         ("train", "satrank.jobs.train", ["--data", data, "--satisfaction", str(out / "satisfaction"),
                                  "--out", str(out / "train"), *common]),
+        # the baseline the alignment is measured against: the same ranker trained on clicks only
+        ("click-only", "satrank.jobs.train", ["--data", data, "--satisfaction", str(out / "satisfaction"),
+                                      "--out", str(out / "click_only"), *common, "--set=model.variant=click_only"]),
     ]
     # stage 3 (EASQ, satrank.jobs.dpo): online alignment of the stage-2 ranker; runs once the `train` stage is listed
     names = [name for name, _, _ in run]
@@ -107,7 +110,26 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("\n[demo] stage-3 EASQ online DPO, before -> after\n"
                   + format_table({"before DPO": dpo["before"], "after DPO": dpo["after"]}), flush=True)
             print(dpo_gate_line(dpo, out / "dpo"), flush=True)
+        print("\n[demo] alignment: true satisfaction of each ranking on the candidate sets (oracles rank by the truth)\n"
+              + alignment_table(summary), flush=True)
     return 0
+
+
+def alignment_table(summary: dict) -> str:
+    """click-only, SAQRec, EASQ after DPO and the two oracles: true_sat@k / true_click@k / hr@k / click_auc."""
+    from satrank.jobs.engine.evaluation import format_table
+
+    saqrec = summary["train"]
+    k = next((key.split("@")[1].split("_")[0] for key in saqrec if key.startswith("true_sat@")), "10")
+    keys = [f"true_sat@{k}", f"true_click@{k}", f"true_sat@{k}_headroom_share", f"hr@{k}", "click_auc"]
+    rows = {"click-only": summary.get("click-only", {}), "SAQRec": saqrec}
+    if "after" in summary.get("dpo", {}):
+        rows["EASQ after DPO"] = summary["dpo"]["after"]
+    for oracle in ("sat", "click"):
+        rows[f"oracle by true_p_{'satisfied' if oracle == 'sat' else 'click'}"] = {
+            f"true_sat@{k}": saqrec.get(f"true_sat@{k}_oracle_{oracle}"),
+            f"true_click@{k}": saqrec.get(f"true_click@{k}_oracle_{oracle}")}
+    return format_table(rows, keys)
 
 
 if __name__ == "__main__":
