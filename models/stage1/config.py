@@ -65,11 +65,11 @@ class PretrainConfig:
     the tables and towers that the satisfaction model later inherits frozen (docs/stage1.md)."""
 
     tower: TowerConfig = field(default_factory=TowerConfig)
-    watch_time_weight: float = 0.0  # 0 = click only (the paper's base ranker)
+    watch_time_weight: float = 1.0  # 0 = click only (the paper's base ranker)
     watch_time_rows: Literal["clicked", "all"] = "clicked"  # rows whose watch time is regressed
     # log1p: MSE on log1p(watch_time_s) (dominated by the item's duration) | fraction: BCE of a logit against the
     # share watched, clip(watch_time_s / duration, 0, 1), the part of viewing that satisfaction drives
-    watch_time_target: Literal["log1p", "fraction"] = "log1p"
+    watch_time_target: Literal["log1p", "fraction"] = "fraction"
     duration_feature: str = "duration_s"  # dense feature holding the item's duration (fraction target only)
 
     def validate(self, path: str) -> None:
