@@ -153,6 +153,11 @@ class ItemTable:
             out[column] = arr.to_numpy()
         return out
 
+    def describe(self) -> Dict[str, Any]:
+        """Plain data for reports: where the table is, its rows, the attribute columns checked."""
+        return {"items_table": self.where, "items_rows": self.rows,
+                "items_columns": [self.columns[n] for n in [*self.cfg.sparse, *self.cfg.dense]]}
+
     # ------------------------------------------------------------------ lookups
     def slots(self, ids: np.ndarray) -> np.ndarray:
         """Index into the lookup arrays: the id itself, or the "no row" slot for ids outside the vocabulary."""
@@ -232,10 +237,23 @@ class ItemTable:
         return counts
 
 
-def summarize(stats: Dict[str, Any]) -> Dict[str, Any]:
-    """check_data's item figures from the reader's summed `items` counts."""
+def table_exists(data_dir: str, cfg: ItemsConfig) -> bool:
+    """Whether `data.items.dir` exists under the data dir (check_data tells "no table" from "bad table")."""
+    import pyarrow.fs as pafs
+
+    where = items_location(data_dir, cfg)
+    try:
+        fs, path = pafs.FileSystem.from_uri(where) if "://" in where else (pafs.LocalFileSystem(),
+                                                                            os.path.abspath(where))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return True  # let the load say what is wrong with the URI
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def summarize(stats: Dict[str, Any], described: Dict[str, Any]) -> Dict[str, Any]:
+    """check_data's item figures: `ItemTable.describe()` plus the summed `items` counts of the reader's stats."""
     items = stats.get("items", {})
     missing = {k.split(":", 1)[1]: v for k, v in items.items() if k.startswith(f"{MISSING}:")}
-    mismatch = {k.split(":", 1)[1]: v for k, v in items.items() if k.startswith(f"{MISMATCH}:")}
-    return {"items_missing": sum(missing.values()), "items_missing_by_column": missing,
+    mismatch = {c: items.get(f"{MISMATCH}:{c}", 0) for c in described["items_columns"]}
+    return {**described, "items_missing": sum(missing.values()), "items_missing_by_column": missing,
             "items_attr_mismatch": mismatch}
