@@ -42,6 +42,7 @@ def items_location(data_dir: str, cfg: ItemsConfig) -> str:
 
 
 def _first(mask: np.ndarray) -> int:
+    """Index of the first True (the row an error message names)."""
     return int(np.argmax(mask))
 
 
@@ -52,6 +53,7 @@ class ItemTable:
     def __init__(self, where: str, files: List[str], vocab: int, cfg: ItemsConfig, data: DataConfig,
                  present: np.ndarray, sparse: Dict[str, np.ndarray], raw: Dict[str, np.ndarray],
                  hit: Dict[str, np.ndarray], dense: Dict[str, np.ndarray], rows: int):
+        """Use `ItemTable.load`; this only keeps the arrays (all of size vocab + 1)."""
         self.where, self.files, self.vocab, self.cfg = where, files, vocab, cfg
         self.columns = {f.name: f.column for f in [*data.sparse, *data.dense]}
         self.present, self.sparse, self.raw, self.hit, self.dense, self.rows = present, sparse, raw, hit, dense, rows
