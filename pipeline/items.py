@@ -135,7 +135,8 @@ class ItemTable:
         for column, kind in kinds:
             i = schema.get_field_index(column)
             if i < 0:
-                raise DataError(f"{path}: column {column!r} (item table) is missing; the file has columns {schema.names}")
+                raise DataError(f"{path}: column {column!r} (item table) is missing; "
+                                f"the file has columns {schema.names}")
             t = schema.field(i).type
             ok = pa.types.is_integer(t) or (kind == "number" and pa.types.is_floating(t))
             if not ok:

@@ -58,7 +58,8 @@ def test_loader_errors_name_file_column_row_and_id(tmp_path):
     assert "\n" not in msg
     msg = _load_error(tmp_path, category_id=None)
     assert "part-00000.parquet: column 'category_id' (item table) is missing" in msg, msg
-    author = pa.array(item_attributes()["author_id"].tolist()[:4] + [None] + item_attributes()["author_id"].tolist()[5:])
+    author = item_attributes()["author_id"].tolist()
+    author = pa.array(author[:4] + [None] + author[5:])
     msg = _load_error(tmp_path, author_id=author)
     assert "column 'author_id', row 4: null value" in msg, msg
     ids = item_attributes()["item_id"].copy()
