@@ -104,3 +104,18 @@ def reference(table: pa.Table, data: DataConfig, history: str, attribute: str):
             vals.append(v)
         out[ts] = vals
     return out, missing, mapped
+
+
+def table_from_impressions(data_dir: Path) -> Path:
+    """DIR/items/part-00000.parquet from the (item_id, author_id, category_id, duration_s) of every split's rows,
+    one row per item, unless the simulator already wrote the table (then that one is kept)."""
+    path = data_dir / "items" / "part-00000.parquet"
+    if path.exists():
+        return path
+    cols = ["item_id", "author_id", "category_id", "duration_s"]
+    rows = pa.concat_tables(pq.read_table(f, columns=cols) for split in ("train", "valid", "test", "candidates")
+                            for f in sorted((data_dir / split).glob("*.parquet")))
+    _, first = np.unique(rows.column("item_id").to_numpy(), return_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(rows.take(pa.array(first)), path)
+    return path

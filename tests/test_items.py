@@ -19,8 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from _items_world import (MISMATCH, MISSING, item_attributes, items_data, reference, write_items,  # noqa: E402
-                          write_world)
+from _items_world import (MISSING, item_attributes, items_data, reference, table_from_impressions,  # noqa: E402
+                          write_items, write_world)
 from _synthetic import emb_config  # noqa: E402
 from satrank.embeddings.sharding import _constraints  # noqa: E402
 from satrank.embeddings.tables import feature_signature, table_specs  # noqa: E402
@@ -242,3 +242,30 @@ def test_check_data_without_a_table_says_so(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "no item table at <data dir>/items (data.items.dir)" in proc.stdout
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["items_table"] is None
+
+
+# ------------------------------------------------------------------ a training job on the one data path
+def test_pretrain_trains_on_two_ranks_with_history_attributes(tmp_path):
+    """A simulated world + its item table: check_data finds it consistent, and the 2-rank click-model job
+    (TrainPipelineSparseDist, DCP checkpoint) trains with hist_click__author_id & co. in its batches."""
+    data = tmp_path / "world"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sim = [sys.executable, "-m", "satrank.pipeline.sim.simulate", "--out", str(data), "--users", "300",
+           "--items", "400", "--impressions", "20000", "--seed", "1"]
+    assert subprocess.run(sim, cwd=ROOT, env=env, capture_output=True, timeout=240).returncode == 0
+    table_from_impressions(data)
+    proc = _check_data(data, tmp_path / "check")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = json.loads((tmp_path / "check" / "metrics.json").read_text())
+    assert m["items_missing"] == 0 and set(m["items_attr_mismatch"].values()) == {0}, m
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor-interval=0.2",
+           "-m", "satrank.jobs.pretrain", "--data", str(data), "--out", str(tmp_path / "run"),
+           "--set", "data.items.history=[hist_click,hist_satisfied]", "--set", "reader.num_workers=0",
+           "--set", "train.epochs=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert sorted(plan["sparse_arch.ec"]) == ["author", "category", "item"], plan  # shared by pooled + sequences
+    meta = (tmp_path / "run" / "checkpoint" / "meta.json").read_text()
+    assert "hist_satisfied__category_id" in meta  # the feature fingerprint names the derived features
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["auc"] > 0.6
