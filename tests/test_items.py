@@ -258,10 +258,10 @@ def test_pretrain_trains_on_two_ranks_with_history_attributes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     m = json.loads((tmp_path / "check" / "metrics.json").read_text())
     assert m["items_missing"] == 0 and set(m["items_attr_mismatch"].values()) == {0}, m
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor-interval=0.2",
-           "-m", "satrank.jobs.pretrain", "--data", str(data), "--out", str(tmp_path / "run"),
-           "--set", "data.items.history=[hist_click,hist_satisfied]", "--set", "reader.num_workers=0",
-           "--set", "train.epochs=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--monitor-interval=0.2", "-m", "satrank.jobs.pretrain", "--data", str(data),
+           "--out", str(tmp_path / "run"), "--set", "data.items.history=[hist_click,hist_satisfied]",
+           "--set", "reader.num_workers=0", "--set", "train.epochs=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
