@@ -96,8 +96,10 @@ class Converter:
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
         if items is None and (data_cfg.derived_sequences or audit_items):
-            raise DataError(f"data.items.history {data_cfg.items.history} derives history attributes from the item "
-                            f"table, but this reader was given none (satrank.pipeline.items.ItemTable)")
+            what = (f"data.items.history {data_cfg.items.history} derives history attributes from"
+                    if data_cfg.derived_sequences else "audit_items checks the data against")
+            raise DataError(f"{what} the item table, but this reader was given none "
+                            f"(satrank.pipeline.items.ItemTable)")
         self.items = items  # satrank.pipeline.items.ItemTable, or None (no derived features, no audit)
         self.audit_items = audit_items  # check_data: also count missing item ids and attribute mismatches
         self.cfg = data_cfg
