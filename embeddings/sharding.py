@@ -121,6 +121,15 @@ def _constraints(specs: List[TableSpec], device_type: str) -> Dict[str, Paramete
                 f"embeddings.tables.{s.name}.sharding: {s.sharding!r} is not supported by TorchRec for "
                 f"{kind} tables on {device_type}; supported: {sorted(allowed)}"
             )
+        if s.sequence and s.sharding == "data_parallel" and len(s.feature_names) > 1:
+            # TorchRec 1.8: a data_parallel EmbeddingCollection table serving several features of different
+            # lengths (item_id + hist_*, author_id + hist_click__author_id) fails in its output split
+            # (split_with_sizes ... got split_sizes=[64, 244]); refused here instead of at the first batch
+            raise ConfigError(
+                f"embeddings.tables.{s.name}.sharding: data_parallel cannot serve the EmbeddingCollection table "
+                f"{s.name!r} used by {list(s.feature_names)} (TorchRec's data_parallel EmbeddingCollection "
+                f"fails on features of different lengths); use table_wise or row_wise"
+            )
         out[s.name] = ParameterConstraints(sharding_types=[s.sharding])
     return out
 

@@ -4,7 +4,9 @@ One table per distinct `table` name in `data:` (rows = feature.num_rows). A tabl
 sequence feature lives in an `EmbeddingCollection` (unpooled lookups, so the shared item table
 serves both the candidate `item_id` and every `hist_*` sequence: SAQRec §4.3.1 looks up the
 candidate v_i and the histories V_r, V_{s+}, V_{s-} in the same item table); every other table lives in an
-`EmbeddingBagCollection` (pooling SUM over a single id = a plain lookup).
+`EmbeddingBagCollection` (pooling SUM over a single id = a plain lookup). The same holds for the derived
+history attributes of `data.items.history` (`hist_click__author_id` ...): they name their attribute's table,
+which then moves into the EmbeddingCollection and serves the pooled `author_id` as a length-1 lookup too.
 
 Both collections are built on the meta device (the TorchRec idiom: DMP allocates only the local
 shards). Initial weights are a pure function of (seed, table name, row): `init_embedding_weights`
@@ -52,8 +54,8 @@ def table_specs(data: DataConfig, emb: EmbeddingConfig) -> List[TableSpec]:
     order: List[str] = []
     rows: Dict[str, int] = {}
     feats: Dict[str, List[str]] = {}
-    seq_tables = {f.table_name for f in data.sequence}
-    for f in [*data.sparse, *data.sequence]:
+    seq_tables = {f.table_name for f in data.all_sequences}
+    for f in [*data.sparse, *data.all_sequences]:
         if f.table_name not in rows:
             order.append(f.table_name)
             rows[f.table_name] = f.num_rows
@@ -80,7 +82,8 @@ def feature_signature(data: DataConfig, emb: Optional[EmbeddingConfig] = None) -
     I/O details such as column names. Stored in checkpoints and compared on load."""
     sig: Dict[str, object] = {
         "sparse": {f.name: {"table": f.table_name, "rows": f.num_rows} for f in data.sparse},
-        "sequence": {f.name: {"table": f.table_name, "rows": f.num_rows, "max_len": f.max_len} for f in data.sequence},
+        "sequence": {f.name: {"table": f.table_name, "rows": f.num_rows, "max_len": f.max_len}
+                     for f in data.all_sequences},  # derived <history>__<attribute> only when data.items.history
         "dense": {f.name: {"transform": f.transform} for f in data.dense},
     }
     if emb is not None:
@@ -144,7 +147,7 @@ class SparseArch(nn.Module):
         seq_tables = {s.name for s in seq_specs}
         self._bag_features = [f.name for f in data.sparse if f.table_name not in seq_tables]
         self._ec_single_features = [f.name for f in data.sparse if f.table_name in seq_tables]
-        self._sequence_features = [f.name for f in data.sequence]
+        self._sequence_features = [f.name for f in data.all_sequences]
 
     @property
     def single_features(self) -> List[str]:

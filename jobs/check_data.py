@@ -12,6 +12,12 @@ read work (satrank.pipeline.work_units.layout_warning) is logged as one warning 
 rewrite it. Bad data (reader.on_bad_row=error) exits 1 with the DataError message, which names the
 file, column, row and problem; every rank reaches the same decision (one gather), so no rank is
 left waiting in a collective.
+
+With `data.items` set, the item attribute table `<data dir>/<data.items.dir>` (data dir = the parent of
+--data) is read too: every item id of the data (item_id column and every history value) must have a row
+(`data.items.on_missing`: error stops with file, row and id; default counts them as `items_missing`), and
+impressions whose own attribute columns disagree with the table are counted per column
+(`items_attr_mismatch`). A data dir without the table (and no data.items.history) is reported, not checked.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from satrank.jobs.engine.cli import build_parser, parse
 from satrank.jobs.engine.collectives import all_gather_objects
 from satrank.jobs.engine.runtime import get_logger, init_runtime, write_json_atomic
 from satrank.pipeline.errors import DataError
+from satrank.pipeline.items import ItemTable, data_dir_of, summarize, table_exists
 from satrank.pipeline.reader import BatchLoader, sum_stats
 from satrank.pipeline.work_units import balance_report, layout_warning
 
@@ -33,9 +40,13 @@ def read_all(args, cfg, rt) -> dict:
     """This rank's pass over the data: counts, or {"error": message} on bad data."""
     started = time.perf_counter()
     rows = batches = 0
+    items, data_dir = None, data_dir_of(args.data)
     try:
+        if cfg.data.items is not None and (cfg.data.derived_sequences or table_exists(data_dir, cfg.data.items)):
+            items = ItemTable.load(data_dir, cfg.data.items, cfg.data)
         loader = BatchLoader(args.data, cfg.data, cfg.reader, rank=rt.rank, world_size=rt.world_size,
-                             row_filter=args.row_filter, with_labels=not args.no_labels)
+                             row_filter=args.row_filter, with_labels=not args.no_labels, items=items,
+                             audit_items=items is not None)
         for batch in loader:
             rows += batch.size
             batches += 1
@@ -48,7 +59,16 @@ def read_all(args, cfg, rt) -> dict:
     units = loader.work_units()  # every rank plans the same units: rank 0's report speaks for all
     return {"stats": stats, "rows": rows, "batches": batches, "files": len(loader.files),
             "fragments": len(loader.fragments), "wall_s": time.perf_counter() - started,
-            "work_units": {"plan": loader.plan, **balance_report(units)}, "warning": layout_warning(units, args.data)}
+            "work_units": {"plan": loader.plan, **balance_report(units)}, "warning": layout_warning(units, args.data),
+            "items": None if items is None else items.describe()}
+
+
+def items_line(items: dict, where: str) -> str:
+    """The one line saying what the item table check found (or that there was no table to check)."""
+    if items["items_table"] is None:
+        return f"no item table at <data dir>/{where} (data.items.dir): item ids and attributes not checked"
+    return (f"item table {items['items_table']}: {items['items_rows']} rows; {items['items_missing']} item id(s) "
+            f"without a row {items['items_missing_by_column']}; attribute mismatches {items['items_attr_mismatch']}")
 
 
 def run(args, cfg) -> int:
@@ -63,13 +83,15 @@ def run(args, cfg) -> int:
                     print(f"satrank check-data: error: {err}", file=sys.stderr)
             return 1
         total = sum_stats([p["stats"] for p in everyone])
+        described = everyone[0]["items"]
+        items = {"items_table": None} if described is None else summarize(total, described)
         wall = max(p["wall_s"] for p in everyone)
         metrics = {**total, "batches": sum(p["batches"] for p in everyone), "world_size": rt.world_size,
                    "num_workers": cfg.reader.num_workers, "files": everyone[0]["files"],
                    "fragments": everyone[0]["fragments"], "rows_per_rank": [p["rows"] for p in everyone],
                    "work_units": everyone[0]["work_units"], "layout_advice": everyone[0]["warning"],
                    "data": str(args.data), "row_filter": args.row_filter, "with_labels": not args.no_labels,
-                   "wall_s": wall, "rows_per_s": total["rows_read"] / wall if wall > 0 else None}
+                   "wall_s": wall, "rows_per_s": total["rows_read"] / wall if wall > 0 else None, **items}
         if rt.is_main:
             if metrics["layout_advice"]:
                 logger.warning("check-data: uneven layout: %s", metrics["layout_advice"])
@@ -80,6 +102,8 @@ def run(args, cfg) -> int:
                   f"{total['rows_rejected_total']} rejected{reasons}, {total['rows_filtered']} "
                   f"filtered, {total['rows_dropped']} dropped; {metrics['batches']} batches on {rt.world_size} "
                   f"rank(s) (rows per rank {metrics['rows_per_rank']}), {wall:.2f}s", flush=True)
+            if cfg.data.items is not None:
+                print(f"check-data: {items_line(items, cfg.data.items.dir)}", flush=True)
         return 0
     finally:
         rt.close()

@@ -45,6 +45,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, arg, path)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:  # Optional[X]: X's own error names the inner key (data.items.on_missing, ...)
+            raise ConfigError(errors[0])
         raise ConfigError(f"{path}: {value!r} matches none of {[_type_name(a) for a in args]}")
     if origin is typing.Literal:
         if value not in args:

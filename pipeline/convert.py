@@ -11,6 +11,10 @@ Column problems (missing, wrong Arrow type, a sequence that is not a list) are a
 Row problems (null/negative ids, ids >= vocab_size under `error`, NaN/inf, labels not 0/1,
 watch_time_s < 0, `satisfied` inconsistent with `questionnaire_answered`) raise DataError under
 on_bad_row=error and are dropped and counted as `problem:column` under on_bad_row=skip.
+
+With an item table (pipeline/items.py), every history named in data.items.history gets its derived
+`<history>__<attribute>` sequences (same lengths), appended after the read sequences; the gathering of
+rows into Batches lives in pipeline/parts.py.
 """
 from __future__ import annotations
 
@@ -18,16 +22,16 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm; torchrec needs it anyway)
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from satrank.pipeline.batch import LABEL_NAMES, Batch
 from satrank.pipeline.errors import DataError
 from satrank.pipeline.features import DataConfig
+from satrank.pipeline.parts import (Parts, assemble, empty_batch, gather,  # noqa: F401 (re-exported)
+                                    make_batch)
 
 KEEP, FILTERED = 0, 1  # reason codes; 2 + i is Converter.reasons[i]
 
@@ -63,6 +67,7 @@ class Chunk:
     id_names: List[str]
     reason: np.ndarray  # int16 [n]: KEEP, FILTERED or 2 + index into Converter.reasons
     hits: Dict[str, np.ndarray]  # feature -> int32 [n] ids mapped by the hash/oov policy
+    counts: Dict[str, np.ndarray]  # item-table count -> int32 [n] (pipeline/items.py: missing:*, mismatch:*)
 
 
 @dataclass
@@ -87,9 +92,16 @@ class Converter:
     """Checks and converts record batches for one DataConfig (pickled into DataLoader workers)."""
 
     def __init__(self, data_cfg: DataConfig, *, with_labels: bool = True, on_bad_row: str = "error",
-                 row_filter: Optional[str] = None):
+                 row_filter: Optional[str] = None, items: Any = None, audit_items: bool = False):
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+        if items is None and (data_cfg.derived_sequences or audit_items):
+            what = (f"data.items.history {data_cfg.items.history} derives history attributes from"
+                    if data_cfg.derived_sequences else "audit_items checks the data against")
+            raise DataError(f"{what} the item table, but this reader was given none "
+                            f"(satrank.pipeline.items.ItemTable)")
+        self.items = items  # satrank.pipeline.items.ItemTable, or None (no derived features, no audit)
+        self.audit_items = audit_items  # check_data: also count missing item ids and attribute mismatches
         self.cfg = data_cfg
         self.with_labels = with_labels
         self.on_bad_row = on_bad_row
@@ -250,8 +262,9 @@ class Converter:
                         sparse[j][over] = f.vocab_size
 
         seq_values, seq_lengths = [], []
+        raw: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}  # item-id histories as read (truncated), for items
         for f in cfg.sequence:
-            v, lengths = self._sequence(ctx, data, names, f, hits)
+            v, lengths = self._sequence(ctx, data, names, f, hits, raw if self.items is not None else None)
             seq_values.append(v)
             seq_lengths.append(torch.from_numpy(lengths.astype(np.int32)))
 
@@ -293,15 +306,37 @@ class Converter:
             if nulls is not None:
                 out |= nulls
             ctx.reason[out & (ctx.reason == KEEP)] = FILTERED
+        counts: Dict[str, np.ndarray] = {}
+        if self.items is not None:
+            self._items(ctx, data, int_col, raw, seq_values, seq_lengths, hits, counts)
         return Chunk(n=n, sparse=sparse, seq_values=seq_values, seq_lengths=seq_lengths, dense=dense,
                      floats=np.array(float_rows, dtype=np.float32).reshape(len(float_rows), n),
                      float_names=float_names, ids=np.array(id_rows, dtype=np.int64).reshape(len(id_rows), n),
-                     id_names=id_names, reason=ctx.reason, hits=hits)
+                     id_names=id_names, reason=ctx.reason, hits=hits, counts=counts)
 
-    def _sequence(self, ctx: _Ctx, data, names, f, hits) -> Tuple[torch.Tensor, np.ndarray]:
-        """(values, lengths) of a list column: checked, truncated to the last max_len, mapped."""
+    def _items(self, ctx: _Ctx, data, int_col, raw, seq_values, seq_lengths, hits, counts) -> None:
+        """Append the derived `<history>__<attribute>` sequences (lengths shared with the history) and, under
+        audit_items, count item ids without a table row and attribute columns disagreeing with the table."""
+        keep = ctx.reason == KEEP
+        index = {f.name: j for j, f in enumerate(self.cfg.sequence)}
+        for h in self.cfg.items.history:
+            for v in self.items.derive(ctx, h, *raw[h], keep, counts, hits):
+                seq_values.append(torch.from_numpy(v))
+                seq_lengths.append(seq_lengths[index[h]])
+        if self.audit_items:
+            cfg = self.cfg
+            attrs = {n: int_col(cfg.feature(n).column)[0] for n in cfg.items.sparse}
+            attrs.update({n: self._floats(_array(data, cfg.feature(n).column))[0] for n in cfg.items.dense})
+            seqs = {f.column: raw[f.name] for f in cfg.sequence if f.name in raw}
+            counts.update(self.items.audit(ctx, int_col(cfg.ids.item_id)[0], attrs, seqs, keep))
+
+    def _sequence(self, ctx: _Ctx, data, names, f, hits, raw=None) -> Tuple[torch.Tensor, np.ndarray]:
+        """(values, lengths) of a list column: checked, truncated to the last max_len, mapped; `raw` (a dict)
+        receives (ids before the vocabulary policy, offsets) of item-table histories."""
         n = ctx.n
         if f.column not in names:  # optional history: empty lists
+            if raw is not None:
+                raw[f.name] = (np.zeros(0, np.int64), np.zeros(n + 1, np.int64))
             return torch.zeros(0, dtype=torch.int64), np.zeros(n, np.int64)
         arr = _array(data, f.column)
         offsets = np.asarray(arr.offsets).astype(np.int64)
@@ -319,6 +354,8 @@ class Converter:
             offsets = np.zeros(n + 1, np.int64)
             np.cumsum(lengths, out=offsets[1:])
             v = v[np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])]
+        if raw is not None and f.table_name == self.cfg.item_feature.table_name:
+            raw[f.name] = (v, offsets)
         if f.out_of_range != "error":
             over = v >= f.vocab_size
             if over.any():
@@ -391,104 +428,18 @@ class Converter:
                 k = int(h[idx].sum())
                 if k:
                     stats["oov_hits"][name] = stats["oov_hits"].get(name, 0) + k
-
-
-@dataclass
-class Parts:
-    """The rows of one batch, gathered; `to_batch` / `write_sparse` lay the KJT out key-major."""
-
-    size: int
-    sparse: torch.Tensor  # int64 [n_sparse, B]
-    seq_lengths: List[torch.Tensor]  # int32 [B] per sequence feature
-    seq_values: List[torch.Tensor]
-    dense: torch.Tensor  # float32 [B, D]
-    floats: torch.Tensor  # float32 [F, B]
-    float_names: List[Tuple[str, str]]
-    ids: torch.Tensor  # int64 [I, B]
-    id_names: List[str]
-
-    @property
-    def n_values(self) -> int:
-        return self.sparse.numel() + sum(v.numel() for v in self.seq_values)
-
-    @property
-    def n_lengths(self) -> int:
-        return self.sparse.numel() + self.size * len(self.seq_lengths)
-
-    def write_sparse(self, values: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Key-major KJT values/lengths into preallocated tensors (single-valued keys first)."""
-        k = self.sparse.numel()
-        values[:k].copy_(self.sparse.reshape(-1))
-        lengths[:k] = 1
-        at = k
-        for j, (ln, v) in enumerate(zip(self.seq_lengths, self.seq_values)):  # (torch.cat(out=) is slow)
-            values[at:at + v.numel()].copy_(v)
-            at += v.numel()
-            lengths[k + j * self.size:k + (j + 1) * self.size].copy_(ln)
-
-    def to_batch(self, keys: List[str], position: Any = None) -> Batch:
-        values = torch.empty(self.n_values, dtype=torch.int64)
-        lengths = torch.empty(self.n_lengths, dtype=torch.int32)
-        self.write_sparse(values, lengths)
-        return assemble(keys, values, lengths, self.dense, self.floats, self.float_names, self.ids, self.id_names,
-                        position)
-
-
-def assemble(keys, values, lengths, dense, floats, float_names, ids, id_names, position) -> Batch:
-    """A Batch from laid-out tensors; label/truth/id tensors are row views of `floats` / `ids`."""
-    groups: Dict[str, Dict[str, torch.Tensor]] = {"labels": {}, "truth": {}}
-    for i, (group, name) in enumerate(float_names):
-        groups[group][name] = floats[i]
-    return Batch(sparse=KeyedJaggedTensor(keys=keys, values=values, lengths=lengths), dense=dense,
-                 labels=groups["labels"], ids={name: ids[i] for i, name in enumerate(id_names)},
-                 truth=groups["truth"], position=position)
-
-
-def _gather_one(chunk: Chunk, idx: np.ndarray) -> Parts:
-    rows = torch.from_numpy(idx.astype(np.int32))
-    seq = [torch.ops.fbgemm.permute_1D_sparse_data(rows, ln, v, None, None)
-           for ln, v in zip(chunk.seq_lengths, chunk.seq_values)]
-    return Parts(size=len(idx), sparse=torch.from_numpy(np.take(chunk.sparse, idx, axis=1)),
-                 seq_lengths=[s[0] for s in seq], seq_values=[s[1] for s in seq],
-                 dense=torch.from_numpy(np.take(chunk.dense, idx, axis=0)),
-                 floats=torch.from_numpy(np.take(chunk.floats, idx, axis=1)), float_names=chunk.float_names,
-                 ids=torch.from_numpy(np.take(chunk.ids, idx, axis=1)), id_names=chunk.id_names)
-
-
-def gather(pieces: Sequence[Tuple[Chunk, np.ndarray]]) -> Optional[Parts]:
-    """Rows `idx` of each chunk, in order (a batch may span windows); None when there are none."""
-    parts = [_gather_one(c, i) for c, i in pieces if len(i)]
-    if len(parts) <= 1:
-        return parts[0] if parts else None
-    first = parts[0]
-    if any(p.float_names != first.float_names or p.id_names != first.id_names for p in parts):
-        raise DataError("a batch spans files with different optional columns (request_id / truth columns); "
-                        "give all files the same schema")
-    return Parts(size=sum(p.size for p in parts), sparse=torch.cat([p.sparse for p in parts], 1),
-                 seq_lengths=[torch.cat(x) for x in zip(*(p.seq_lengths for p in parts))],
-                 seq_values=[torch.cat(x) for x in zip(*(p.seq_values for p in parts))],
-                 dense=torch.cat([p.dense for p in parts]), floats=torch.cat([p.floats for p in parts], 1),
-                 float_names=first.float_names, ids=torch.cat([p.ids for p in parts], 1), id_names=first.id_names)
-
-
-def empty_batch(keys: List[str], n_dense: int, position: Any = None) -> Batch:
-    """A zero-row Batch (the reader uses one to carry a slot's final position and counts)."""
-    return assemble(keys, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32),
-                    torch.zeros(0, n_dense), torch.zeros(0, 0), [], torch.zeros(0, 0, dtype=torch.int64), [],
-                    position)
-
-
-def make_batch(keys: List[str], pieces: Sequence[Tuple[Chunk, np.ndarray]], position: Any = None,
-               n_dense: int = 0) -> Batch:
-    """A Batch of rows `idx` of each chunk, in order."""
-    parts = gather(pieces)
-    return empty_batch(keys, n_dense, position) if parts is None else parts.to_batch(keys, position)
+            for name, c in chunk.counts.items():  # only when an item table is read: old states lack "items"
+                k = int(c[idx].sum())
+                if k:
+                    stats.setdefault("items", {})[name] = stats.get("items", {}).get(name, 0) + k
 
 
 def table_to_batch(table: pa.Table, data_cfg: DataConfig, *, file: str = "<table>", with_labels: bool = True,
-                   on_bad_row: str = "error", row_filter: Optional[str] = None) -> Tuple[Batch, Dict[str, Any]]:
-    """Convert a whole in-memory table (file order) into one Batch plus its row accounting."""
-    conv = Converter(data_cfg, with_labels=with_labels, on_bad_row=on_bad_row, row_filter=row_filter)
+                   on_bad_row: str = "error", row_filter: Optional[str] = None,
+                   items: Any = None) -> Tuple[Batch, Dict[str, Any]]:
+    """Convert a whole in-memory table (file order) into one Batch plus its row accounting (`items`: the
+    ItemTable the derived history attributes come from, when data.items.history names any)."""
+    conv = Converter(data_cfg, with_labels=with_labels, on_bad_row=on_bad_row, row_filter=row_filter, items=items)
     conv.check_schema(table.schema, file)
     chunk = conv.convert(table, file)
     stats = new_stats()

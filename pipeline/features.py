@@ -84,6 +84,28 @@ class IdColumns:
 
 
 @dataclass
+class ItemsConfig:
+    """The item attribute table `DIR/<dir>/*.parquet` (one row per item) and what the reader derives from it.
+
+    `sparse` / `dense` name data.sparse / data.dense features whose column the table carries (same
+    column names); `history` names sequence features of item ids that get one derived sequence
+    `<history>__<sparse>` per sparse attribute (the attribute of each history item, looked up in the
+    attribute feature's table under its out_of_range policy). `on_missing`: an item id of the data
+    without a table row is an error, or reads attribute id 0 / 0.0 and is counted as `items_missing`.
+    """
+
+    dir: str = "items"  # relative to the data dir (the parent of train/ valid/ test/ candidates/)
+    id: str = "item_id"  # the table's item id column
+    sparse: List[str] = field(default_factory=lambda: ["author_id", "category_id"])
+    dense: List[str] = field(default_factory=lambda: ["duration_s"])
+    history: List[str] = field(default_factory=list)
+    on_missing: Literal["error", "default"] = "error"
+
+
+DERIVED_SEPARATOR = "__"  # derived history attribute feature: <history>__<sparse attribute>
+
+
+@dataclass
 class DataConfig:
     """Feature config: maps Parquet columns to roles. `true_*` columns are ground truth, never features."""
 
@@ -94,6 +116,7 @@ class DataConfig:
     labels: LabelColumns = field(default_factory=LabelColumns)
     truth_prefix: str = "true_"
     truth_columns: List[str] = field(default_factory=list)  # read for evaluation only
+    items: Optional[ItemsConfig] = None  # the item attribute table; None = no table
 
     def validate(self, path: str) -> None:
         names = [f.name for f in self.sparse] + [f.name for f in self.sequence] + [f.name for f in self.dense]
@@ -124,18 +147,77 @@ class DataConfig:
         for c in self.truth_columns:
             if not c.startswith(self.truth_prefix):
                 raise ConfigError(f"{path}: truth column {c!r} must start with {self.truth_prefix!r}")
+        if self.items is not None:
+            self._validate_items(f"{path}.items")
+
+    def _validate_items(self, path: str) -> None:
+        """One-line errors naming the `data.items` key whose name is not a feature of the right kind."""
+        it = self.items
+        sparse = {f.name: f for f in self.sparse}
+        dense = {f.name for f in self.dense}
+        seq = {f.name: f for f in self.sequence}
+        for key, names, known, kind in (("sparse", it.sparse, sparse, "data.sparse"),
+                                        ("dense", it.dense, dense, "data.dense"),
+                                        ("history", it.history, seq, "data.sequence")):
+            bad = [n for n in names if n not in known]
+            if bad:
+                raise ConfigError(f"{path}.{key}: {bad} name no feature of {kind} (known: {sorted(known)})")
+            if len(set(names)) != len(names):
+                raise ConfigError(f"{path}.{key}: repeated names in {names}")
+        item = self.item_feature
+        if item is None:
+            raise ConfigError(f"{path}: no data.sparse feature reads the item id column {self.ids.item_id!r}; "
+                              f"the item table's vocabulary is that feature's vocab_size")
+        if item.name in it.sparse:
+            raise ConfigError(f"{path}.sparse: {item.name!r} is the item id itself, not an attribute")
+        for h in it.history:
+            if seq[h].table_name != item.table_name:
+                raise ConfigError(f"{path}.history: {h!r} uses table {seq[h].table_name!r}, not the item table "
+                                  f"{item.table_name!r} of {item.name!r}: its values are not item ids")
+        taken = {f.name for f in [*self.sparse, *self.sequence]} | dense
+        clash = sorted(n.name for n in self.derived_sequences if n.name in taken)
+        if clash:
+            raise ConfigError(f"{path}.history: derived feature name(s) {clash} repeat a feature name")
+
+    @property
+    def item_feature(self) -> Optional[SparseFeature]:
+        """The single-valued feature reading the item id column (its vocab_size sizes the item table)."""
+        return next((f for f in self.sparse if f.column == self.ids.item_id), None)
+
+    @property
+    def derived_sequences(self) -> List[SequenceFeature]:
+        """History attribute sequences the reader derives from the item table, in KJT key order: for
+        each `items.history` feature, for each `items.sparse` attribute, `<history>__<attribute>`
+        (attribute's vocab, policy and table; the history's max_len). Empty without items.history."""
+        if self.items is None:
+            return []
+        out = []
+        for h in self.items.history:
+            hist = next(f for f in self.sequence if f.name == h)
+            for a in self.items.sparse:
+                attr = next(f for f in self.sparse if f.name == a)
+                out.append(SequenceFeature(name=f"{h}{DERIVED_SEPARATOR}{a}", column=f"{h}{DERIVED_SEPARATOR}{a}",
+                                           vocab_size=attr.vocab_size, max_len=hist.max_len,
+                                           out_of_range=attr.out_of_range, table=attr.table_name))
+        return out
+
+    @property
+    def all_sequences(self) -> List[SequenceFeature]:
+        """Sequence features read from columns, then those derived from the item table."""
+        return [*self.sequence, *self.derived_sequences]
 
     @property
     def sparse_names(self) -> List[str]:
-        """KeyedJaggedTensor keys, in order: single-valued features, then sequences."""
-        return [f.name for f in self.sparse] + [f.name for f in self.sequence]
+        """KeyedJaggedTensor keys, in order: single-valued features, sequences, derived history attributes."""
+        return [f.name for f in self.sparse] + [f.name for f in self.sequence] + [
+            f.name for f in self.derived_sequences]
 
     @property
     def dense_names(self) -> List[str]:
         return [f.name for f in self.dense]
 
     def feature(self, name: str):
-        for f in [*self.sparse, *self.sequence, *self.dense]:
+        for f in [*self.sparse, *self.all_sequences, *self.dense]:
             if f.name == name:
                 return f
         raise KeyError(f"no feature named {name!r}; known: {self.sparse_names + self.dense_names}")

@@ -14,6 +14,9 @@ several DataLoader workers each, and must survive a restart without skipping or 
   index in the slot's list under key "fragment", row offset in that unit's shuffled order) and the
   slot's running counts; `BatchLoader.state_dict()` is those positions plus the plan, so a
   restored loader continues exactly.
+- Item table: when data.items.history names histories (or check_data audits), the table
+  `<data dir>/<data.items.dir>` (data dir = the parent of the split dir) is read once here and the
+  converter appends the derived history attribute sequences (pipeline/items.py).
 - Transport: a worker packs ~4 MiB of batches into one reused shared-memory buffer
   (pipeline/transport.py).
 """
@@ -33,9 +36,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from satrank.pipeline.batch import Batch
-from satrank.pipeline.convert import KEEP, Converter, Parts, empty_batch, gather, new_stats
+from satrank.pipeline.convert import KEEP, Converter, new_stats
+from satrank.pipeline.parts import Parts, empty_batch, gather
 from satrank.pipeline.errors import DataError
 from satrank.pipeline.features import DataConfig
+from satrank.pipeline.items import ItemTable, data_dir_of
 from satrank.pipeline.reader_config import ReaderConfig
 from satrank.pipeline.shards import list_shards, open_parquet as _open, read_fragments  # noqa: F401 (re-exported)
 from satrank.pipeline.transport import POOL_KEEP, BufferPool, FinalPosition, Packet
@@ -245,9 +250,9 @@ def sum_stats(stats: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     for s in stats:
         for key in ("rows_read", "rows_emitted", "rows_filtered", "rows_dropped"):
             total[key] += s[key]
-        for key in ("rows_rejected", "oov_hits"):
-            for name, v in s[key].items():
-                total[key][name] = total[key].get(name, 0) + v
+        for key in ("rows_rejected", "oov_hits", "items"):
+            for name, v in s.get(key, {}).items():  # "items": only when an item table was read
+                total.setdefault(key, {})[name] = total.get(key, {}).get(name, 0) + v
     total["rows_rejected_total"] = sum(total["rows_rejected"].values())
     accounted = total["rows_emitted"] + total["rows_rejected_total"] + total["rows_filtered"] + total["rows_dropped"]
     if total["rows_read"] != accounted:
@@ -265,7 +270,8 @@ class BatchLoader:
     """
 
     def __init__(self, uri_or_dir, data_cfg: DataConfig, reader_cfg: ReaderConfig, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, row_filter: Optional[str] = None, with_labels: bool = True):
+                 world_size: Optional[int] = None, row_filter: Optional[str] = None, with_labels: bool = True,
+                 items: Optional[ItemTable] = None, audit_items: bool = False):
         d_rank, d_world = _dist_rank_world()
         self.rank = d_rank if rank is None else rank
         self.world_size = d_world if world_size is None else world_size
@@ -273,8 +279,11 @@ class BatchLoader:
             raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
         self.uri = str(uri_or_dir)
         self.cfg = reader_cfg
+        if items is None and data_cfg.items is not None and (data_cfg.derived_sequences or audit_items):
+            items = ItemTable.load(data_dir_of(self.uri), data_cfg.items, data_cfg)  # DIR/<data.items.dir>
+        self.items = items  # the item attribute table (None when nothing needs it); pickled into the workers
         self.converter = Converter(data_cfg, with_labels=with_labels, on_bad_row=reader_cfg.on_bad_row,
-                                   row_filter=row_filter)
+                                   row_filter=row_filter, items=items, audit_items=audit_items)
         self.fs, self.files = list_shards(self.uri)
         self.fragments = read_fragments(self.fs, self.files, self.converter)
         self.workers_per_rank = max(1, reader_cfg.num_workers)

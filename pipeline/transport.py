@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from satrank.pipeline.batch import Batch
-from satrank.pipeline.convert import Parts, assemble, empty_batch
+from satrank.pipeline.parts import Parts, assemble, empty_batch
 
 POOL_KEEP = 4  # idle buffers a worker keeps: ~ prefetch_factor (2) + one in use + one being filled
 _HEADER = 64  # bytes before the packed tensors; int64 at 0: 1 while the main process uses the buffer

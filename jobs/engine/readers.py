@@ -42,7 +42,7 @@ def first_batch(loader: BatchLoader) -> Batch:
     cfg = dataclasses.replace(loader.cfg, num_workers=0, shuffle=False)
     conv = loader.converter
     one = BatchLoader(loader.uri, conv.cfg, cfg, rank=0, world_size=1, row_filter=conv.row_filter,
-                      with_labels=conv.with_labels)
+                      with_labels=conv.with_labels, items=conv.items, audit_items=conv.audit_items)
     it = iter(one)
     try:
         batch = next(it, None)
