@@ -283,6 +283,8 @@ def test_click_model_fraction_target_is_bce_against_the_share_watched_on_clicked
     expect = (per * c).sum() / c.sum()
     bce = torch.nn.functional.binary_cross_entropy_with_logits(out["click_logit"], c)
     assert torch.allclose(out["loss_watch_time"], expect, atol=1e-6) and torch.allclose(loss, bce + 0.5 * expect, atol=1e-6)
+    plain = ClickModel(data, EMB, TowerConfig(dim=8), watch_time_weight=0.0, watch_time_target="fraction")
+    assert plain.arch.watch_head is None  # the paper's click model: the target setting is unused
     data.dense[0].transform = "none"
     with pytest.raises(ValueError, match="pretrain.duration_feature: 'duration_s' must have transform log1p"):
         ClickModel(data, EMB, TowerConfig(dim=8), watch_time_weight=0.5, watch_time_target="fraction")

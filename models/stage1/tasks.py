@@ -82,7 +82,7 @@ class ClickTaskLoss(nn.Module):
         super().__init__()
         self.click = BinaryTaskLoss("click", "click", "click_model")
         self.weight, self.rows, self.target, self.duration_index = weight, rows, target, duration_index
-        if target == "fraction" and duration_index is None:
+        if weight > 0 and target == "fraction" and duration_index is None:
             raise ValueError("click_model: watch_time_target=fraction needs the duration's dense column index")
 
     def forward(self, logit: torch.Tensor, watch: Optional[torch.Tensor], labels: Dict[str, torch.Tensor],
