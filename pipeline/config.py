@@ -176,8 +176,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml(path: str | Path) -> Dict[str, Any]:
-    """Read a YAML mapping safely; errors name the file."""
+EXTENDS = "extends"  # top-level key of a config that states only what differs from another config file
+
+
+def load_yaml(path: str | Path, _chain: Sequence[Path] = ()) -> Dict[str, Any]:
+    """Read a YAML mapping safely; errors name the file.
+
+    A file with a top-level `extends: OTHER.yaml` (relative to the file's folder) is OTHER (itself possibly
+    extending another) deep-merged with this file's keys: mappings merge key by key, anything else (numbers,
+    strings, lists) is replaced whole. So a dataset or world config states only what differs.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -190,7 +198,28 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
-    return data
+    if EXTENDS not in data:
+        return data
+    base = data.pop(EXTENDS)
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {str(path)!r}: {EXTENDS} must name one config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    chain = [*_chain, path.resolve()]
+    if base_path in chain:
+        raise ConfigError(f"config file {str(path)!r}: {EXTENDS} {base!r} makes a cycle "
+                          f"({' -> '.join(str(p) for p in [*chain, base_path])})")
+    return deep_merge(load_yaml(base_path, chain), data)
+
+
+def deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    """`base` with `over` laid on top: nested mappings merge, every other value replaces (a new dict)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def load(cls: Type[T], path: str | Path, overrides: Sequence[str] = ()) -> T:

@@ -80,3 +80,25 @@ def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_yaml("nope.yaml")
     assert DEFAULT_CONFIG.is_file()
+
+
+def test_a_config_that_extends_another_states_only_what_differs(tmp_path):
+    """`extends:` deep-merges: mappings key by key, lists and scalars replaced whole; cycles and bad values named."""
+    from satrank.pipeline.config import load_yaml
+
+    (tmp_path / "base.yaml").write_text("a: {x: 1, y: [1, 2]}\nb: 2\n")
+    (tmp_path / "mid.yaml").write_text("extends: base.yaml\na: {y: [3]}\n")
+    (tmp_path / "top.yaml").write_text("extends: mid.yaml\na: {z: 4}\nc: 5\n")
+    assert load_yaml(tmp_path / "top.yaml") == {"a": {"x": 1, "y": [3], "z": 4}, "b": 2, "c": 5}
+    (tmp_path / "loop.yaml").write_text("extends: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        load_yaml(tmp_path / "loop.yaml")
+    (tmp_path / "bad.yaml").write_text("extends: [a, b]\n")
+    with pytest.raises(ConfigError, match="extends must name one config file"):
+        load_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "gone.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml' does not exist"):
+        load_yaml(tmp_path / "gone.yaml")
+    alt = load_config(DEFAULT_CONFIG.parent / "sim_alt.yaml")  # the alternative world: sim.yaml + simulate keys
+    assert alt.simulate.sat_w_attractiveness == -0.5 and alt.simulate.users == load_config().simulate.users
