@@ -102,3 +102,13 @@ def test_a_config_that_extends_another_states_only_what_differs(tmp_path):
         load_yaml(tmp_path / "gone.yaml")
     alt = load_config(DEFAULT_CONFIG.parent / "sim_alt.yaml")  # the alternative world: sim.yaml + simulate keys
     assert alt.simulate.sat_w_attractiveness == -0.5 and alt.simulate.users == load_config().simulate.users
+
+
+def test_heads_that_do_not_divide_the_embedding_dim_are_refused_at_parse_time():
+    with pytest.raises(ConfigError, match=r"model\.transformer_heads: 3 must divide the embedding dim 32 of table 'item'"):
+        load_config(overrides=["model.transformer_heads=3"])
+    with pytest.raises(ConfigError, match=r"model\.transformer_heads: 2 must divide the embedding dim 15"):
+        load_config(overrides=["embeddings.tables.item.dim=15"])
+    load_config(overrides=["pretrain.tower.transformer_heads=3"])  # mean encoder: heads unused, accepted
+    with pytest.raises(ConfigError, match=r"pretrain\.tower\.transformer_heads: 3 must divide"):
+        load_config(overrides=["pretrain.tower.transformer_heads=3", "pretrain.tower.history_encoder=transformer"])

@@ -42,6 +42,23 @@ class SatrankConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)  # satrank.jobs.score (fusion of the towers)
     export: ExportConfig = field(default_factory=ExportConfig)  # satrank.jobs.export
 
+    def validate(self, path: str) -> None:
+        """Cross-section checks, at parse time (before any job starts): a setting that can only fail once a model
+        is built is refused here, naming both keys."""
+        for key, heads, feature in (("model.transformer_heads", self.model.transformer_heads, self.model.item_feature),
+                                    ("pretrain.tower.transformer_heads", self.pretrain.tower.transformer_heads,
+                                     self.pretrain.tower.history)):
+            if key.startswith("pretrain") and (feature is None or self.pretrain.tower.history_encoder != "transformer"):
+                continue
+            try:
+                table = self.data.feature(feature).table_name
+            except (KeyError, AttributeError):
+                continue  # an unknown feature name is reported by the model's own check, naming its key
+            dim = self.embeddings.table_dim(table)
+            if heads <= 0 or dim % heads:
+                raise cfgio.ConfigError(f"{key}: {heads} must divide the embedding dim {dim} of table {table!r} "
+                                        f"(embeddings.tables.{table}.dim / embeddings.dim)")
+
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SatrankConfig:
     """Load a run config; the embedded default `configs/sim.yaml` when `path` is None."""
