@@ -151,7 +151,7 @@ def test_click_only_and_easq_variants_are_request_level_stage1_is_refused():
     from satrank.models.serving.module import Stage1Heads, build_model
     from satrank.models.serving.request import RequestLevelError, build_request_module
 
-    cfg = _small_cfg("model.variant=click_only")
+    cfg = _small_cfg("model.variant=click_only", "model.attention=fused")
     torch.manual_seed(0)
     assert _equal_on_examples(build_model("ranker", cfg), "ranker", cfg) <= ATOL
 
