@@ -210,7 +210,7 @@ def check_request_level(request, traced, data: DataConfig, data_dir: Optional[Pa
             feats = chk.Features(chk.read_table(path), feature_schema(data), str(path))
             ours = chk.score_features(traced, feats, outputs=outputs)
             part = chk.request_level_report(request, feats, ours, iface, outputs, atol)
-            worst = {n: max(worst.get(n, 0.0), part["max_abs_diff"][n]) for n in outputs}
+            worst = {n: max(worst.get(n, 0.0), part["max_abs_diff"].get(n, 0.0)) for n in outputs}
             requests, rows = requests + part["requests"], rows + part["rows"]
             if rows >= max_rows:
                 break
