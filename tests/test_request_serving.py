@@ -127,7 +127,8 @@ def _small_cfg(*overrides):
     return load_config(overrides=[*RUN_OVERRIDES, *overrides])
 
 
-def _equal_on_examples(model, kind, cfg) -> float:
+def _equal_on_examples(model, kind, cfg, outputs=None) -> float:
+    """Max |request-level - per-candidate| over three example requests; `outputs`: the expected output names."""
     from satrank.models.common.fusion import FusionConfig
     from satrank.models.ranker.heads import serving_specs
     from satrank.models.serving.check import per_candidate_inputs
@@ -138,6 +139,7 @@ def _equal_on_examples(model, kind, cfg) -> float:
     req = build_request_module(model, kind, cfg.data, FusionConfig(), specs)
     per = trace(ServingModule(model, cfg.data, FusionConfig(), specs=specs), cfg.data)
     iface = {**req.keys, "dense": cfg.data.dense_names}
+    assert outputs is None or list(req.outputs) == outputs
     worst = 0.0
     with torch.no_grad():
         for seed, (c, fill) in enumerate(((1, "empty"), (33, "full"), (5, "half"))):
@@ -154,6 +156,13 @@ def test_click_only_and_easq_variants_are_request_level_stage1_is_refused():
     cfg = _small_cfg("model.variant=click_only", "model.attention=fused")
     torch.manual_seed(0)
     assert _equal_on_examples(build_model("ranker", cfg), "ranker", cfg) <= ATOL
+
+    # no teacher g (MLSE and MTL off), the skip history's encoder, the skip head and an extra head
+    cfg = _small_cfg("data.labels.extra=[like]", "model.extra_heads=[{name: like, label: like, weight: 1.0}]",
+                     "model.mlse=false", "model.mtl=false", "model.use_skip_history=true", "model.skip_head=true")
+    torch.manual_seed(0)
+    assert _equal_on_examples(build_model("ranker", cfg), "ranker", cfg,
+                              ["p_click", "p_satisfied", "watch_time_pred", "p_skip", "p_like", "score"]) <= ATOL
 
     cfg = _small_cfg("easq.targets=[item,user]")
     torch.manual_seed(0)
