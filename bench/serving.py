@@ -4,9 +4,14 @@ Why: candidate sets are scored offline at scale and the artifact answers online 
 belong in the report. Prints ONE JSON line:
   score_rows_per_s   satrank.jobs.score with --nproc ranks (torchrun, gloo): rows scored / scoring wall time
                      (model load and process start excluded; the manifest's run record)
-  p50_ms_100 / p99_ms_100, p50_ms_1000 / p99_ms_1000   latency of model.pt (TorchScript, fp32, CPU,
-                     `--threads` intra-op threads) for one request of 100 candidates / 10 requests of
-                     100, inputs already tensors (the Parquet -> tensor step of satrank.jobs.serve_check excluded)
+  p50_ms_100 / p99_ms_100   latency of the per-candidate model.pt (TorchScript, fp32, CPU, `--threads`
+                     intra-op threads, default 1) for one request of 100 candidates (one row each)
+  p50_ms_1000 / p99_ms_1000   the request-level model_request.pt (satrank.models.serving.request) for ONE
+                     request of 1,000 candidates (user side once)
+  per_candidate_p50_ms_1000 / per_candidate_p99_ms_1000   model.pt on the same request as 1,000 rows
+  request_speedup_1000  per_candidate_p99_ms_1000 / p99_ms_1000
+  request_p50_ms_100 / request_p99_ms_100   model_request.pt for one request of 100 candidates
+                     Inputs are already tensors (the Parquet -> tensor step of serve_check excluded).
 
     python bench/serving.py [--work DIR] [--requests 1000] [--nproc 2] [--iters 300]
 
@@ -78,32 +83,58 @@ def score_throughput(work: Path, data: Path, run: Path, nproc: int) -> dict:
             "score_wall_s": run_rec["scoring_wall_s"], "score_job_s": round(time.perf_counter() - t0, 2)}
 
 
+def _timed(module, inputs: list, iters: int, warmup: int = 30) -> tuple:
+    """(p50, p99) in ms of `module(*inputs[i % len(inputs)])` after `warmup` calls (TorchScript's profiling
+    executor specialises on the first calls)."""
+    for i in range(warmup):
+        module(*inputs[i % len(inputs)])
+    times = []
+    for i in range(iters):
+        t0 = time.perf_counter()
+        module(*inputs[i % len(inputs)])
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(float(np.percentile(times, 50)), 3), round(float(np.percentile(times, 99)), 3)
+
+
+def one_request(feats, iface: dict, candidates: int) -> tuple:
+    """Request-level inputs of ONE request: the first request's user (ids, histories) and `candidates`
+    candidates taken from the candidate rows in file order (cycled if there are fewer)."""
+    from satrank.models.serving.check import request_inputs, request_rows
+
+    user, hv, hl, _, _ = request_inputs(feats, request_rows(feats.ids["request_id"])[0], iface)
+    rows = np.arange(candidates) % feats.n
+    names = feats.keys[:len(feats.single)]
+    items = np.stack([feats.single[names.index(k)][rows] for k in iface["item_keys"]])
+    return user, hv, hl, torch.from_numpy(items), torch.from_numpy(np.ascontiguousarray(feats.dense[rows]))
+
+
 def latency(work: Path, data: Path, run: Path, iters: int, threads: int) -> dict:
+    """Per-candidate model.pt on 1 request of 100 rows and 10 of 100; then ONE request of 1,000 candidates
+    through model_request.pt (user side once) and through model.pt (its user repeated on 1,000 rows)."""
     from satrank.jobs.export import export
-    from satrank.models.serving.check import Features, load_module, verify_artifact
+    from satrank.models.serving.check import Features, load_module, per_candidate_inputs, verify_artifact
     from satrank.jobs.config.serve import load_serve_config
 
     art = work / "artifact"
     export(run, art, load_serve_config(), data, overwrite=True)
     manifest = verify_artifact(art)
     module = load_module(art, manifest)
+    iface = manifest["request_interface"]
+    request = load_module(art, manifest, iface["file"])
     first = sorted((data / "candidates").glob("part-*.parquet"))[0]
     feats = Features(pq.read_table(first), manifest["features"], str(first))
     torch.set_num_threads(threads)
     out = {"latency_threads": threads, "artifact_mb": round(sum(p.stat().st_size for p in art.iterdir()) / 2**20, 2)}
     with torch.no_grad():
-        for rows in (100, 1000):
-            n_batches = max(1, feats.n // rows)
-            inputs = [feats.inputs(i * rows, (i + 1) * rows) for i in range(n_batches)]
-            for i in range(30):  # warm-up: TorchScript's profiling executor specialises on the first calls
-                module(*inputs[i % n_batches])
-            times = []
-            for i in range(iters):
-                t0 = time.perf_counter()
-                module(*inputs[i % n_batches])
-                times.append((time.perf_counter() - t0) * 1e3)
-            out[f"p50_ms_{rows}"] = round(float(np.percentile(times, 50)), 3)
-            out[f"p99_ms_{rows}"] = round(float(np.percentile(times, 99)), 3)
+        batches = [feats.inputs(i * 100, (i + 1) * 100) for i in range(max(1, feats.n // 100))]
+        out["p50_ms_100"], out["p99_ms_100"] = _timed(module, batches, iters)
+        req = one_request(feats, iface, 1000)
+        out["p50_ms_1000"], out["p99_ms_1000"] = _timed(request, [req], iters)
+        per = per_candidate_inputs(req, iface, manifest["features"]["keys"])
+        out["per_candidate_p50_ms_1000"], out["per_candidate_p99_ms_1000"] = _timed(module, [per], iters)
+        req100 = one_request(feats, iface, 100)
+        out["request_p50_ms_100"], out["request_p99_ms_100"] = _timed(request, [req100], iters)
+    out["request_speedup_1000"] = round(out["per_candidate_p99_ms_1000"] / out["p99_ms_1000"], 1)
     return out
 
 

@@ -5,8 +5,9 @@
 
 The run is loaded unsharded (satrank.jobs.engine.runs.load_model: any world size that wrote it, LoRA merged, a
 satrank.jobs.dpo run serving its main heads with the EASQ adapters folded in; its kind from meta.json) and
-satrank.models.serving.export builds, checks and atomically publishes EXPORT_DIR (model.pt, model_int8.pt with
-export.int8, config.yaml, manifest.json, SHA256SUMS; see there). satrank.jobs.serve_check verifies an artifact
+satrank.models.serving.export builds, checks and atomically publishes EXPORT_DIR (model.pt, model_request.pt
+for ranker / easq runs (one request per call, user side once; satrank.models.serving.request), model_int8.pt
+with export.int8, config.yaml, manifest.json, SHA256SUMS; see there). satrank.jobs.serve_check verifies an artifact
 in a fresh process.
 """
 from __future__ import annotations

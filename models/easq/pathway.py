@@ -325,10 +325,18 @@ class ServingRanker(nn.Module):
     def heads(self) -> List[str]:
         return self.ranker.heads
 
-    def forward(self, x: RankerInputs) -> Dict[str, torch.Tensor]:
+    def user_side(self, x) -> Dict[str, torch.Tensor]:
+        """The ranker's user side (the adapters folded here touch only the item input): once per request."""
+        return self.ranker.user_side(x)
+
+    def score_candidates(self, state: Dict[str, torch.Tensor], x) -> Dict[str, torch.Tensor]:
+        """The ranker's candidate side with item <- item_in(item)."""
         if self.item_in is not None:
             x = dataclasses.replace(x, item=self.item_in(x.item))
-        return self.ranker(x)
+        return self.ranker.score_candidates(state, x)
+
+    def forward(self, x: RankerInputs) -> Dict[str, torch.Tensor]:
+        return self.score_candidates(self.user_side(x), x)
 
 
 def parameter_groups(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Parameter]]]:

@@ -69,6 +69,25 @@ class RankerInputs:
     extras: Dict[str, torch.Tensor] = field(default_factory=dict)  # for the history scorer, e.g. g's scores
 
 
+@dataclass
+class UserInputs:
+    """The user-side part of RankerInputs (no candidate): what `SAQRecRanker.user_side` reads."""
+
+    user: Dict[str, torch.Tensor]  # pooled user-side vectors [B, d_f]
+    histories: Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # name -> (V [B,L,d], mask [B,L])
+    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ItemInputs:
+    """The candidate part of RankerInputs for C candidates: what `SAQRecRanker.score_candidates` reads."""
+
+    item: torch.Tensor  # [C, d]
+    item_attrs: Dict[str, torch.Tensor]  # [C, d_f]
+    dense: torch.Tensor  # [C, n_dense]
+    duration_log1p: torch.Tensor  # [C]
+
+
 HistoryScorer = Callable[[RankerInputs, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -197,10 +216,12 @@ class SAQRecRanker(nn.Module):
             feats.append(x.dense.to(x.item.dtype))
         return x.item + self.item_proj(torch.cat(feats, dim=-1))
 
-    def forward(self, x: RankerInputs, user_delta: Optional[torch.Tensor] = None,
-                with_user_vector: bool = False) -> Dict[str, torch.Tensor]:
-        """Outputs by name (module doc). `user_delta` [B, d] is added to v_u, and `with_user_vector` adds
-        `v_u` to the outputs: EASQ's user-layer pathway passes and reads them (satrank.models.easq.pathway)."""
+    def user_side(self, x: "RankerInputs | UserInputs", user_delta: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Everything that depends only on the user: the history encoders, SID, MLSE, v_u and the fusion (eq. 13).
+
+        Reads x.user, x.histories and x.extras only (a `UserInputs` suffices), so serving runs it once per
+        request on one row (satrank.models.serving.request). Returns {"user": u_f [B, d], "fusion_weights": w
+        [B, K], "v_u": v_u [B, d]}; `user_delta` [B, d] is added to v_u (EASQ's user-layer pathway)."""
         cfg, h = self.cfg, self.cfg.histories
         V_r, m_r = self._history(x, h.click)
         H_r, h_r = self.enc_click(V_r, m_r)
@@ -225,15 +246,37 @@ class SAQRecRanker(nn.Module):
             _, h_skip = self.enc_skip(*self._history(x, h.skip))
             parts.append(h_skip)
         u_f, w = self.fusion(parts)
+        return {"user": u_f, "fusion_weights": w, "v_u": v_u}
+
+    def score_candidates(self, state: Mapping[str, torch.Tensor], x: "RankerInputs | ItemInputs") -> Dict[str, torch.Tensor]:
+        """The candidate-dependent part: v_i and one tower per head, over C candidates.
+
+        `state` is `user_side`'s output for either C rows (training: one user per row) or ONE row (a
+        request: u_f is broadcast to the C candidates). Reads x.item, x.item_attrs, x.dense, x.duration_log1p."""
         v_i = self.item_vector(x)
+        n = v_i.shape[0]
+        u_f, w = state["user"], state["fusion_weights"]
+        if u_f.shape[0] not in (1, n):
+            raise ValueError(f"ranker: user state has {u_f.shape[0]} rows but there are {n} candidates "
+                             "(expected one row per candidate, or one row for the whole request)")
+        u_f, w = u_f.expand(n, -1), w.expand(n, -1)  # a no-op when u_f already has a row per candidate
         out = {"user": u_f, "item": v_i, "fusion_weights": w}
         for spec in self.head_specs:
             out[spec.name] = self._tower(spec, u_f, v_i, x)
-        if with_user_vector:
-            out["v_u"] = v_u
         return out
 
-    def _tower(self, spec: HeadSpec, u_f: torch.Tensor, v_i: torch.Tensor, x: RankerInputs) -> torch.Tensor:
+    def forward(self, x: RankerInputs, user_delta: Optional[torch.Tensor] = None,
+                with_user_vector: bool = False) -> Dict[str, torch.Tensor]:
+        """Outputs by name (module doc): exactly `user_side` then `score_candidates` on the same rows.
+        `user_delta` [B, d] is added to v_u, and `with_user_vector` adds `v_u` to the outputs: EASQ's
+        user-layer pathway passes and reads them (satrank.models.easq.pathway)."""
+        state = self.user_side(x, user_delta)
+        out = self.score_candidates(state, x)
+        if with_user_vector:
+            out["v_u"] = state["v_u"]
+        return out
+
+    def _tower(self, spec: HeadSpec, u_f: torch.Tensor, v_i: torch.Tensor, x: "RankerInputs | ItemInputs") -> torch.Tensor:
         """One head's raw output [B] (a logit; log1p seconds for the regression tower)."""
         if spec.tower == "dot":
             return (u_f * v_i).sum(-1)
@@ -281,6 +324,40 @@ def build_ranker(
     )
 
 
+def _pooled(sparse: "SparseOutput", name: str) -> torch.Tensor:
+    if name not in sparse.pooled:
+        raise KeyError(f"ranker_inputs: pooled feature {name!r} missing (have {sorted(sparse.pooled)})")
+    return sparse.pooled[name]
+
+
+def user_inputs(sparse: "SparseOutput", cfg: ModelConfig, data: "DataConfig",
+                extras: Optional[Dict[str, torch.Tensor]] = None) -> UserInputs:
+    """Adapter SparseOutput -> UserInputs: pooled user features and histories padded to their max_len."""
+    from satrank.embeddings.tables import padded
+
+    seq = {f.name: f for f in data.sequence}
+    histories = {}
+    for n in cfg.required_histories():
+        if n not in sparse.sequences:
+            raise KeyError(f"ranker_inputs: sequence feature {n!r} missing (have {sorted(sparse.sequences)})")
+        histories[n] = padded(sparse.sequences[n], seq[n].max_len)
+    return UserInputs(user={n: _pooled(sparse, n) for n in cfg.user_features}, histories=histories,
+                      extras=dict(extras or {}))
+
+
+def item_inputs(sparse: "SparseOutput", dense: torch.Tensor, cfg: ModelConfig, data: "DataConfig") -> ItemInputs:
+    """Adapter SparseOutput (+ dense [C, n_dense]) -> ItemInputs: the candidate's embedding, attributes, dense."""
+    if cfg.duration_feature in data.dense_names:
+        i = data.dense_names.index(cfg.duration_feature)
+        col = dense[:, i]
+        dur = col if data.dense[i].transform == "log1p" else torch.log1p(col.clamp_min(0))
+    else:
+        dur = dense.new_zeros(dense.shape[0])  # only read by the watch-time tower (checked in build_ranker)
+    return ItemInputs(item=_pooled(sparse, cfg.item_feature),
+                      item_attrs={n: _pooled(sparse, n) for n in cfg.item_attr_features},
+                      dense=dense, duration_log1p=dur)
+
+
 def ranker_inputs(
     sparse: "SparseOutput",
     dense: torch.Tensor,
@@ -288,36 +365,10 @@ def ranker_inputs(
     data: "DataConfig",
     extras: Optional[Dict[str, torch.Tensor]] = None,
 ) -> RankerInputs:
-    """Adapter SparseOutput (+ Batch.dense) -> RankerInputs; histories padded to their max_len."""
-    from satrank.embeddings.tables import padded
-
-    seq = {f.name: f for f in data.sequence}
-
-    def pooled(name: str) -> torch.Tensor:
-        if name not in sparse.pooled:
-            raise KeyError(f"ranker_inputs: pooled feature {name!r} missing (have {sorted(sparse.pooled)})")
-        return sparse.pooled[name]
-
-    histories = {}
-    for n in cfg.required_histories():
-        if n not in sparse.sequences:
-            raise KeyError(f"ranker_inputs: sequence feature {n!r} missing (have {sorted(sparse.sequences)})")
-        histories[n] = padded(sparse.sequences[n], seq[n].max_len)
-    if cfg.duration_feature in data.dense_names:
-        i = data.dense_names.index(cfg.duration_feature)
-        col = dense[:, i]
-        dur = col if data.dense[i].transform == "log1p" else torch.log1p(col.clamp_min(0))
-    else:
-        dur = dense.new_zeros(dense.shape[0])  # only read by the watch-time tower (checked in build_ranker)
-    return RankerInputs(
-        user={n: pooled(n) for n in cfg.user_features},
-        item=pooled(cfg.item_feature),
-        item_attrs={n: pooled(n) for n in cfg.item_attr_features},
-        dense=dense,
-        duration_log1p=dur,
-        histories=histories,
-        extras=dict(extras or {}),
-    )
+    """Adapter SparseOutput (+ Batch.dense) -> RankerInputs (`user_inputs` + `item_inputs` of the same rows)."""
+    u, i = user_inputs(sparse, cfg, data, extras), item_inputs(sparse, dense, cfg, data)
+    return RankerInputs(user=u.user, item=i.item, item_attrs=i.item_attrs, dense=i.dense,
+                        duration_log1p=i.duration_log1p, histories=u.histories, extras=u.extras)
 
 
 class RankerFromSparse(nn.Module):

@@ -239,6 +239,106 @@ def score_features(module, feats: Features, batch_size: int = 4096,
     return res
 
 
+# ------------------------------------------------------------------------------------------ request-level
+def request_rows(request_id: np.ndarray) -> List[np.ndarray]:
+    """Row indices of each request, requests in order of first appearance, rows in file order."""
+    _, first, inverse = np.unique(request_id, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rows = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(np.bincount(inverse, minlength=first.size))
+    groups = np.split(rows, bounds[:-1])
+    return [groups[i] for i in order]
+
+
+def request_inputs(feats: Features, rows: np.ndarray, iface: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
+    """The request-level inputs (manifest `request_interface`) of one request's candidate rows: the user side
+    from its first row, which every other row must repeat (ServeCheckError otherwise), the candidates batched."""
+    names = feats.keys[:len(feats.single)]
+    seq_names = feats.keys[len(feats.single):]
+    rid = int(feats.ids["request_id"][rows[0]])
+    user = []
+    for n in iface["user_keys"]:
+        col = feats.single[names.index(n)][rows]
+        if (col != col[0]).any():
+            raise ServeCheckError(f"{feats.file}: request {rid}: user-side column of {n!r} differs between its rows "
+                                  "(one request has one user)")
+        user.append(col[0])
+    hist_v, hist_l = [], []
+    for n in iface["history_keys"]:
+        v, o = feats.sequences[seq_names.index(n)]
+        first = v[o[rows[0]]:o[rows[0] + 1]]
+        for r in rows[1:]:
+            if not np.array_equal(v[o[r]:o[r + 1]], first):
+                raise ServeCheckError(f"{feats.file}: request {rid}: history {n!r} differs between its rows "
+                                      "(one request has one user)")
+        hist_v.append(first)
+        hist_l.append(first.size)
+    items = np.stack([feats.single[names.index(n)][rows] for n in iface["item_keys"]])
+    return (torch.from_numpy(np.asarray(user, np.int64)), torch.from_numpy(np.concatenate(hist_v).astype(np.int64)),
+            torch.tensor(hist_l, dtype=torch.int32), torch.from_numpy(np.ascontiguousarray(items, np.int64)),
+            torch.from_numpy(np.ascontiguousarray(feats.dense[rows])))
+
+
+def check_request(inputs: Sequence[torch.Tensor], iface: Dict[str, Any]) -> None:
+    """ServeCheckError (one line, naming the input) unless `inputs` match the request-level signature."""
+    user, hv, hl, items, dense = inputs
+    want = {"user_ids": (user, 1, len(iface["user_keys"])), "history_lengths": (hl, 1, len(iface["history_keys"])),
+            "item_ids": (items, 2, len(iface["item_keys"]))}
+    for name, (t, dim, n) in want.items():
+        if t.dim() != dim or t.shape[0] != n:
+            raise ServeCheckError(f"request: {name} has shape {list(t.shape)}, expected first dim {n} and {dim} dims")
+    if hv.dim() != 1 or hv.shape[0] != int(hl.sum()):
+        raise ServeCheckError(f"request: history_values has {hv.shape[0]} ids but history_lengths sum to {int(hl.sum())}")
+    if dense.dim() != 2 or dense.shape != (items.shape[1], len(iface["dense"])):
+        raise ServeCheckError(f"request: dense has shape {list(dense.shape)} but item_ids has {items.shape[1]} "
+                              f"candidates and there are {len(iface['dense'])} dense columns")
+
+
+def per_candidate_inputs(inputs: Sequence[torch.Tensor], iface: Dict[str, Any],
+                         keys: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A request as model.pt's rows (values, lengths, dense): the user side repeated on each of the C rows."""
+    user, hv, hl, items, dense = inputs
+    c = items.shape[1]
+    hist = dict(zip(iface["history_keys"], torch.split(hv, [int(x) for x in hl])))
+    values, lengths = [], []
+    for k in keys:
+        if k in hist:
+            values.append(hist[k].repeat(c))
+            lengths.append(torch.full((c,), hist[k].numel(), dtype=torch.int32))
+            continue
+        values.append(user[iface["user_keys"].index(k)].repeat(c) if k in iface["user_keys"]
+                      else items[iface["item_keys"].index(k)])
+        lengths.append(torch.ones(c, dtype=torch.int32))
+    return torch.cat(values), torch.cat(lengths), dense
+
+
+def max_diffs(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], outputs: Sequence[str],
+              worst: Dict[str, float]) -> Dict[str, float]:
+    """worst[name] raised to max |a - b| per output; ServeCheckError when NaN patterns differ."""
+    for name, x, y in zip(outputs, a, b):
+        x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
+        if not torch.equal(torch.isnan(x), torch.isnan(y)):
+            raise ServeCheckError(f"request-level check: {name} is NaN in one artifact but not the other")
+        d = (x - y).abs().nan_to_num(0.0)
+        worst[name] = max(worst.get(name, 0.0), float(d.max()) if d.numel() else 0.0)
+    return worst
+
+
+def request_level_report(module, feats: Features, ours: Dict[str, np.ndarray], iface: Dict[str, Any],
+                         outputs: Sequence[str], atol: float) -> Dict[str, Any]:
+    """Score every request of `feats` with the request-level module; max |diff| against the per-candidate
+    scores `ours` (score_features of the same rows) per output."""
+    worst: Dict[str, float] = {}
+    groups = request_rows(feats.ids["request_id"])
+    with torch.no_grad():
+        for rows in groups:
+            inputs = request_inputs(feats, rows, iface)
+            check_request(inputs, iface)
+            max_diffs(module(*inputs), [ours[n][rows] for n in outputs], outputs, worst)
+    return {"requests": len(groups), "rows": int(sum(r.size for r in groups)), "max_abs_diff": worst,
+            "atol": atol, "ok": all(v <= atol for v in worst.values())}
+
+
 def candidate_files(path: str | Path) -> List[Path]:
     path = Path(path)
     if path.is_file():
@@ -304,10 +404,21 @@ def check(export_dir: str | Path, candidates: str | Path, scored: Optional[str |
     results = []
     outputs = output_names(manifest)
     s0 = time.perf_counter()
+    feats_of = []
     for path in candidate_files(candidates):
         feats = Features(read_table(path), manifest["features"], str(path))
         results.append(score_features(module, feats, batch_size, outputs))
+        feats_of.append(feats)
     score_s = time.perf_counter() - s0
+    iface = manifest.get("request_interface")
+    request_level = None
+    if iface and (model_file or manifest["model_file"]) == manifest["model_file"]:  # fp32 model.pt only
+        req = load_module(export_dir, manifest, iface["file"])
+        parts = [request_level_report(req, f, r, iface, outputs, atol) for f, r in zip(feats_of, results)]
+        request_level = {"file": iface["file"], "requests": sum(p["requests"] for p in parts),
+                         "rows": sum(p["rows"] for p in parts), "atol": atol,
+                         "max_abs_diff": {n: max(p["max_abs_diff"].get(n, 0.0) for p in parts) for n in outputs},
+                         "ok": all(p["ok"] for p in parts)}
     ours = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
     report: Dict[str, Any] = {
         "artifact": str(export_dir), "model_file": model_file or manifest["model_file"],
@@ -318,6 +429,8 @@ def check(export_dir: str | Path, candidates: str | Path, scored: Optional[str |
     }
     if scored is not None:
         report["compare"] = compare(ours, scored, atol, outputs)
-    report["ok"] = report.get("compare", {}).get("ok", True)
+    if request_level is not None:
+        report["request_level"] = request_level
+    report["ok"] = report.get("compare", {}).get("ok", True) and (request_level or {}).get("ok", True)
     report["wall_s"] = round(time.perf_counter() - t0, 3)
     return report

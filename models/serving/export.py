@@ -6,6 +6,9 @@ EXPORT_DIR (published atomically: built in a temp directory beside it, then rena
                   forward(values int64, lengths int32, dense float32) -> (one float32 [B] per served head,
                   score), in manifest `interface.outputs` order (p_click, p_satisfied, watch_time_pred, then
                   p_<name> of any other head of satrank.models.ranker.heads); loads with torch alone.
+  model_request.pt  the request-level module (satrank.models.serving.request, ranker / easq kinds): ONE request
+                  (user ids + histories once, C candidates batched) -> the same outputs for the C candidates;
+                  its signature is manifest `request_interface`; checked against model.pt on held-out requests.
   model_int8.pt   (export.int8) the same with every table in FBGEMM's fused 8-bit rowwise format; its AUC
                   change against model.pt on `export.eval_rows` rows of DIR/`export.eval_split` is in the manifest.
   config.yaml     the run config the model was built from.
@@ -14,8 +17,9 @@ EXPORT_DIR (published atomically: built in a temp directory beside it, then rena
                   evaluation metrics (RUN/metrics.json), the export check, quantisation, sha256 + size of files.
   SHA256SUMS      sha256 of every file including manifest.json (`sha256sum -c SHA256SUMS` works).
 
-`build_artifact` refuses to publish when the traced fp32 module differs from the eager model by more than
-`export.check_atol` on real candidate rows (DIR/candidates) or on synthetic rows. `loaded` is what
+`build_artifact` refuses to publish when the traced fp32 module differs from the eager model, or the
+request-level module from model.pt, by more than `export.check_atol` on real candidate rows / requests
+(DIR/candidates) or on synthetic ones. `loaded` is what
 satrank.jobs.engine.runs.load_model returns (model, kind, cfg, meta, path, run_dir, lora, specs); `serve` the
 `score:` / `export:` sections.
 """
@@ -36,6 +40,8 @@ import torch
 
 from satrank.models.common.fusion import effective_weights, formula
 from satrank.models.serving.module import ModelScorer, ServingModule, example_inputs, trace
+from satrank.models.serving.request import REQUEST_FILE
+from satrank.models.serving.request import interface as request_interface
 from satrank.pipeline import config as cfgio
 from satrank.pipeline.batch import Batch
 from satrank.pipeline.config import ConfigError
@@ -185,6 +191,58 @@ def int8_auc(fp32, int8, outputs: Sequence[str], loaded: Any, cfg: Any, data_dir
     return out
 
 
+@torch.no_grad()
+def check_request_level(request, traced, data: DataConfig, data_dir: Optional[Path], atol: float,
+                        max_rows: int = 2048) -> Dict[str, Any]:
+    """Request-level scores vs model.pt's on held-out requests: the requests of DIR/candidates (whole files up
+    to `max_rows` rows, with --data) and synthetic ones (empty histories + 1 candidate, full histories + 257
+    candidates, half + 20); DataError over `atol` (export.check_atol)."""
+    from satrank.models.serving import check as chk
+    from satrank.models.serving.request import example_request
+
+    iface = {**request.keys, "dense": data.dense_names}
+    outputs = list(request.outputs)
+    worst: Dict[str, float] = {}
+    requests, rows, source = 0, 0, "synthetic"
+    if data_dir is not None and (data_dir / "candidates").exists():
+        source = "candidates+synthetic"
+        for path in chk.candidate_files(data_dir / "candidates"):
+            feats = chk.Features(chk.read_table(path), feature_schema(data), str(path))
+            ours = chk.score_features(traced, feats, outputs=outputs)
+            part = chk.request_level_report(request, feats, ours, iface, outputs, atol)
+            worst = {n: max(worst.get(n, 0.0), part["max_abs_diff"].get(n, 0.0)) for n in outputs}
+            requests, rows = requests + part["requests"], rows + part["rows"]
+            if rows >= max_rows:
+                break
+    for seed, (c, fill) in enumerate(((1, "empty"), (257, "full"), (20, "half")), start=1):
+        inputs = example_request(data, request.keys, c, seed=seed, history=fill)
+        per = traced(*chk.per_candidate_inputs(inputs, iface, data.sparse_names))
+        chk.max_diffs(request(*inputs), per, outputs, worst)
+        requests, rows = requests + 1, rows + c
+    bad = {k: v for k, v in worst.items() if v > atol}
+    if bad:
+        raise DataError(f"export check: the request-level module differs from model.pt by {bad} > export.check_atol "
+                        f"{atol} on {requests} {source} requests; not publishing")
+    return {"requests": requests, "rows": rows, "source": source, "max_abs_diff": worst, "atol": atol,
+            "against": MODEL_FILE}
+
+
+def request_artifact(loaded: Any, traced, serve: Any, data_dir: Optional[Path]) -> Tuple[Any, Dict[str, Any]]:
+    """(the scripted request-level module or None, its export check); a model kind that cannot be served
+    request-level (stage-1 click / satisfaction) gets None and the reason, and keeps model.pt only."""
+    from satrank.models.serving.request import RequestLevelError, build_request_module
+
+    try:
+        request = build_request_module(loaded.model, loaded.kind, loaded.cfg.data, serve.score.fusion, loaded.specs)
+    except RequestLevelError as exc:
+        log.info("no request-level artifact: %s", exc)
+        return None, {"skipped": str(exc)}
+    check = check_request_level(request, traced, loaded.cfg.data, data_dir, serve.export.check_atol)
+    log.info("request-level module matches model.pt: max |diff| %s on %d requests (%d rows, %s)",
+             check["max_abs_diff"], check["requests"], check["rows"], check["source"])
+    return request, check
+
+
 def training_data(loaded: Any, data_dir: Optional[Path]) -> Dict[str, Any]:
     """What the checkpoint says about its training data, plus the timestamp range of DIR/train
     (Parquet row-group statistics) when --data is given."""
@@ -232,12 +290,16 @@ def build_artifact(loaded: Any, out: Path, serve: Any, data_dir: Optional[Path] 
     check = check_traced(traced, loaded, serve, data_dir)
     log.info("traced module matches the eager model: max |diff| %s on %d %s rows", check["max_abs_diff"], check["rows"],
              check["source"])
+    request, request_check = request_artifact(loaded, traced, serve, data_dir)
+    check = {**check, "request_level": request_check}
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
         traced.save(str(tmp / MODEL_FILE))
+        if request is not None:
+            request.save(str(tmp / REQUEST_FILE))
         quant = None
         if serve.export.int8:
             traced8 = trace(ServingModule(loaded.model, data, serve.score.fusion, int8=True, specs=loaded.specs),
@@ -259,6 +321,8 @@ def build_artifact(loaded: Any, out: Path, serve: Any, data_dir: Optional[Path] 
                       "checkpoint_created_unix": meta.get("created_unix"), "lora": loaded.lora,
                       "unsharded": True},
             "interface": interface(module.outputs),
+            "request_interface": (None if request is None else
+                                  request_interface(request.keys, data.dense_names, request.outputs)),
             "features": feature_schema(data),
             "fusion": {"formula": formula(loaded.specs), "weights": serve.score.fusion.weights(),
                        "effective_weights": effective_weights(serve.score.fusion, module.heads, loaded.specs)},

@@ -222,13 +222,21 @@ class PlainSparseArch(nn.Module):
         return q[ids].float() * scale[ids].unsqueeze(-1) + bias[ids].unsqueeze(-1)
 
     def forward(self, kjt: KeyedJaggedTensor) -> SparseOutput:
-        values, lengths = kjt.values(), kjt.lengths().long()
-        n_keys = len(self.keys)
+        return self.lookup(kjt.values(), kjt.lengths(), self.keys)
+
+    def lookup(self, values: torch.Tensor, lengths: torch.Tensor, keys: Sequence[str]) -> SparseOutput:
+        """The features `keys` (any subset of this arch's features, in that key-major order) looked up from
+        KJT-layout values/lengths; the request-level module looks the user's and the candidates' keys up apart."""
+        lengths = lengths.long()
+        n_keys = len(keys)
         offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
         starts, lens = offsets[:-1].view(n_keys, -1), lengths.view(n_keys, -1)
         pooled: Dict[str, torch.Tensor] = {}
         sequences: Dict[str, JaggedTensor] = {}
-        for k, name, table, max_len in self.features:
+        for _, name, table, max_len in self.features:
+            if name not in keys:
+                continue
+            k = list(keys).index(name)
             if max_len == 0:
                 pooled[name] = self._rows(table, values[starts[k]])
                 continue

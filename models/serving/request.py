@@ -1,0 +1,212 @@
+"""Request-level serving: ONE request (a user and C candidates) per call, the user side computed once.
+
+Why: the per-candidate artifact (satrank.models.serving.module.ServingModule) scores one row per
+candidate, so the ranker's history Transformers, SID, MLSE and g's history scores run C times per
+request although they depend only on the user. Here they run once on one row, and only the
+candidate-dependent part runs over the C candidates:
+
+  once per request   the user's lookups (user features, every history), g's MLSE scores of the click
+                     history, SAQRecRanker.user_side: the encoders, SID, MLSE, v_u and the gated fusion u_f
+  per candidate      the candidate's lookups (item id + attributes) and dense columns,
+                     SAQRecRanker.score_candidates: v_i and every head's tower, then the fusion of the heads
+
+(In SAQRec no attention or gate takes the candidate as its query: SID attends with the satisfied /
+dissatisfied history encodings, MLSE groups by g's scores of the history, and the fusion gate reads only
+user-side vectors; the candidate meets the user only in the towers.) The ranker's training forward is
+exactly user_side + score_candidates, so both artifacts run one code path.
+
+Input signature (`forward`, `interface()` in the manifest), keys in manifest `request_interface` order:
+  user_ids         int64 [U]            one id per user-side single-valued key (`user_keys`)
+  history_values   int64 [sum lengths]  the history ids, key-major over `history_keys`, oldest first
+  history_lengths  int32 [H]            ids of each history key (0 = empty; longer than max_len: last ids kept)
+  item_ids         int64 [I, C]         row i = the C candidates' ids of item key `item_keys[i]`
+  dense            float32 [C, D]       the candidates' dense columns, transforms applied
+  -> one float32 [C] per served head, then score (as the per-candidate artifact)
+Ids have had their vocabulary policy applied, as for model.pt.
+
+Kinds: `ranker` and `easq` (its folded ServingRanker) are request-level; the stage-1 `click` /
+`satisfaction` models are not (`RequestLevelError` names the kind; their per-candidate model.pt serves).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from satrank.models.common.fusion import Fusion, FusionConfig
+from satrank.models.ranker.heads import HeadSpec
+from satrank.models.serving.module import model_heads, plain_copy
+from satrank.pipeline.features import DataConfig
+
+REQUEST_FILE = "model_request.pt"
+
+
+class RequestLevelError(ValueError):
+    """This model cannot be served request-level; the message names the kind or feature and why."""
+
+
+def split_keys(data: DataConfig, model_cfg: Any, g: Any = None) -> Dict[str, List[str]]:
+    """{user_keys, history_keys, item_keys}: the candidate's keys are model.item_feature and
+    model.item_attr_features; every other single-valued key and every sequence belongs to the user.
+    RequestLevelError when a user-side input of the ranker or of g would read a candidate key."""
+    item = [f.name for f in data.sparse if f.name == model_cfg.item_feature or f.name in model_cfg.item_attr_features]
+    user = [f.name for f in data.sparse if f.name not in item]
+    bad = [n for n in model_cfg.user_features if n in item]
+    if bad:
+        raise RequestLevelError(f"request-level serving: model.user_features {bad} are candidate features "
+                                "(model.item_feature / item_attr_features); the user side would depend on the candidate")
+    if g is not None:
+        bad = [n for n in g.arch.tower.user_features if n in item]
+        if bad:
+            raise RequestLevelError(f"request-level serving: the satisfaction model g's tower.user_features {bad} are "
+                                    "candidate features; its MLSE history scores would depend on the candidate")
+    if not user:
+        raise RequestLevelError("request-level serving: the data has no user-side single-valued feature")
+    return {"user_keys": user, "history_keys": [f.name for f in data.sequence], "item_keys": item}
+
+
+class RequestCore(nn.Module):
+    """The traced part: forward(user_ids, history_values, history_lengths, item_ids, dense) -> (heads..., score).
+
+    Built from the eager task of a `ranker` / `easq` run (satrank.models.ranker.task.RankerTask) with every
+    SparseArch replaced by a PlainSparseArch, so the trace holds aten ops only (like model.pt)."""
+
+    def __init__(self, model: nn.Module, kind: str, data: DataConfig, fusion_cfg: FusionConfig,
+                 specs: Sequence[HeadSpec]) -> None:
+        super().__init__()
+        from satrank.models.ranker.task import RankerTask, Teacher
+
+        if kind not in ("ranker", "easq") or not isinstance(model, RankerTask):
+            raise RequestLevelError(f"request-level serving: model kind {kind!r} ({type(model).__name__}) is not a "
+                                    "stage-2 ranker; only 'ranker' and 'easq' runs are request-level, the per-candidate "
+                                    "model.pt serves this one")
+        ranker = model.ranker.ranker
+        if not (hasattr(ranker, "user_side") and hasattr(ranker, "score_candidates")):
+            raise RequestLevelError(f"request-level serving: {type(ranker).__name__} has no user_side / score_candidates "
+                                    "split (an unmerged EASQ model? load it with satrank.jobs.engine.runs.load_model)")
+        self.data, self.model_cfg = data, model.model_cfg
+        self.keys = split_keys(data, model.model_cfg, model.g)
+        self.task = plain_copy(model, data.sparse_names)
+        self.ranker = self.task.ranker.ranker
+        self.teacher = None
+        if self.task.g is not None and self.task.teacher.scores:  # MLSE's history scores; g's pseudo-labels are training-only
+            self.teacher = Teacher(self.task.teacher.history, scores=True, pseudo=False)
+        self.heads = model_heads(self.task, data, [s.name for s in specs])
+        self.fusion = Fusion(fusion_cfg, specs, self.heads)
+        self.outputs = self.fusion.outputs
+
+    def user_state(self, user_ids: torch.Tensor, history_values: torch.Tensor,
+                   history_lengths: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """SAQRecRanker.user_side on the request's one user row: {"user": u_f [1, d], ...}."""
+        from satrank.models.ranker.saqrec import user_inputs
+
+        keys = self.keys["user_keys"] + self.keys["history_keys"]
+        values = torch.cat([user_ids, history_values])
+        lengths = torch.cat([torch.ones_like(user_ids, dtype=torch.int32), history_lengths.to(torch.int32)])
+        sp = self.task.sparse_arch.lookup(values, lengths, keys)
+        extras: Dict[str, torch.Tensor] = {}
+        if self.teacher is not None:
+            g = self.task.g
+            gsp = g.sparse_arch.lookup(values, lengths, keys)
+            # g.score_history computes g's whole tower but reads only its user half: its item half gets a
+            # placeholder row (the history items are scored through g's item MLP, not the candidate's)
+            for n in g.arch.tower.item_features:
+                gsp.pooled[n] = values.new_zeros(1, g.sparse_arch.feature_dim(n), dtype=torch.float32)
+            dense = torch.zeros(1, len(self.data.dense), dtype=torch.float32, device=values.device)
+            extras.update(self.teacher(gsp, dense, g))
+        return self.ranker.user_side(user_inputs(sp, self.model_cfg, self.data, extras))
+
+    def forward(self, user_ids: torch.Tensor, history_values: torch.Tensor, history_lengths: torch.Tensor,
+                item_ids: torch.Tensor, dense: torch.Tensor):
+        from satrank.models.ranker.saqrec import item_inputs
+
+        state = self.user_state(user_ids, history_values, history_lengths)
+        flat = item_ids.reshape(-1)
+        sp = self.task.sparse_arch.lookup(flat, torch.ones_like(flat, dtype=torch.int32), self.keys["item_keys"])
+        out = self.ranker.score_candidates(state, item_inputs(sp, dense, self.model_cfg, self.data))
+        return self.fusion({n: out.get(n) for n in self.heads})
+
+
+class RequestModule(nn.Module):
+    """The published module (torch.jit.script): input checks with one-line messages, then the traced core.
+    A bad request raises ValueError 'request: ...' (TorchScript shows it as the last line of its error)."""
+
+    def __init__(self, core: torch.jit.ScriptModule, n_user: int, n_history: int, n_item: int, n_dense: int) -> None:
+        super().__init__()
+        self.core = core
+        self.n_user, self.n_history, self.n_item, self.n_dense = n_user, n_history, n_item, n_dense
+
+    def forward(self, user_ids: torch.Tensor, history_values: torch.Tensor, history_lengths: torch.Tensor,
+                item_ids: torch.Tensor, dense: torch.Tensor):
+        if user_ids.dim() != 1 or user_ids.size(0) != self.n_user or user_ids.dtype != torch.int64:
+            raise ValueError("request: user_ids must be int64 [{}], got {} {}".format(
+                self.n_user, user_ids.dtype, user_ids.shape))
+        if history_lengths.dim() != 1 or history_lengths.size(0) != self.n_history:
+            raise ValueError("request: history_lengths must be [{}], got {}".format(self.n_history, history_lengths.shape))
+        if history_values.dim() != 1 or history_values.size(0) != int(history_lengths.sum()):
+            raise ValueError("request: history_values has {} ids but history_lengths sum to {}".format(
+                history_values.size(0), int(history_lengths.sum())))
+        if item_ids.dim() != 2 or item_ids.size(0) != self.n_item or item_ids.dtype != torch.int64:
+            raise ValueError("request: item_ids must be int64 [{}, C], got {} {}".format(
+                self.n_item, item_ids.dtype, item_ids.shape))
+        if item_ids.size(1) == 0:
+            raise ValueError("request: no candidates (item_ids is [{}, 0])".format(self.n_item))
+        if dense.dim() != 2 or dense.size(0) != item_ids.size(1) or dense.size(1) != self.n_dense:
+            raise ValueError("request: dense must be [C={}, {}] like item_ids' {} candidates, got {}".format(
+                item_ids.size(1), self.n_dense, item_ids.size(1), dense.shape))
+        return self.core(user_ids, history_values, history_lengths, item_ids, dense.to(torch.float32))
+
+
+def example_request(data: DataConfig, keys: Dict[str, List[str]], candidates: int, seed: int = 0,
+                    history: str = "half") -> Tuple[torch.Tensor, ...]:
+    """Random valid request inputs; `history`: 'empty', 'half' or 'full' (every history at that fill)."""
+    g = torch.Generator().manual_seed(seed)
+    feats = {f.name: f for f in [*data.sparse, *data.sequence]}
+    user = torch.stack([torch.randint(0, feats[n].num_rows, (), generator=g) for n in keys["user_keys"]])
+    fill = {"empty": 0.0, "half": 0.5, "full": 1.0}[history]
+    lengths = torch.tensor([int(feats[n].max_len * fill) for n in keys["history_keys"]], dtype=torch.int32)
+    values = [torch.randint(0, feats[n].num_rows, (int(k),), generator=g) for n, k in zip(keys["history_keys"], lengths)]
+    items = torch.stack([torch.randint(0, feats[n].num_rows, (candidates,), generator=g) for n in keys["item_keys"]])
+    dense = torch.rand(candidates, len(data.dense), generator=g) * 3
+    return user, torch.cat(values) if values else torch.zeros(0, dtype=torch.int64), lengths, items, dense
+
+
+def build_request_module(model: nn.Module, kind: str, data: DataConfig, fusion_cfg: FusionConfig,
+                         specs: Sequence[HeadSpec], trace_candidates: int = 64) -> torch.jit.ScriptModule:
+    """RequestCore traced on an example request (half-full histories, `trace_candidates` candidates; the
+    candidate count stays dynamic), wrapped in the scripted RequestModule. RequestLevelError if not possible."""
+    core = RequestCore(model, kind, data, fusion_cfg, specs).eval()
+    example = example_request(data, core.keys, trace_candidates, seed=0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+        traced = torch.jit.trace(core, example, check_trace=False)
+    wrapper = RequestModule(traced, len(core.keys["user_keys"]), len(core.keys["history_keys"]),
+                            len(core.keys["item_keys"]), len(data.dense))
+    scripted = torch.jit.script(wrapper.eval())
+    scripted.outputs, scripted.keys = list(core.outputs), core.keys  # Python-side attributes for the export
+    return scripted
+
+
+def interface(keys: Dict[str, List[str]], dense: Sequence[str], outputs: Sequence[str]) -> Dict[str, Any]:
+    """The manifest's `request_interface`: the input signature of model_request.pt."""
+    return {
+        "file": REQUEST_FILE, "format": "torchscript (torch.jit.script wrapper around torch.jit.trace)",
+        "load": "torch.jit.load(path, map_location='cpu')", **{k: list(v) for k, v in keys.items()},
+        "dense": list(dense),
+        "inputs": [
+            {"name": "user_ids", "dtype": "int64", "shape": ["len(user_keys)"], "doc": "one id per user key"},
+            {"name": "history_values", "dtype": "int64", "shape": ["sum(history_lengths)"],
+             "doc": "history ids, key-major in history_keys order, oldest first"},
+            {"name": "history_lengths", "dtype": "int32", "shape": ["len(history_keys)"],
+             "doc": "ids per history key (0 = empty; only the last max_len ids are used)"},
+            {"name": "item_ids", "dtype": "int64", "shape": ["len(item_keys)", "C"],
+             "doc": "row i: the C candidates' ids of item_keys[i]"},
+            {"name": "dense", "dtype": "float32", "shape": ["C", "len(dense)"], "doc": "candidates' dense, transformed"}],
+        "outputs": [{"name": n, "dtype": "float32", "shape": ["C"]} for n in outputs],
+        "computed_once": "user lookups, g's MLSE history scores, history encoders, SID, MLSE, v_u, fusion u_f",
+        "per_candidate": "item lookups, v_i, the head towers, the score fusion",
+        "errors": "a malformed request raises ValueError 'request: ...' naming the input",
+    }
