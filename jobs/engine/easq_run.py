@@ -22,6 +22,7 @@ from satrank.models.easq.task import EasqTask
 from satrank.models.metrics.ranking import auc_or_nan
 from satrank.models.metrics.stage1_eval import auc_vs_drawn_truth, canonical_order, row_ids
 from satrank.models.ranker.task import needs_teacher
+from satrank.pipeline.config import ConfigError
 from satrank.pipeline.errors import DataError
 from satrank.pipeline.reader import BatchLoader
 
@@ -46,6 +47,9 @@ def build_easq(run_main: Path, cfg_cli: Any, seed_of) -> Tuple[EasqTask, Any, Pa
     if needs_teacher(cfg.model) and teacher is None:
         raise CheckpointError(f"--init {run_main}: the model needs its satisfaction model g but "
                               f"{Path(run_main) / TEACHER_FILE} is missing")
+    if cfg.easq.distill_weight > 0 and not cfg.model.use_satisfaction:
+        raise ConfigError(f"easq.distill_weight {cfg.easq.distill_weight} distils g's pseudo-labels, but --init {run_main} "
+                          f"has no satisfaction teacher (model.mtl false or variant click_only); set easq.distill_weight=0")
     module = EasqTask(build_task(cfg, teacher, seed=seed_of(cfg)), cfg.easq)
     mapping = dict(INIT_MAP)
     if module.task.g is not None:
