@@ -96,8 +96,11 @@ def test_the_user_side_runs_once_per_request(world, modules):
     inputs = _requests(world, manifest)[1]
     with torch.no_grad():
         got = core(*inputs)
-    for name in ("enc_click", "enc_sat", "enc_dis", "mlse", "g_tower"):
+    for name in ("enc_click", "enc_sat", "enc_dis", "mlse"):
         assert seen[name] == [1], (name, seen[name])
+    # g's user half: once for MLSE's history scores, once for the served satisfaction of the 20 candidates
+    # (model.served_satisfaction: teacher), each on the request's one row
+    assert seen["g_tower"] == [1, 1], seen["g_tower"]
     assert seen["sat_tower"] == [20]
     assert _diff(got, req(*inputs)) <= ATOL
 

@@ -124,8 +124,8 @@ def impression_columns(batch: Batch, out: Mapping[str, torch.Tensor], user_key: 
     cols = dict(click_pred=out["click"].double(), click=lab["click"].clone(), user=batch.ids[user_key].clone(),
                 answered=lab["questionnaire_answered"].clone(), satisfied=lab["satisfied"].clone(),
                 sat_pred=satisfaction_score(out).double(), watch_time_s=lab["watch_time_s"].double())
-    if "satisfaction" in out and PSEUDO_KEY in out:
-        cols.update(sat_logit=out["satisfaction"].double(), pseudo=out[PSEUDO_KEY].double())
+    if "satisfaction" in out and PSEUDO_KEY in out:  # eq. 16 loss of the tower (not of g's served estimate)
+        cols.update(sat_logit=out.get("satisfaction_tower", out["satisfaction"]).double(), pseudo=out[PSEUDO_KEY].double())
     if "watch_time" in out:
         cols["wt_log1p"] = out["watch_time"].double()
     for spec in heads:

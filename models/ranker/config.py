@@ -35,6 +35,10 @@ class ModelConfig:
     sid: bool = True  # satisfaction information disentanglement (eqs. 9-10) + T_{s+}, T_{s-} encoders
     mlse: bool = True  # multi-level satisfaction enhancement (eqs. 11-12), needs the stage-1 model g
     mtl: bool = True  # satisfaction tower s_f and its loss L_S (eqs. 14, 16-18); false = click loss only
+    # which estimate the served `satisfaction` head carries (ranking fusion, p_satisfied, sat_auc_answered), with mtl:
+    # teacher = g(u, i), the stage-1 IPS model the tower is distilled from (eq. 16); tower = s_f (eq. 14).
+    # Why teacher: with beta = 0.1 (eq. 19) the tower keeps about 2/3 of g's within-request signal (docs/alignment.md)
+    served_satisfaction: Literal["teacher", "tower"] = "teacher"
     use_skip_history: bool = False  # encode `histories.skip` with its own Transformer, 6th fusion input
     skip_head: bool = False  # skip logit u_f . MLP_skip(v_i), trained with BCE on the `skip` label
     watch_time_head: bool = True  # regresses log1p(watch_time_s) from [u_f, v_i, log1p(duration)]
@@ -74,6 +78,8 @@ class ModelConfig:
             raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.mlse_temperature <= 0:
             raise bad("mlse_temperature", f"must be > 0, got {self.mlse_temperature}")
+        if self.served_satisfaction not in ("teacher", "tower"):
+            raise bad("served_satisfaction", f"must be 'teacher' or 'tower', got {self.served_satisfaction!r}")
         for key in ("gate_hidden", "sat_mlp_hidden", "skip_mlp_hidden", "watch_time_hidden"):
             if any(w < 1 for w in getattr(self, key)):
                 raise bad(key, f"hidden widths must be >= 1, got {getattr(self, key)}")

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from satrank.models.ranker.config import ModelConfig, MultiTaskLossConfig
 
 STANDARD = ("click", "satisfaction", "watch_time")  # always a column of the scores (null when a model lacks it)
-RESERVED = ("user", "item", "fusion_weights", "loss", "rows", "pseudo_satisfaction", "sat_head", "sat_head_logit",
+RESERVED = ("user", "item", "fusion_weights", "loss", "rows", "pseudo_satisfaction",
+            "pseudo_satisfaction_logit", "satisfaction_tower", "sat_head", "sat_head_logit",
             "score", "rank", "request_id", "user_id", "item_id")
 
 

@@ -27,7 +27,9 @@ trained with `satisfaction.loss: naive`.
 
 Outputs (detached): one per head of satrank.models.ranker.heads under the head's name, its raw value
 (click, satisfaction, skip and extra heads: logits; watch_time: log1p seconds); pseudo_satisfaction
-(g, with mtl); and, when the batch has labels, loss and loss/<part> for each MultiTaskLoss part plus
+and pseudo_satisfaction_logit (g, with mtl). With model.served_satisfaction: teacher (the default) the
+`satisfaction` output is g's logit for the candidate and the tower's s_f moves to satisfaction_tower, so
+every consumer (evaluation fusion, scoring, export) ranks by g's IPS estimate; `tower` serves s_f. And, when the batch has labels, loss and loss/<part> for each MultiTaskLoss part plus
 loss/satisfaction_bce = eq. 16 against the pseudo-labels (comparable across epochs, unlike
 L_S^mix). The label-correction state (the fitted Beta mixture) travels in the module's
 state_dict as loss_fn's extra state, so checkpoints carry it.
@@ -52,6 +54,8 @@ from satrank.pipeline.features import DataConfig
 
 HISTORY_SCORES = "hist_click_satisfaction"  # RankerInputs.extras key of the MLSE scores
 PSEUDO = "pseudo_satisfaction"
+PSEUDO_LOGIT = "pseudo_satisfaction_logit"  # g(u, i) before the sigmoid: the served satisfaction under `teacher`
+SAT_TOWER = "satisfaction_tower"  # s_f when the served `satisfaction` is g's (model.served_satisfaction: teacher)
 
 
 @dataclasses.dataclass
@@ -89,6 +93,7 @@ class Teacher(nn.Module):
             if self.pseudo:
                 logit, _ = g.arch(sparse.pooled, sparse.sequences, dense)
                 out[PSEUDO] = torch.sigmoid(logit).detach()
+                out[PSEUDO_LOGIT] = logit.detach()
         return out
 
 
@@ -104,6 +109,7 @@ class RankerLoss(nn.Module):
         super().__init__()
         self.mtl = MultiTaskLoss(loss_cfg, model_cfg, seed=seed)
         self.gamma = loss_cfg.gamma
+        self.served_teacher = model_cfg.use_satisfaction and model_cfg.served_satisfaction == "teacher"
         self.epoch = 0
 
     def forward(self, out: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor],
@@ -113,6 +119,8 @@ class RankerLoss(nn.Module):
         pseudo = teacher.get(PSEUDO)
         if pseudo is not None:
             res[PSEUDO] = pseudo
+        if self.served_teacher and "satisfaction" in res:  # g serves; the tower stays a reported auxiliary
+            res[SAT_TOWER], res["satisfaction"] = res["satisfaction"], teacher[PSEUDO_LOGIT]
         if "click" not in labels:
             if self.training:
                 raise ValueError(f"ranker: training batch has no label 'click' (labels present: {sorted(labels)})")

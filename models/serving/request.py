@@ -30,7 +30,7 @@ Kinds: `ranker` and `easq` (its folded ServingRanker) are request-level; the sta
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -93,13 +93,23 @@ class RequestCore(nn.Module):
         self.teacher = None
         if self.task.g is not None and self.task.teacher.scores:  # MLSE's history scores; g's pseudo-labels are training-only
             self.teacher = Teacher(self.task.teacher.history, scores=True, pseudo=False)
+        # model.served_satisfaction: teacher -> the served satisfaction is g(u, candidate): g's user half once per
+        # request, its item half per candidate (the way MLSE scores history items), like RankerLoss serves it
+        self.g_item_index: Optional[int] = None
+        if self.task.g is not None and self.task.loss_fn.served_teacher:
+            g_items = self.task.g.arch.tower.item_features
+            if len(g_items) != 1 or g_items[0] not in self.keys["item_keys"]:
+                raise RequestLevelError(f"request-level serving: g's tower.item_features {g_items} must be one candidate "
+                                        f"key of {self.keys['item_keys']} to serve g's satisfaction estimate")
+            self.g_item_index = self.keys["item_keys"].index(g_items[0])
         self.heads = model_heads(self.task, data, [s.name for s in specs])
         self.fusion = Fusion(fusion_cfg, specs, self.heads)
         self.outputs = self.fusion.outputs
 
-    def user_state(self, user_ids: torch.Tensor, history_values: torch.Tensor,
-                   history_lengths: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """SAQRecRanker.user_side on the request's one user row: {"user": u_f [1, d], ...}."""
+    def user_state(self, user_ids: torch.Tensor, history_values: torch.Tensor, history_lengths: torch.Tensor
+                   ) -> Tuple[Dict[str, torch.Tensor], Any]:
+        """SAQRecRanker.user_side on the request's one user row ({"user": u_f [1, d], ...}) and g's lookups of
+        that row (None when g is not needed)."""
         from satrank.models.ranker.saqrec import user_inputs
 
         keys = self.keys["user_keys"] + self.keys["history_keys"]
@@ -107,25 +117,38 @@ class RequestCore(nn.Module):
         lengths = torch.cat([torch.ones_like(user_ids, dtype=torch.int32), history_lengths.to(torch.int32)])
         sp = self.task.sparse_arch.lookup(values, lengths, keys)
         extras: Dict[str, torch.Tensor] = {}
-        if self.teacher is not None:
+        gsp = None
+        if self.teacher is not None or self.g_item_index is not None:
             g = self.task.g
             gsp = g.sparse_arch.lookup(values, lengths, keys)
-            # g.score_history computes g's whole tower but reads only its user half: its item half gets a
-            # placeholder row (the history items are scored through g's item MLP, not the candidate's)
+            # g's history / candidate scores compute g's whole tower but read only its user half: its item half
+            # gets a placeholder row (the items are scored through g's item MLP)
             for n in g.arch.tower.item_features:
                 gsp.pooled[n] = values.new_zeros(1, g.sparse_arch.feature_dim(n), dtype=torch.float32)
+        if self.teacher is not None:
             dense = torch.zeros(1, len(self.data.dense), dtype=torch.float32, device=values.device)
-            extras.update(self.teacher(gsp, dense, g))
-        return self.ranker.user_side(user_inputs(sp, self.model_cfg, self.data, extras))
+            extras.update(self.teacher(gsp, dense, self.task.g))
+        return self.ranker.user_side(user_inputs(sp, self.model_cfg, self.data, extras)), gsp
+
+    def served_teacher(self, gsp: Any, item_ids: torch.Tensor) -> torch.Tensor:
+        """g(u, candidate) logits [C]: the request's user row against every candidate's item embedding in g's table."""
+        g = self.task.g
+        name = g.arch.tower.item_features[0]
+        ids = item_ids[self.g_item_index]
+        items = g.sparse_arch.lookup(ids, torch.ones_like(ids, dtype=torch.int32), [name]).pooled[name]
+        dense = torch.zeros(1, len(self.data.dense), dtype=torch.float32, device=ids.device)
+        return g.arch.history_logits(gsp.pooled, gsp.sequences, dense, items.unsqueeze(0)).reshape(-1)
 
     def forward(self, user_ids: torch.Tensor, history_values: torch.Tensor, history_lengths: torch.Tensor,
                 item_ids: torch.Tensor, dense: torch.Tensor):
         from satrank.models.ranker.saqrec import item_inputs
 
-        state = self.user_state(user_ids, history_values, history_lengths)
+        state, gsp = self.user_state(user_ids, history_values, history_lengths)
         flat = item_ids.reshape(-1)
         sp = self.task.sparse_arch.lookup(flat, torch.ones_like(flat, dtype=torch.int32), self.keys["item_keys"])
         out = self.ranker.score_candidates(state, item_inputs(sp, dense, self.model_cfg, self.data))
+        if self.g_item_index is not None and "satisfaction" in out:
+            out = {**out, "satisfaction": self.served_teacher(gsp, item_ids)}
         return self.fusion({n: out.get(n) for n in self.heads})
 
 

@@ -331,7 +331,8 @@ class SatisfactionModel(nn.Module):
         with torch.no_grad():
             sp = self.sparse_arch(batch.sparse)
             rho = None
-            if self.propensity is not None:
+            # rho is needed by the loss only; serving rows (no answer labels) are scored without it
+            if self.propensity is not None and batch.labels and "questionnaire_answered" in batch.labels:
                 psp = self.propensity.sparse_arch(batch.sparse)
                 rho = torch.sigmoid(self.propensity.arch(psp.pooled, psp.sequences, batch.dense, batch.labels))
         logit, e_hat = self.arch(sp.pooled, sp.sequences, batch.dense)
