@@ -179,3 +179,29 @@ def test_click_only_and_easq_variants_are_request_level_stage1_is_refused():
     click = Stage1Heads(build_model("click", cfg))
     with pytest.raises(RequestLevelError, match="model kind 'click' .* per-candidate model.pt serves this one"):
         build_request_module(click, "click", cfg.data, None, [])
+
+
+def test_the_served_satisfaction_is_g_s_estimate_and_the_tower_is_the_ablation(world):
+    """model.served_satisfaction: teacher (default) -> the ranker's `satisfaction` output on candidate rows is
+    exactly g(u, i), the stage-1 model scoring the same rows by itself, and s_f is reported as
+    satisfaction_tower; with `tower` the served value is s_f again."""
+    import dataclasses
+
+    from satrank.jobs.engine.runs import load_model
+    from satrank.pipeline.reader import BatchLoader
+
+    loaded = load_model(world["run"])
+    task = loaded.model.eval()
+    assert loaded.cfg.model.served_satisfaction == "teacher"
+    loader = BatchLoader(world["data"] / "test", loaded.cfg.data, dataclasses.replace(loaded.cfg.reader, shuffle=False,
+                                                                                          num_workers=0))
+    batch = next(iter(loader))
+    with torch.no_grad():
+        _, out = task(batch)
+        _, g_out = task.g(batch)  # g alone, as satrank.jobs.score --kind satisfaction runs it
+        task.loss_fn.served_teacher = False  # what model.served_satisfaction: tower builds
+        _, tower_out = task(batch)
+    assert torch.allclose(out["satisfaction"], g_out["sat_logit"], atol=1e-6)
+    assert torch.equal(out["satisfaction_tower"], tower_out["satisfaction"])
+    assert "satisfaction_tower" not in tower_out
+    assert (out["satisfaction"] - tower_out["satisfaction"]).abs().max() > 1e-3  # two different estimates

@@ -114,7 +114,10 @@ class Stage1Heads(nn.Module):
         self.model = model
 
     def forward(self, batch: Batch):
-        loss, out = self.model(batch)
+        if hasattr(self.model, "predict"):  # the satisfaction model: serving rows have no labels for rho
+            loss, out = None, self.model.predict(batch)
+        else:
+            loss, out = self.model(batch)
         return loss, {head: out[key] for key, head in STAGE1_HEADS.items() if key in out}
 
 

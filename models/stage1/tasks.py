@@ -331,12 +331,19 @@ class SatisfactionModel(nn.Module):
         with torch.no_grad():
             sp = self.sparse_arch(batch.sparse)
             rho = None
-            # rho is needed by the loss only; serving rows (no answer labels) are scored without it
-            if self.propensity is not None and batch.labels and "questionnaire_answered" in batch.labels:
+            if self.propensity is not None:
                 psp = self.propensity.sparse_arch(batch.sparse)
                 rho = torch.sigmoid(self.propensity.arch(psp.pooled, psp.sequences, batch.dense, batch.labels))
         logit, e_hat = self.arch(sp.pooled, sp.sequences, batch.dense)
         return self.loss_fn(logit, e_hat, rho, batch.labels)
+
+    @torch.no_grad()
+    def predict(self, batch) -> Outputs:
+        """g's outputs (sat_logit, sat_prob) without a loss and without rho: for serving rows, which carry no
+        labels for the propensity model's behaviour inputs (satrank.models.serving.module.Stage1Heads)."""
+        sp = self.sparse_arch(batch.sparse)
+        logit, _ = self.arch(sp.pooled, sp.sequences, batch.dense)
+        return {"sat_logit": logit.detach(), "sat_prob": torch.sigmoid(logit.detach())}
 
     @torch.no_grad()
     def score_history(self, batch_or_sparse, feature: str = "hist_click", dense: Optional[torch.Tensor] = None
