@@ -71,8 +71,9 @@ def run_seed(world: str, seed: int, arms: List[str], base: Path, nproc: int, ove
               *[f"--set={o}" for o in overrides]]
     data = run / "data"
     if not (data / "world.json").is_file():
-        subprocess.run([sys.executable, "-m", "satrank.pipeline.sim.simulate", "--out", str(data), "--overwrite",
-                        "--quiet", *common], check=True)
+        with open(run / "simulate.log", "w") as fh:  # its summary line stays out of the bench's one JSON line
+            subprocess.run([sys.executable, "-m", "satrank.pipeline.sim.simulate", "--out", str(data), "--overwrite",
+                            "--quiet", *common], check=True, stdout=fh, stderr=subprocess.STDOUT)
     d = ["--data", str(data)]
     res: Dict[str, dict] = {}
     stage(run, "pretrain", nproc, "satrank.jobs.pretrain", d, common)
