@@ -60,7 +60,14 @@ def stages(out: Path, nproc: int, common: List[str]) -> List[tuple]:
         ("export", "satrank.jobs.export", ["--model", str(out / "train"), "--data", data, "--out", str(out / "export"),
                                    "--overwrite"]),
     ]
-    return run
+    # a rerun of the demo replaces its own runs (the world was simulated afresh): the jobs refuse an existing
+    # --out without --overwrite (satrank.jobs.engine.run_dir)
+    return [(name, module, [*args, "--overwrite"] if module in RUN_JOBS and "--overwrite" not in args else args)
+            for name, module, args in run]
+
+
+RUN_JOBS = ("satrank.jobs.pretrain", "satrank.jobs.propensity", "satrank.jobs.satisfaction", "satrank.jobs.train",
+            "satrank.jobs.dpo", "satrank.jobs.evaluate")
 
 
 def dpo_gate_line(dpo: dict, run: Path) -> str:

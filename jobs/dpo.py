@@ -56,7 +56,7 @@ def run(rt, args, cfg_cli) -> None:
         teacher, mine_p = read_teacher(args.init), None if args.propensity is None else str(args.propensity)
         if rt.is_main and teacher is not None:
             write_json_atomic(args.out / TEACHER_FILE, teacher)  # satrank.jobs.score / export rebuild g from it
-        if (args.out / "checkpoint" / "meta.json").is_file():
+        if args.run_claim.action == "resume":  # this dpo run's own checkpoint in --out (run_job's claim)
             ex = trainer.restore_stream(source, step)
             if ex.get("propensity") != mine_p:
                 raise CheckpointError(f"{args.out}/checkpoint was trained with --propensity {ex.get('propensity')}; "
@@ -115,7 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--sat-only", action="store_true", help="behaviour losses off (L_sat + DPO only)")
     parser.add_argument("--log-keys", action="store_true",
                         help="write RUN/keys-rank<r>.npy: (user_id, item_id, timestamp) of every consumed row")
-    return run_job(parser, argv, run, stage=None, precheck=precheck)
+    return run_job(parser, argv, run, stage=None, precheck=precheck, job=JOB, resume_in_place=True)
 
 
 if __name__ == "__main__":

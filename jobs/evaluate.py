@@ -33,6 +33,7 @@ def run(rt, args, cfg_cli) -> None:
     metrics = evaluate_all(dmp, cfg, ecfg, args.data, rt, split=args.split)
     metrics["wall_s"] = round(time.perf_counter() - started, 2)
     metrics["world_size"] = rt.world_size
+    metrics["job"] = "evaluate"  # the owner of --out (satrank.jobs.engine.run_dir)
     if rt.is_main:
         write_json_atomic(args.out / "metrics.json", metrics)
         log.info("metrics:\n%s", format_table({str(args.model): metrics}))
@@ -44,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="satrank.jobs.train run directory (or a checkpoint)")
     parser.add_argument("--split", default="test",
                         help="labelled split of the impression metrics and the leave-one-out ground truths")
-    return run_job(parser, argv, run)  # bad input: one line naming the problem, exit 1 (2 for config)
+    return run_job(parser, argv, run, job="evaluate")  # bad input: one line naming the problem, exit 1 (2 for config)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser("satrank pretrain", __doc__.split("\n\n")[0])
     parser.add_argument("--resume", type=Path, default=None,
                         help="continue this satrank.jobs.pretrain run (RUN or RUN/checkpoint)")
-    return run_job(parser, argv, run, stage=STAGE)
+    return run_job(parser, argv, run, stage=STAGE, job=STAGE)
 
 
 if __name__ == "__main__":

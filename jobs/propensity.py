@@ -47,7 +47,7 @@ def run(rt, args, cfg) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser("satrank propensity", __doc__.split("\n\n")[0])
     parser.add_argument("--resume", type=Path, default=None, help="continue this satrank.jobs.propensity run")
-    return run_job(parser, argv, run, stage=STAGE)
+    return run_job(parser, argv, run, stage=STAGE, job=STAGE)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--init", type=Path, default=None, help="satrank.jobs.pretrain run whose tables (frozen) and towers start g")
     parser.add_argument("--propensity", type=Path, default=None, help="satrank.jobs.propensity run (ips / snips / dr)")
     parser.add_argument("--resume", type=Path, default=None, help="continue this satrank.jobs.satisfaction run")
-    return run_job(parser, argv, run, stage=STAGE, precheck=precheck)
+    return run_job(parser, argv, run, stage=STAGE, precheck=precheck, job=STAGE)
 
 
 if __name__ == "__main__":

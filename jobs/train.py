@@ -110,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--satisfaction", type=Path, default=None,
                         help="satrank.jobs.satisfaction run directory (RUN_S) holding the frozen satisfaction model g")
     parser.add_argument("--resume", type=Path, default=None, help="continue this satrank.jobs.train run")
-    return run_job(parser, argv, run, stage=STAGE, precheck=precheck)
+    return run_job(parser, argv, run, stage=STAGE, precheck=precheck, job=JOB)
 
 
 if __name__ == "__main__":

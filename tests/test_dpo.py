@@ -285,7 +285,7 @@ def test_dpo_aligns_the_serving_head_with_satisfaction_on_held_out_pairs():
                                       "item_attr_features": []}, "model")
         torch.manual_seed(0)
         ranker = SAQRecRanker(cfg, D, {"hist_click": 2}, {"user_id": 8}, {}, n_dense=0)
-        return EasqRanker(ranker, EasqConfig(distill_weight=0.0, ramp_threshold=0.7, ramp_updates=20, auc_min_per_class=20, rank=4,
+        return EasqRanker(ranker, EasqConfig(distill_weight=0.0, ramp_threshold=0.7, ramp_updates=20, auc_window=8192, auc_min_per_class=20, rank=4,
                                              dpo_weight=1.0))
 
     def rows(gen, B=64):

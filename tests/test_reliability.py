@@ -173,6 +173,35 @@ def test_own_run_needs_resume_or_overwrite_except_after_a_torchrun_restart(tmp_p
         claim_run_dir(run, "train", resume=run, overwrite=True)
 
 
+def test_dpo_continues_its_own_run_in_place_and_a_restart_before_any_record_starts_afresh(tmp_path):
+    run = _owned_run(tmp_path, "dpo")
+    assert claim_run_dir(run, "dpo", resume_in_place=True) == RunDirClaim("resume", run)
+    with pytest.raises(RunDirError, match=r"holds a satrank\.jobs\.dpo run, not a satrank\.jobs\.train run"):
+        claim_run_dir(run, "train", resume_in_place=True)
+    (tmp_path / "died").mkdir()
+    (tmp_path / "died" / "teacher.json").write_text("{}")  # written before the first checkpoint, then killed
+    assert claim_run_dir(tmp_path / "died", "dpo", restart_count=1) == RunDirClaim("new")
+    with pytest.raises(RunDirError, match="holds no satrank run"):
+        claim_run_dir(tmp_path / "died", "dpo")  # without a restart it is somebody else's directory
+
+
+@pytest.mark.parametrize("job", ["train", "evaluate"])
+def test_a_job_pointed_at_another_run_exits_2_with_one_line_and_writes_nothing(tmp_path, job):
+    import subprocess
+    import sys
+
+    run = _owned_run(tmp_path, "pretrain")
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    args = {"train": ["--satisfaction", str(tmp_path)], "evaluate": ["--model", str(run)]}[job]
+    proc = subprocess.run([sys.executable, "-m", f"satrank.jobs.{job}", "--data", str(tmp_path), *args, "--out", str(run)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"holds a satrank.jobs.pretrain run, not a satrank.jobs.{job} run" in last and "--overwrite" in last
+    assert "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+
+
 def test_a_foreign_non_empty_directory_or_a_file_is_refused(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")

@@ -205,3 +205,16 @@ def test_the_served_satisfaction_is_g_s_estimate_and_the_tower_is_the_ablation(w
     assert torch.equal(out["satisfaction_tower"], tower_out["satisfaction"])
     assert "satisfaction_tower" not in tower_out
     assert (out["satisfaction"] - tower_out["satisfaction"]).abs().max() > 1e-3  # two different estimates
+
+
+def test_serve_check_refuses_zero_rows_with_exit_2_and_one_line(world, artifact, tmp_path):
+    import subprocess
+    import sys
+
+    path = world["data"] / "candidates" / "part-00001.parquet"
+    pq.write_table(pq.read_table(path).slice(0, 0), tmp_path / "empty.parquet")
+    proc = subprocess.run([sys.executable, "-m", "satrank.jobs.serve_check", str(artifact), str(tmp_path / "empty.parquet")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout, proc.stderr)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "empty.parquet: 0 candidate rows in 1 file(s); nothing to check" in last and "Traceback" not in proc.stderr

@@ -228,6 +228,23 @@ def test_a_candidate_shard_missing_a_feature_is_named(world, tmp_path):
         shard_info(str(tmp_path / "part-00000.parquet"), str(tmp_path), cfg.data)
 
 
+def test_a_repeated_request_item_pair_is_refused_naming_both_rows(world, tmp_path):
+    import pyarrow as pa
+
+    from satrank.jobs.engine.checkpoint import checkpoint_config
+    from satrank.models.serving.score import shard_info
+    from satrank.pipeline.errors import DataError
+
+    cfg = checkpoint_config(world["run"] / "checkpoint")
+    t = pq.read_table(world["data"] / "candidates" / "part-00000.parquet")
+    shard_info(str(world["data"] / "candidates" / "part-00000.parquet"), "", cfg.data)  # the clean shard passes
+    pq.write_table(pa.concat_tables([t, t.slice(3, 1)]), tmp_path / "part-00000.parquet")
+    rid, item = t.column("request_id")[3].as_py(), t.column("item_id")[3].as_py()
+    with pytest.raises(DataError, match=rf"rows 3 and {t.num_rows} repeat \(request_id, item_id\) = \({rid}, {item}\); "
+                                        "1 repeated pair"):
+        shard_info(str(tmp_path / "part-00000.parquet"), str(tmp_path), cfg.data)
+
+
 def test_click_model_checkpoint_scores_with_null_satisfaction(world, tmp_path):
     """The stage-1 click model scores through the same adapter: no satisfaction / watch-time head."""
     import torch

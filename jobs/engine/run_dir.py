@@ -8,6 +8,10 @@ else in RUN/metrics.json) and returns what this job may do there:
     RUN owned by this job, --resume given       -> "resume" (from --resume)
     RUN owned by this job, restarted by torchrun
         (`restart_count` > 0) with a checkpoint -> "resume" from RUN itself (elastic self-resume)
+    RUN holding no recorded run, restarted by
+        torchrun (the attempt died before its first checkpoint) -> "new"
+    RUN owned by this job, `resume_in_place`
+        (satrank.jobs.dpo, whose stream resumes in RUN) -> "resume" from RUN itself
     --overwrite                                 -> "overwrite" (the job replaces RUN's outputs)
     anything else                               -> RunDirError, one line naming RUN, its owner and the way out
 
@@ -49,7 +53,7 @@ def run_owner(run: Path) -> Optional[str]:
 
 
 def claim_run_dir(run: Path, job: str, *, resume: Optional[Path] = None, overwrite: bool = False,
-                  restart_count: int = 0) -> RunDirClaim:
+                  restart_count: int = 0, resume_in_place: bool = False) -> RunDirClaim:
     """What `job` may do with `--out run` (see the module doc); raises RunDirError when it may not."""
     run = Path(run)
     if run.exists() and not run.is_dir():
@@ -64,12 +68,14 @@ def claim_run_dir(run: Path, job: str, *, resume: Optional[Path] = None, overwri
     if owner is not None and owner != job:
         raise RunDirError(f"--out {run}: holds a satrank.jobs.{owner} run, not a satrank.jobs.{job} run; "
                           f"choose a new --out (or pass --overwrite to replace it)")
+    if owner is None and restart_count > 0:
+        return RunDirClaim("new")  # this launcher's own earlier attempt, killed before it recorded anything
     if owner is None:
         raise RunDirError(f"--out {run}: is not empty and holds no satrank run; choose a new --out "
                           f"(or pass --overwrite to write into it)")
     if resume is not None:
         return RunDirClaim("resume", Path(resume))
-    if restart_count > 0 and (run / "checkpoint" / "meta.json").is_file():
+    if (restart_count > 0 or resume_in_place) and (run / "checkpoint" / "meta.json").is_file():
         return RunDirClaim("resume", run)
     raise RunDirError(f"--out {run}: already holds a satrank.jobs.{job} run; pass --resume {run} to continue it, "
                       f"--overwrite to replace it, or choose a new --out")

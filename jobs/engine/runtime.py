@@ -15,6 +15,7 @@ import math
 import os
 import random
 import sys
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -91,6 +92,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _attempt_store(world: int) -> Optional[dist.Store]:
+    """The launcher's store under a prefix of its attempt (TORCHELASTIC_RESTART_COUNT), for a torchrun worker.
+
+    Why: after `torchrun --max-restarts` restarts the workers, the agent's store still holds the previous
+    attempt's process-group keys; gloo then reads the dead ranks' addresses and hangs in connectFullMesh
+    ("Connection refused" until its timeout). A per-attempt prefix gives every attempt its own keys.
+    None (init_process_group's env:// default) outside torchrun's agent store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"satrank/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+
+
 def init_runtime(seed: int = 0, device: Optional[str] = None, debug: bool = False) -> Runtime:
     """Join (or create) the default process group, pick the device, seed, configure logging.
 
@@ -118,7 +133,7 @@ def init_runtime(seed: int = 0, device: Optional[str] = None, debug: bool = Fals
     owns = False
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ and "RANK" in os.environ:  # torchrun
-            dist.init_process_group(backend=backend, rank=rank, world_size=world,
+            dist.init_process_group(backend=backend, rank=rank, world_size=world, store=_attempt_store(world),
                                     device_id=dev if use_cuda else None)
         else:
             if world != 1:

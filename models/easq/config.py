@@ -36,7 +36,7 @@ class EasqConfig:
     alpha: float = 8.0  # delta = (alpha / r) B A x
     dropout: float = 0.0  # on the LoRA input (training only)
     sat_head_hidden: List[int] = field(default_factory=lambda: [32])  # satisfaction head MLP widths
-    lr: float = 1.0e-3  # optimizer of the `lora` group (LoRA + satisfaction head), Adam
+    lr: float = 1.0e-2  # optimizer of the `lora` group (LoRA + satisfaction head), Adam
     weight_decay: float = 0.0
     # ---- L_sat (satrank.models.easq.dpo.EasqLoss.sat): trains the LoRA + satisfaction head only
     sat_loss: SatLossKind = "ips"  # ips | snips (IPS-weighted BCE on answered rows) | pairwise (on pairs)
@@ -54,8 +54,8 @@ class EasqConfig:
     logprob: LogProb = "logit"  # logit: z (per-user softmax, normaliser cancels) | log_sigmoid: log sigma(z)
     dpo_weight: float = 0.03  # weight of L_DPO once the ramp is at 1 (docs/easq.md: 1.0 wrecks the click model)
     ramp_threshold: float = 0.6  # satisfaction head's running answered-AUC that starts the ramp
-    ramp_updates: int = 1000  # updates from 0 to full weight once the threshold is cleared (0 = jump)
-    auc_window: int = 8192  # most recent answered rows in the running AUC
+    ramp_updates: int = 20  # updates from 0 to full weight once the threshold is cleared (0 = jump)
+    auc_window: int = 1024  # most recent answered rows in the running AUC
     auc_min_per_class: int = 50  # satisfied and dissatisfied rows needed before the AUC counts
     # ---- pairs (satrank.models.easq.pair_buffer.PairBuffer)
     pair_weight: PairWeight = "product"  # combine the two rows' clipped inverse propensities

@@ -410,6 +410,8 @@ def check(export_dir: str | Path, candidates: str | Path, scored: Optional[str |
         results.append(score_features(module, feats, batch_size, outputs))
         feats_of.append(feats)
     score_s = time.perf_counter() - s0
+    if sum(f.n for f in feats_of) == 0:
+        raise ServeCheckError(f"{candidates}: 0 candidate rows in {len(feats_of)} file(s); nothing to check")
     iface = manifest.get("request_interface")
     request_level = None
     if iface and (model_file or manifest["model_file"]) == manifest["model_file"]:  # fp32 model.pt only

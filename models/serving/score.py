@@ -48,9 +48,20 @@ def shard_info(path: str, root: str, data: DataConfig) -> Dict[str, Any]:
     if rid_col not in pf.schema_arrow.names:
         raise DataError(f"{path}: column {rid_col!r} (id request_id) is missing; scoring ranks candidates within "
                         f"requests. The file has columns {pf.schema_arrow.names}")
-    rids = pf.read(columns=[rid_col]).column(rid_col)
+    item_col = data.ids.item_id
+    cols = pf.read(columns=[rid_col, item_col] if item_col in pf.schema_arrow.names else [rid_col])
+    rids = cols.column(rid_col)
     if rids.null_count:
         raise DataError(f"{path}: column {rid_col!r} has {rids.null_count} null value(s)")
+    if item_col in cols.column_names:  # a request ranks each item once: a repeated pair has no single rank
+        r, it = rids.to_numpy(), cols.column(item_col).to_numpy(zero_copy_only=False)
+        order = np.lexsort((it, r))
+        same = (r[order][1:] == r[order][:-1]) & (it[order][1:] == it[order][:-1])
+        if same.any():
+            k = int(np.argmax(same))
+            first, second = sorted((int(order[k]), int(order[k + 1])))
+            raise DataError(f"{path}: rows {first} and {second} repeat (request_id, item_id) = ({r[first]}, {it[first]}); "
+                            f"{int(same.sum())} repeated pair(s) in the file: a request ranks each item once")
     name = os.path.relpath(path, root) if root else os.path.basename(path)
     return {"name": name, "path": path, "bytes": os.path.getsize(path), "sha256": sha256_file(path),
             "rows": pf.metadata.num_rows, "request_ids": np.unique(rids.to_numpy())}
