@@ -29,7 +29,8 @@ Outputs (detached): one per head of satrank.models.ranker.heads under the head's
 (click, satisfaction, skip and extra heads: logits; watch_time: log1p seconds); pseudo_satisfaction
 and pseudo_satisfaction_logit (g, with mtl). With model.served_satisfaction: teacher (the default) the
 `satisfaction` output is g's logit for the candidate and the tower's s_f moves to satisfaction_tower, so
-every consumer (evaluation fusion, scoring, export) ranks by g's IPS estimate; `tower` serves s_f. And, when the batch has labels, loss and loss/<part> for each MultiTaskLoss part plus
+every consumer (evaluation fusion, scoring, export) ranks by g's IPS estimate; `tower` serves s_f. And,
+when the batch has labels, loss and loss/<part> for each MultiTaskLoss part plus
 loss/satisfaction_bce = eq. 16 against the pseudo-labels (comparable across epochs, unlike
 L_S^mix). The label-correction state (the fitted Beta mixture) travels in the module's
 state_dict as loss_fn's extra state, so checkpoints carry it.
