@@ -16,6 +16,7 @@ from satrank.pipeline.config import ConfigError
 
 DenseOptimizer = Literal["adam", "adagrad", "sgd"]
 UnevenPolicy = Literal["pad", "stop"]
+Precision = Literal["fp32", "bf16"]  # training forward precision (Trainer._forward)
 
 
 @dataclass
@@ -52,6 +53,8 @@ class TrainConfig:
     keep_best: bool = True  # also keep RUN/best, the checkpoint of the best monitored evaluation
     restore_best: bool = True  # end with the best evaluation's weights (from RUN/best; needs keep_best)
     log_every: int = 50  # log the running train loss every N steps (rank 0, and RUN/metrics.jsonl)
+    precision: Precision = "fp32"  # training forward: fp32 | bf16 (autocast; weights, optimizer state, losses
+    #   and evaluation stay fp32); bf16 runs the matmuls on the CPU's bf16 units (docs/benchmarks.md)
 
     def validate(self, path: str) -> None:
         if self.epochs < 0:
@@ -99,6 +102,7 @@ class TrainOverrides:
     keep_best: Optional[bool] = None
     restore_best: Optional[bool] = None
     log_every: Optional[int] = None
+    precision: Optional[Precision] = None
 
 
 def resolve_train(base: TrainConfig, overrides: Optional[TrainOverrides], path: str = "train") -> TrainConfig:

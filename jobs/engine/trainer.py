@@ -233,8 +233,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def _forward(self, batch: Batch):
-        """The pipeline's model call: padding copies (see PADDING) contribute an exact zero loss."""
-        loss, out = self.dmp(batch)
+        """The pipeline's model call: padding copies (see PADDING) contribute an exact zero loss.
+        train.precision bf16: the forward runs under autocast (matmuls in bf16, weights fp32), the loss
+        is returned in fp32 and the pipeline's backward runs outside the autocast region."""
+        with torch.autocast(self.rt.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            loss, out = self.dmp(batch)
+        loss = loss.float()
         real = batch.position is not PADDING and batch.position != PADDING
         return (loss if real else loss * 0.0), (out, real)
 
