@@ -7,15 +7,19 @@ not cost more than it brings; so in the same run it measures
                           TrainPipelineSparseDist;
   plain_samples_per_s     the SAME dense model (same RankerTask, ranker and g's dense parts) whose two
                           SparseArches are replaced by plain torch.nn.EmbeddingBag / nn.Embedding tables
-                          (sparse gradients, torch Adagrad), stepped by a plain loop; ratio = torchrec / plain;
-  flops_ratio             achieved model FLOP/s (FLOPs of one training step counted with
+                          (sparse gradients, torch Adagrad), stepped by a plain loop; ratio = torchrec / plain,
+                          both on the reference path (reference attention, fp32);
+  flops_ratio             achieved model FLOP/s of the first path of --paths (default fast; FLOPs of one step counted with
                           torch.utils.flop_counter.FlopCounterMode on the plain model, whose dense part
                           is identical; embedding lookups count 0) over the FLOP/s of a plain float32
                           matmul measured in the same process with the same threads.
-  speedup_vs_reference_path  with --attention fused,reference (the default): the SAME sharded model and batch
-                          stepped with its history encoders on each `model.attention` path in turn (blocks
-                          interleaved within every round), samples/s fused / reference, median of the
-                          per-round ratios; attention_samples_per_s gives each path's median samples/s.
+  speedup_vs_reference_path  the SAME sharded model and batch stepped on each path of --paths in turn
+                          (blocks interleaved within every round), samples/s fast / reference, median of the
+                          per-round ratios; path_samples_per_s gives each path's median samples/s. A path is
+                          (model.attention, train.precision): fast = (fused, bf16), fused_fp32 = (fused, fp32),
+                          reference = (reference, fp32); bf16 autocasts the forward as jobs.train does
+                          (Trainer._forward), the backward runs outside it.
+  flops_ratio_bf16        achieved FLOP/s of the fast path over a bf16 matmul's FLOP/s (the fast path's peak).
 Every history is full by default: hist_click 50, hist_satisfied 20, hist_dissatisfied 5 (and hist_skip 20);
 `--histories uniform` draws each row's lengths uniformly from 0..max_len (about half the positions padded),
 default vocabularies of configs/sim.yaml, one batch of reader.batch_size rows reused per step. Both models
@@ -23,7 +27,7 @@ live in the same process and are timed in alternating blocks (median block), so 
 fluctuating load does not favour either.
 
     python bench/train_throughput.py [--config CFG] [--batch-size N] [--steps S] [--rounds R] [--threads T]
-                                     [--attention fused,reference] [--histories full|uniform]
+                                     [--paths fast,fused_fp32,reference] [--histories full|uniform]
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor  # noq
 
 from satrank.embeddings.tables import SparseOutput, table_specs  # noqa: E402
 from satrank.jobs.config import load_config  # noqa: E402
-from satrank.models.common.encoders import ATTENTION_PATHS, HistoryEncoder  # noqa: E402
+from satrank.models.common.encoders import HistoryEncoder  # noqa: E402
 from satrank.models.common.towers import TransformerHistoryEncoder  # noqa: E402
 from satrank.models.ranker.task import RankerTask, TeacherSpec  # noqa: E402
 from satrank.pipeline.convert import table_to_batch  # noqa: E402
@@ -97,14 +101,24 @@ def time_steps(step, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / steps if steps else 0.0
 
 
-def torchrec_stepper(cfg, batch, rt):
-    """(step function, holders) of the sharded task stepped by TrainPipelineSparseDist on `batch` forever."""
+PATHS = {"fast": ("fused", "bf16"), "fused_fp32": ("fused", "fp32"), "reference": ("reference", "fp32")}
+
+
+def torchrec_stepper(cfg, batch, rt, precision: Dict[str, str]):
+    """(step function, holders) of the sharded task stepped by TrainPipelineSparseDist on `batch` forever;
+    the forward runs under bf16 autocast while precision["now"] == "bf16" (as Trainer._forward does)."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from satrank.embeddings.sharding import shard_model
 
     dmp, opt = shard_model(build_task(cfg, 0), cfg.embeddings, rt, dense_lr=1e-3, seed=0, planner_batch_size=batch.size)
-    pipe = TrainPipelineSparseDist(dmp, opt, rt.device)
+
+    def forward(b):
+        with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=precision["now"] == "bf16"):
+            loss, out = dmp(b)
+        return loss.float(), out
+
+    pipe = TrainPipelineSparseDist(dmp, opt, rt.device, custom_model_fwd=forward)
 
     class Forever:
         def __iter__(self):
@@ -121,6 +135,7 @@ def plain_model(cfg):
     task = build_task(cfg, 0)
     task.sparse_arch = PlainSparseArch(cfg.data, cfg.embeddings)
     task.g.sparse_arch = PlainSparseArch(cfg.data, cfg.embeddings)
+    use_attention(task, "reference")  # compared with the torchrec model on the reference path
     sparse = [p for n, p in task.named_parameters() if ".tables." in n and p.requires_grad]
     dense = [p for n, p in task.named_parameters() if ".tables." not in n and p.requires_grad]
     return task, torch.optim.Adagrad(sparse, lr=cfg.embeddings.optimizer.lr), torch.optim.Adam(dense, lr=1e-3)
@@ -143,9 +158,9 @@ def use_attention(model: nn.Module, path: str) -> int:
     return len(encoders)
 
 
-def matmul_flops_per_s(n: int = 1024, steps: int = 10, rounds: int = 5) -> float:
-    """float32 [n, n] @ [n, n] FLOP/s (2 n^3 per product), median of `rounds` blocks."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops_per_s(n: int = 1024, steps: int = 10, rounds: int = 5, dtype=torch.float32) -> float:
+    """[n, n] @ [n, n] FLOP/s in `dtype` (2 n^3 per product), median of `rounds` blocks."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     time_steps(lambda: torch.mm(a, b), 0, 3)
     return 2.0 * n ** 3 / statistics.median(time_steps(lambda: torch.mm(a, b), steps, 0) for _ in range(rounds))
 
@@ -158,14 +173,14 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="alternating timed blocks per model (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--attention", default="fused,reference",
-                   help="model.attention paths timed on the same sharded model, first = the default path")
+    p.add_argument("--paths", default="fast,fused_fp32,reference",
+                   help=f"paths timed on the same sharded model, of {list(PATHS)}; fast and reference give the speedup")
     p.add_argument("--histories", choices=["full", "uniform"], default="full",
                    help="full: every history at max_len; uniform: lengths uniform in 0..max_len per row")
     args = p.parse_args(argv)
-    paths = [a for a in args.attention.split(",") if a]
-    if not paths or any(a not in ATTENTION_PATHS for a in paths) or len(set(paths)) != len(paths):
-        p.error(f"--attention: distinct values of {ATTENTION_PATHS}, got {args.attention!r}")
+    paths = [a for a in args.paths.split(",") if a]
+    if not paths or any(a not in PATHS for a in paths) or len(set(paths)) != len(paths):
+        p.error(f"--paths: distinct values of {list(PATHS)}, got {args.paths!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
@@ -181,7 +196,13 @@ def main(argv: List[str] | None = None) -> int:
         task, o_s, o_d = plain_model(cfg)
         task.train()
         plain = lambda: plain_step(task, o_s, o_d, batch)  # noqa: E731
-        trec, holders = torchrec_stepper(cfg, batch, rt)
+        precision = {"now": "fp32"}
+        trec, holders = torchrec_stepper(cfg, batch, rt, precision)
+
+        def use_path(name: str) -> int:
+            precision["now"] = PATHS[name][1]
+            return use_attention(holders[1], PATHS[name][0])
+
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False)  # the dense part is identical in both models: count it once
@@ -191,34 +212,36 @@ def main(argv: List[str] | None = None) -> int:
         plain_times, path_times = [], {a: [] for a in paths}
         time_steps(plain, 0, args.warmup)
         for a in paths:
-            use_attention(holders[1], a)
+            use_path(a)
             time_steps(trec, 0, args.warmup)
         n_enc = 0
         for _ in range(args.rounds):  # alternate blocks: a shared machine's load hits every variant alike
             plain_times.append(time_steps(plain, args.steps, 0))
             for a in paths:
-                n_enc = use_attention(holders[1], a)
+                n_enc = use_path(a)
                 path_times[a].append(time_steps(trec, args.steps, 0))
-        use_attention(holders[1], paths[0])
-        trec_times = path_times[paths[0]]
+        use_path(paths[0])
+        trec_times = path_times["reference" if "reference" in paths else paths[0]]  # plain runs the same path
         plain_sec, trec_sec = statistics.median(plain_times), statistics.median(trec_times)
-        attention_sps = {a: round(bs / statistics.median(t), 1) for a, t in path_times.items()}
-        speedup = (round(statistics.median(r / f for f, r in zip(path_times["fused"], path_times["reference"])), 3)
-                   if {"fused", "reference"} <= set(paths) else None)
+        path_sps = {a: round(bs / statistics.median(t), 1) for a, t in path_times.items()}
+        speedup = (round(statistics.median(r / f for f, r in zip(path_times["fast"], path_times["reference"])), 3)
+                   if {"fast", "reference"} <= set(paths) else None)
         del holders, trec, task, o_s, o_d
     finally:
         rt.close()
-    mm = matmul_flops_per_s()
+    mm, mm_bf16 = matmul_flops_per_s(), matmul_flops_per_s(dtype=torch.bfloat16)
     trec_sps, plain_sps = bs / trec_sec, bs / plain_sec
-    achieved = step_flops / trec_sec
+    achieved = step_flops * path_sps[paths[0]] / bs  # the first path's (default: fast) model FLOP/s
     print(json.dumps({
         "bench": "train_throughput", "model": "saqrec full (sid, mlse, mtl, watch_time) + frozen g",
         "batch_size": bs, "history_lengths": lens, "threads": torch.get_num_threads(), "steps": args.steps * args.rounds,
         "torchrec_samples_per_s": round(trec_sps, 1), "plain_samples_per_s": round(plain_sps, 1),
         "ratio": round(trec_sps / plain_sps, 3), "step_flops": step_flops,
-        "attention_paths": paths, "history_encoders": n_enc, "attention_samples_per_s": attention_sps,
-        "speedup_vs_reference_path": speedup,
+        "paths": {a: dict(zip(("attention", "precision"), PATHS[a])) for a in paths}, "history_encoders": n_enc,
+        "path_samples_per_s": path_sps, "speedup_vs_reference_path": speedup,
         "achieved_flops_per_s": achieved, "matmul_flops_per_s": mm, "flops_ratio": round(achieved / mm, 4),
+        "matmul_bf16_flops_per_s": mm_bf16,
+        "flops_ratio_bf16": round(achieved / mm_bf16, 4),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
     }))
     return 0
