@@ -7,6 +7,8 @@ belong in the report. Prints ONE JSON line:
                      (score.request_level: true, the default: the user side once per request of a batch)
   score_rows_per_s_per_row   the same job with score.request_level=false (the full model per row), same run
   score_request_speedup      score_rows_per_s / score_rows_per_s_per_row
+  score_rows_per_s_num_workers_0   request-level with score.num_workers=0 (the reader in the scoring process:
+                     no worker server to start, no worker per shard; on 2 cores the workers only compete)
   p50_ms_100 / p99_ms_100   latency of the per-candidate model.pt (TorchScript, fp32, CPU, `--threads`
                      intra-op threads, default 1) for one request of 100 candidates (one row each)
   p50_ms_1000 / p99_ms_1000   the request-level model_request.pt (satrank.models.serving.request) for ONE
@@ -71,14 +73,15 @@ def make_model(work: Path) -> Path:
     return run
 
 
-def score_throughput(work: Path, data: Path, run: Path, nproc: int, request_level: bool = True) -> dict:
-    """One satrank.jobs.score run on `nproc` ranks, request-level or per row -> its figures (keys suffixed
-    `_per_row` for the per-row path)."""
-    out = work / f"scores{nproc}{'' if request_level else '_per_row'}"
+def score_throughput(work: Path, data: Path, run: Path, nproc: int, request_level: bool = True, *sets: str) -> dict:
+    """One satrank.jobs.score run on `nproc` ranks, request-level or per row (plus `sets`: further score.* overrides)
+    -> its figures (keys suffixed `_per_row` for the per-row path)."""
+    suffix = ("" if request_level else "_per_row") + "".join(f"_{v.split('.')[-1].replace('=', '_')}" for v in sets)
+    out = work / f"scores{nproc}{suffix}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor-interval=0.1",
            f"--nproc_per_node={nproc}", "-m", "satrank.jobs.score", "--model", str(run), "--candidates",
            str(data / "candidates"), "--out", str(out), "--overwrite",
-           "--set", f"score.request_level={str(request_level).lower()}"]
+           "--set", f"score.request_level={str(request_level).lower()}", *[x for v in sets for x in ("--set", v)]]
     env = dict(os.environ)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -87,15 +90,16 @@ def score_throughput(work: Path, data: Path, run: Path, nproc: int, request_leve
     run_rec = json.loads((out / "_manifest.json").read_text())["runs"][-1]
     if run_rec["request_level"] != request_level:
         raise RuntimeError(f"satrank.jobs.score ran request_level={run_rec['request_level']}, asked {request_level}")
-    suffix = "" if request_level else "_per_row"
     return {f"score_rows_per_s{suffix}": run_rec["rows_per_s"], f"score_rows{suffix}": run_rec["rows_scored"],
             f"score_wall_s{suffix}": run_rec["scoring_wall_s"],
             f"score_job_s{suffix}": round(time.perf_counter() - t0, 2)}
 
 
 def score_both(work: Path, data: Path, run: Path, nproc: int) -> dict:
-    """The job request-level and per row on the same candidates, one after the other; and their ratio."""
-    out = {**score_throughput(work, data, run, nproc, True), **score_throughput(work, data, run, nproc, False)}
+    """The job request-level and per row on the same candidates, one after the other, and their ratio; then
+    request-level with the reader in the scoring process (score.num_workers=0)."""
+    out = {**score_throughput(work, data, run, nproc, True), **score_throughput(work, data, run, nproc, False),
+           **score_throughput(work, data, run, nproc, True, "score.num_workers=0")}
     out["score_request_speedup"] = round(out["score_rows_per_s"] / out["score_rows_per_s_per_row"], 2)
     return out
 
