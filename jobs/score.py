@@ -85,10 +85,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     rt = init_runtime(seed=0, device=serve.score.device, debug=args.debug)
-    if serve.score.num_workers > 0:  # the reader workers' server starts while the model loads
-        from satrank.pipeline.reader import start_worker_server
-
-        start_worker_server()
     try:
         run(rt, args, serve)
     except KNOWN_ERRORS as exc:

@@ -246,16 +246,6 @@ def _worker_context():
     return ctx
 
 
-def start_worker_server() -> None:
-    """Start the reader workers' forkserver now (it imports torch, pyarrow and the main module in the background)
-    instead of at the first batch: a job that loads a model first (satrank.jobs.score) overlaps the two, and
-    the server's start (seconds on the 2-core VM) is not paid inside its first shard."""
-    from multiprocessing import forkserver
-
-    _worker_context()
-    forkserver.ensure_running()
-
-
 def _dist_rank_world() -> Tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
