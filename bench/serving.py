@@ -3,7 +3,12 @@
 Why: candidate sets are scored offline at scale and the artifact answers online requests; both costs
 belong in the report. Prints ONE JSON line:
   score_rows_per_s   satrank.jobs.score with --nproc ranks (torchrun, gloo): rows scored / scoring wall time
-                     (model load and process start excluded; the manifest's run record)
+                     (model load and process start excluded; the manifest's run record), request-level
+                     (score.request_level: true, the default: the user side once per request of a batch)
+  score_rows_per_s_per_row   the same job with score.request_level=false (the full model per row), same run
+  score_request_speedup      score_rows_per_s / score_rows_per_s_per_row
+  score_rows_per_s_num_workers_0   request-level with score.num_workers=0 (the reader in the scoring process:
+                     no worker server to start, no worker per shard; on 2 cores the workers only compete)
   p50_ms_100 / p99_ms_100   latency of the per-candidate model.pt (TorchScript, fp32, CPU, `--threads`
                      intra-op threads, default 1) for one request of 100 candidates (one row each)
   p50_ms_1000 / p99_ms_1000   the request-level model_request.pt (satrank.models.serving.request) for ONE
@@ -68,19 +73,35 @@ def make_model(work: Path) -> Path:
     return run
 
 
-def score_throughput(work: Path, data: Path, run: Path, nproc: int) -> dict:
-    out = work / f"scores{nproc}"
+def score_throughput(work: Path, data: Path, run: Path, nproc: int, request_level: bool = True, *sets: str) -> dict:
+    """One satrank.jobs.score run on `nproc` ranks, request-level or per row (plus `sets`: further score.* overrides)
+    -> its figures (keys suffixed `_per_row` for the per-row path)."""
+    suffix = ("" if request_level else "_per_row") + "".join(f"_{v.split('.')[-1].replace('=', '_')}" for v in sets)
+    out = work / f"scores{nproc}{suffix}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor-interval=0.1",
            f"--nproc_per_node={nproc}", "-m", "satrank.jobs.score", "--model", str(run), "--candidates",
-           str(data / "candidates"), "--out", str(out), "--overwrite"]
+           str(data / "candidates"), "--out", str(out), "--overwrite",
+           "--set", f"score.request_level={str(request_level).lower()}", *[x for v in sets for x in ("--set", v)]]
     env = dict(os.environ)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"satrank.jobs.score failed:\n{res.stderr[-3000:]}")
     run_rec = json.loads((out / "_manifest.json").read_text())["runs"][-1]
-    return {"score_rows_per_s": run_rec["rows_per_s"], "score_rows": run_rec["rows_scored"],
-            "score_wall_s": run_rec["scoring_wall_s"], "score_job_s": round(time.perf_counter() - t0, 2)}
+    if run_rec["request_level"] != request_level:
+        raise RuntimeError(f"satrank.jobs.score ran request_level={run_rec['request_level']}, asked {request_level}")
+    return {f"score_rows_per_s{suffix}": run_rec["rows_per_s"], f"score_rows{suffix}": run_rec["rows_scored"],
+            f"score_wall_s{suffix}": run_rec["scoring_wall_s"],
+            f"score_job_s{suffix}": round(time.perf_counter() - t0, 2)}
+
+
+def score_both(work: Path, data: Path, run: Path, nproc: int) -> dict:
+    """The job request-level and per row on the same candidates, one after the other, and their ratio; then
+    request-level with the reader in the scoring process (score.num_workers=0)."""
+    out = {**score_throughput(work, data, run, nproc, True), **score_throughput(work, data, run, nproc, False),
+           **score_throughput(work, data, run, nproc, True, "score.num_workers=0")}
+    out["score_request_speedup"] = round(out["score_rows_per_s"] / out["score_rows_per_s_per_row"], 2)
+    return out
 
 
 def _timed(module, inputs: list, iters: int, warmup: int = 30) -> tuple:
@@ -151,7 +172,7 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         data = make_world(work, args.requests)
         run = make_model(work)
-        result = {"bench": "serving", **score_throughput(work, data, run, args.nproc), "nproc": args.nproc,
+        result = {"bench": "serving", **score_both(work, data, run, args.nproc), "nproc": args.nproc,
                   **latency(work, data, run, args.iters, args.threads), "model": "saqrec ranker (sim.yaml, untrained)",
                   "cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__}
     print(json.dumps(result, sort_keys=True))

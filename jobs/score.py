@@ -6,8 +6,10 @@
 - Model: RUN is a satrank.jobs.train run (RUN/best, else RUN/checkpoint; RUN/teacher.json for g), a satrank.jobs.dpo
   run (EASQ: the main heads serve, adapters folded in) or any checkpoint of satrank.jobs.engine.checkpoint (stage-1
   click / satisfaction models too); its kind is read from the checkpoint's meta.json. Each rank loads it UNSHARDED
-  (satrank.jobs.engine.runs.load_model) and scores with the model's own eval forward, fused by
-  satrank.models.common.fusion (satrank.models.serving.score does the work; see there for the shape).
+  (satrank.jobs.engine.runs.load_model) and scores, fused by satrank.models.common.fusion: ranker / easq models
+  request-level by default (score.request_level: the user side once per request of a batch, RequestBatchScorer),
+  others and score.request_level=false with the model's own eval forward per row (satrank.models.serving.score
+  does the work; see there for the shape).
 - Output OUT_DIR/part-XXXXX.parquet (XXXXX = index of the input shard in sorted order): request_id, user_id,
   item_id, one column per served head (p_click, p_satisfied, watch_time_pred, then p_<name> of any other head of
   satrank.models.ranker.heads; null where the model lacks it), score, rank; rows ordered by (request_id, rank).

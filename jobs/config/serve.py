@@ -27,6 +27,9 @@ class ScoreConfig:
     num_workers: int = 1  # DataLoader reader processes per rank (0 = read in the scoring process)
     on_bad_row: Literal["error", "skip"] = "error"  # skip: rejected rows are counted per shard, never scored
     device: Optional[str] = None  # null = cuda:<local_rank> when available, else cpu; "cpu" forces CPU
+    # ranker / easq kinds: the user side once per request of each batch (satrank.models.serving.request
+    # RequestBatchScorer), same scores as per row within float rounding; false = the model's forward per row
+    request_level: bool = True
 
     def validate(self, path: str) -> None:
         if self.batch_size <= 0:

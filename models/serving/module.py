@@ -52,6 +52,7 @@ class Scorer(Protocol):
 
     heads: Tuple[str, ...]  # head names the model produces
     outputs: List[str]  # the returned columns, in order (one per served head, then score)
+    specs: List[HeadSpec]  # the served heads (the run identity names them)
 
     def __call__(self, batch: Batch) -> Dict[str, torch.Tensor]: ...
 

@@ -24,6 +24,10 @@ Input signature (`forward`, `interface()` in the manifest), keys in manifest `re
   -> one float32 [C] per served head, then score (as the per-candidate artifact)
 Ids have had their vocabulary policy applied, as for model.pt.
 
+Batch scoring (satrank.jobs.score, score.request_level) runs the same core over reader Batches:
+RequestBatchScorer groups a batch's rows by request_id and calls `user_state` once for all its requests, then
+`candidates` for all its rows.
+
 Kinds: `ranker` and `easq` (its folded ServingRanker) are request-level; the stage-1 `click` /
 `satisfaction` models are not (`RequestLevelError` names the kind; their per-candidate model.pt serves).
 """
@@ -32,15 +36,18 @@ from __future__ import annotations
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from satrank.models.common.fusion import Fusion, FusionConfig
 from satrank.models.ranker.heads import HeadSpec
 from satrank.models.serving.module import model_heads, plain_copy
+from satrank.pipeline.errors import DataError
 from satrank.pipeline.features import DataConfig
 
 REQUEST_FILE = "model_request.pt"
+REQUEST_KINDS = ("ranker", "easq")  # model kinds with a user_side / score_candidates split (stage-1 models have none)
 
 
 class RequestLevelError(ValueError):
@@ -78,7 +85,7 @@ class RequestCore(nn.Module):
         super().__init__()
         from satrank.models.ranker.task import RankerTask, Teacher
 
-        if kind not in ("ranker", "easq") or not isinstance(model, RankerTask):
+        if kind not in REQUEST_KINDS or not isinstance(model, RankerTask):
             raise RequestLevelError(f"request-level serving: model kind {kind!r} ({type(model).__name__}) is not a "
                                     "stage-2 ranker; only 'ranker' and 'easq' runs are request-level, the per-candidate "
                                     "model.pt serves this one")
@@ -102,14 +109,16 @@ class RequestCore(nn.Module):
                 raise RequestLevelError(f"request-level serving: g's tower.item_features {g_items} must be one candidate "
                                         f"key of {self.keys['item_keys']} to serve g's satisfaction estimate")
             self.g_item_index = self.keys["item_keys"].index(g_items[0])
+        self.specs = list(specs)
         self.heads = model_heads(self.task, data, [s.name for s in specs])
         self.fusion = Fusion(fusion_cfg, specs, self.heads)
         self.outputs = self.fusion.outputs
 
-    def user_state(self, user_ids: torch.Tensor, history_values: torch.Tensor, history_lengths: torch.Tensor
-                   ) -> Tuple[Dict[str, torch.Tensor], Any]:
-        """SAQRecRanker.user_side on the request's one user row ({"user": u_f [1, d], ...}) and g's lookups of
-        that row (None when g is not needed)."""
+    def user_state(self, user_ids: torch.Tensor, history_values: torch.Tensor, history_lengths: torch.Tensor,
+                   rows: int = 1) -> Tuple[Dict[str, torch.Tensor], Any]:
+        """SAQRecRanker.user_side on `rows` user rows ({"user": u_f [rows, d], ...}) and g's lookups of them (None
+        when g is not needed). The artifact passes one request's user (rows=1); the batch scorer
+        (RequestBatchScorer) passes one user per request of a batch, key-major: user_ids [U*rows], lengths [H*rows]."""
         from satrank.models.ranker.saqrec import user_inputs
 
         keys = self.keys["user_keys"] + self.keys["history_keys"]
@@ -124,32 +133,151 @@ class RequestCore(nn.Module):
             # g's history / candidate scores compute g's whole tower but read only its user half: its item half
             # gets a placeholder row (the items are scored through g's item MLP)
             for n in g.arch.tower.item_features:
-                gsp.pooled[n] = values.new_zeros(1, g.sparse_arch.feature_dim(n), dtype=torch.float32)
+                gsp.pooled[n] = values.new_zeros(rows, g.sparse_arch.feature_dim(n), dtype=torch.float32)
         if self.teacher is not None:
-            dense = torch.zeros(1, len(self.data.dense), dtype=torch.float32, device=values.device)
+            dense = torch.zeros(rows, len(self.data.dense), dtype=torch.float32, device=values.device)
             extras.update(self.teacher(gsp, dense, self.task.g))
         return self.ranker.user_side(user_inputs(sp, self.model_cfg, self.data, extras)), gsp
 
-    def served_teacher(self, gsp: Any, item_ids: torch.Tensor) -> torch.Tensor:
-        """g(u, candidate) logits [C]: the request's user row against every candidate's item embedding in g's table."""
+    def served_teacher(self, gsp: Any, item_ids: torch.Tensor, index: Optional[torch.Tensor] = None,
+                       rows: int = 1) -> torch.Tensor:
+        """g(u, candidate) logits [C]: each candidate's item embedding in g's table against its user row of `gsp`
+        (the one request's; with `index` [C], row index[c] of `rows` user rows)."""
         g = self.task.g
         name = g.arch.tower.item_features[0]
         ids = item_ids[self.g_item_index]
         items = g.sparse_arch.lookup(ids, torch.ones_like(ids, dtype=torch.int32), [name]).pooled[name]
-        dense = torch.zeros(1, len(self.data.dense), dtype=torch.float32, device=ids.device)
-        return g.arch.history_logits(gsp.pooled, gsp.sequences, dense, items.unsqueeze(0)).reshape(-1)
+        dense = torch.zeros(rows, len(self.data.dense), dtype=torch.float32, device=ids.device)
+        if index is None:
+            return g.arch.history_logits(gsp.pooled, gsp.sequences, dense, items.unsqueeze(0)).reshape(-1)
+        return g.arch.history_logits(gsp.pooled, gsp.sequences, dense, items.unsqueeze(1), rows=index).reshape(-1)
+
+    def candidates(self, state: Dict[str, torch.Tensor], gsp: Any, item_ids: torch.Tensor, dense: torch.Tensor,
+                   index: Optional[torch.Tensor] = None, rows: int = 1):
+        """The per-candidate part against `user_state`'s output -> (heads..., score), each [C]: the candidates'
+        lookups, SAQRecRanker.score_candidates, g's served estimate, the fusion. `index` [C] (batch scoring):
+        the user row of each candidate among `rows` user rows; None: the one request's user row for all."""
+        from satrank.models.ranker.saqrec import item_inputs
+
+        flat = item_ids.reshape(-1)
+        sp = self.task.sparse_arch.lookup(flat, torch.ones_like(flat, dtype=torch.int32), self.keys["item_keys"])
+        if index is not None:  # one state row per candidate; score_candidates broadcasts only a single row
+            state = {k: v[index] for k, v in state.items()}
+        out = self.ranker.score_candidates(state, item_inputs(sp, dense, self.model_cfg, self.data))
+        if self.g_item_index is not None and "satisfaction" in out:
+            out = {**out, "satisfaction": self.served_teacher(gsp, item_ids, index, rows)}
+        return self.fusion({n: out.get(n) for n in self.heads})
 
     def forward(self, user_ids: torch.Tensor, history_values: torch.Tensor, history_lengths: torch.Tensor,
                 item_ids: torch.Tensor, dense: torch.Tensor):
-        from satrank.models.ranker.saqrec import item_inputs
-
         state, gsp = self.user_state(user_ids, history_values, history_lengths)
-        flat = item_ids.reshape(-1)
-        sp = self.task.sparse_arch.lookup(flat, torch.ones_like(flat, dtype=torch.int32), self.keys["item_keys"])
-        out = self.ranker.score_candidates(state, item_inputs(sp, dense, self.model_cfg, self.data))
-        if self.g_item_index is not None and "satisfaction" in out:
-            out = {**out, "satisfaction": self.served_teacher(gsp, item_ids)}
-        return self.fusion({n: out.get(n) for n in self.heads})
+        return self.candidates(state, gsp, item_ids, dense)
+
+
+class RequestBatchScorer:
+    """`Scorer` (satrank.models.serving.module) over reader Batches that runs RequestCore request by request:
+    the rows of a batch are grouped by request_id, `user_state` runs ONCE per request (on the request's first
+    row in the batch, all requests of the batch in one call) and `candidates` scores every row against its
+    request's user state. satrank.jobs.score uses it under score.request_level (docs/serving.md).
+
+    Why per batch: the reader cuts batches by rows, so a request may span two batches; each batch then computes
+    that request's user side from its own rows, the same values, and the scores do not depend on the cut.
+    A request's rows must repeat one user side (every key of `user_keys` and `history_keys`); a row that differs
+    from the request's first row (in its batch or an earlier batch of the same file) is a DataError naming the
+    file, the request_id, both rows (counted from 0 over the file's scored rows) and the feature: one user state
+    per request cannot score it, and a silent per-row fallback would hide a broken candidate set.
+    Call `begin_file(name)` before the batches of each file."""
+
+    def __init__(self, core: RequestCore, device: torch.device | str = "cpu") -> None:
+        self.core = core.eval().to(device)
+        self.device = torch.device(device)
+        self.specs, self.heads, self.outputs = core.specs, core.heads, core.outputs
+        self.user_keys, self.history_keys = core.keys["user_keys"], core.keys["history_keys"]
+        self.item_keys = core.keys["item_keys"]
+        self.max_len = {f.name: f.max_len for f in core.data.sequence}
+        self.begin_file("batch")
+
+    def begin_file(self, name: str) -> None:
+        """Start a file: errors name `name`, rows count from 0 and the user sides of its requests are remembered
+        from here on (to check a request cut by a batch boundary across both batches)."""
+        self.where, self.offset = name, 0
+        self.seen: Dict[int, Tuple[Any, int]] = {}
+
+    def user_rows(self, batch: Any) -> Tuple[torch.Tensor, List[Tuple[str, int]], Dict[str, torch.Tensor]]:
+        """(each row's user side int64 [B, W]: the user keys' ids, then per history its length and its last max_len
+        ids, -1 padded; the (feature, width) of each column span; the candidate keys' ids [B] by name)."""
+        kjt, n = batch.sparse, batch.size
+        names = list(kjt.keys())
+        per_key = dict(zip(names, torch.split(kjt.values(), kjt.length_per_key())))
+        lengths = dict(zip(names, kjt.lengths().view(len(names), n).long()))
+        cols = [torch.stack([per_key[k] for k in self.user_keys], 1)]
+        spans = [(k, 1) for k in self.user_keys]
+        for name in self.history_keys:
+            vals, lens, width = per_key[name], lengths[name], self.max_len[name]
+            keep = lens.clamp(max=width)
+            pos = torch.arange(width)
+            mask = pos < keep.unsqueeze(1)
+            idx = (torch.cumsum(lens, 0) - keep).unsqueeze(1) + pos  # the last max_len ids, as the lookups keep
+            padded = torch.cat([vals, vals.new_full((1,), -1)])[torch.where(mask, idx, vals.numel())]
+            cols += [lens.unsqueeze(1), padded]
+            spans.append((name, 1 + width))
+        return torch.cat(cols, 1), spans, {k: per_key[k] for k in self.item_keys}
+
+    def _feature(self, spans: List[Tuple[str, int]], col: int) -> str:
+        for name, width in spans:
+            if col < width:
+                return name
+            col -= width
+        return "?"
+
+    def _mismatch(self, rid: int, first: int, row: int, feature: str) -> DataError:
+        return DataError(f"{self.where}: request_id {rid}: rows {first} and {row} differ in the user-side feature "
+                         f"{feature!r}; request-level scoring (score.request_level) computes one user side per request, "
+                         "so a request's rows must repeat its user's features and histories (fix the candidates, or "
+                         "score per row with --set score.request_level=false)")
+
+    def check(self, user: torch.Tensor, spans: List[Tuple[str, int]], rid: torch.Tensor, uniq: torch.Tensor,
+              first: torch.Tensor, inverse: torch.Tensor) -> None:
+        """DataError unless every row repeats its request's first row, in this batch and in earlier batches."""
+        diff = user != user[first[inverse]]
+        bad = diff.any(1)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            raise self._mismatch(int(rid[row]), self.offset + int(first[inverse[row]]), self.offset + row,
+                                 self._feature(spans, int(diff[row].nonzero()[0])))
+        reps = user[first].numpy()
+        for r, key in enumerate(uniq.tolist()):
+            prev = self.seen.setdefault(key, (reps[r], self.offset + int(first[r])))
+            if prev[1] != self.offset + int(first[r]) and not np.array_equal(prev[0], reps[r]):
+                raise self._mismatch(key, prev[1], self.offset + int(first[r]),
+                                     self._feature(spans, int(np.flatnonzero(prev[0] != reps[r])[0])))
+
+    def __call__(self, batch: Any) -> Dict[str, torch.Tensor]:
+        n = batch.size
+        if n == 0:
+            return {name: torch.zeros(0) for name in self.outputs}
+        rid = batch.ids["request_id"]
+        user, spans, items = self.user_rows(batch)
+        uniq, inverse = torch.unique(rid, return_inverse=True)
+        rows = int(uniq.numel())
+        first = torch.full((rows,), n, dtype=torch.long).scatter_reduce(0, inverse, torch.arange(n), "amin")
+        self.check(user, spans, rid, uniq, first, inverse)
+        reps = user[first]  # one row per request: its user ids, then per history (length, ids)
+        n_user = len(self.user_keys)
+        values, lengths, col = [], [], n_user
+        for _, width in spans[n_user:]:
+            keep = reps[:, col].clamp(max=width - 1)
+            values.append(reps[:, col + 1:col + width][torch.arange(width - 1) < keep.unsqueeze(1)])
+            lengths.append(keep.to(torch.int32))
+            col += width
+        dev = self.device
+        with torch.inference_mode():
+            state, gsp = self.core.user_state(reps[:, :n_user].t().reshape(-1).to(dev), torch.cat(values).to(dev),
+                                              torch.cat(lengths).to(dev), rows=rows)
+            parts = self.core.candidates(state, gsp, torch.stack([items[k] for k in self.item_keys]).to(dev),
+                                         batch.dense.to(dev), inverse.to(dev), rows=rows)
+        self.offset += n
+        return {name: t.cpu() for name, t in zip(self.outputs, parts)}
 
 
 class RequestModule(nn.Module):

@@ -7,6 +7,11 @@ collective per batch, and a killed run resumes shard by shard. The job supplies 
 (`gather(obj) -> list over ranks`, `together(fn)`: run fn on every rank and re-raise the first
 failure everywhere), so this module needs no process group of its own.
 
+Scorers: under score.request_level (the default) a ranker / easq model scores request by request
+(satrank.models.serving.request.RequestBatchScorer: the user side once per request of each batch); other
+kinds, a model the request-level core refuses, and score.request_level=false run the model's forward per row
+(ModelScorer). Both give the same scores within float rounding (tests/test_score_request.py).
+
 Output columns: request_id, user_id, item_id, one per served head (satrank.models.ranker.heads:
 p_click, p_satisfied, watch_time_pred, then p_<name> of any other head; null where the model lacks
 the head), score, rank (1 = best score within the request; ties to the earlier row).
@@ -72,6 +77,23 @@ def assign(n_files: int, rank: int, world_size: int) -> List[int]:
     return list(range(rank, n_files, world_size))
 
 
+def make_scorer(loaded: Any, score: Any, device: Any) -> Scorer:
+    """The request-level RequestBatchScorer when score.request_level is on and the model allows it, else the
+    per-row ModelScorer (the reason logged)."""
+    from satrank.models.serving.request import REQUEST_KINDS, RequestBatchScorer, RequestCore, RequestLevelError
+
+    data = loaded.cfg.data
+    if score.request_level and loaded.kind in REQUEST_KINDS:
+        try:
+            return RequestBatchScorer(RequestCore(loaded.model, loaded.kind, data, score.fusion, loaded.specs), device)
+        except RequestLevelError as exc:
+            log.warning("scoring per row: %s", exc)
+    elif score.request_level:
+        log.info("scoring per row: the %s model has no user / candidate split (request-level kinds: %s)",
+                 loaded.kind, list(REQUEST_KINDS))
+    return ModelScorer(loaded.model, score.fusion, data, device, loaded.specs)
+
+
 def score_file(scorer: Scorer, path: str, data: DataConfig, score: Any,
                progress: Optional[Callable[[int], Any]] = None) -> Tuple[pa.Table, Dict[str, Any]]:
     """Score every row of one candidate shard -> (output table, reader stats with rows_rejected).
@@ -79,6 +101,8 @@ def score_file(scorer: Scorer, path: str, data: DataConfig, score: Any,
     rcfg = ReaderConfig(batch_size=score.batch_size, num_workers=score.num_workers, shuffle=False,
                         on_bad_row=score.on_bad_row, drop_last=False)
     loader = BatchLoader(path, data, rcfg, rank=0, world_size=1, with_labels=False)
+    if hasattr(scorer, "begin_file"):  # the request-level scorer checks a request's rows across batches
+        scorer.begin_file(path)
     ids: Dict[str, List[np.ndarray]] = {c: [] for c in ID_COLUMNS}
     values: Dict[str, List[np.ndarray]] = {c: [] for c in scorer.outputs}
     for batch in loader:
@@ -98,7 +122,7 @@ def score_file(scorer: Scorer, path: str, data: DataConfig, score: Any,
     return table, stats
 
 
-def run_identity(loaded: Any, scorer: ModelScorer, score: Any, inputs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+def run_identity(loaded: Any, scorer: Scorer, score: Any, inputs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """What the scores in OUT_DIR depend on (a rerun must match it to resume)."""
     return {
         "model": {"checkpoint": str(loaded.path.resolve()), "fingerprint": loaded.meta["fingerprint"],
@@ -117,7 +141,8 @@ def score_candidates(rt: Any, loaded: Any, candidates: Path, out: Path, score: A
     run record. `rt`: rank, world_size, device, is_main, progress(total, desc) of the job's runtime."""
     started = time.perf_counter()
     data = loaded.cfg.data
-    scorer = ModelScorer(loaded.model, score.fusion, data, rt.device, loaded.specs)
+    scorer = make_scorer(loaded, score, rt.device)
+    request_level = not isinstance(scorer, ModelScorer)
     missing = [s.name for s in scorer.specs if s.name not in scorer.heads]
     if missing and rt.is_main:
         log.warning("the %s model has no %s head(s): those columns are null and their fusion weights count as 0",
@@ -169,11 +194,12 @@ def score_candidates(rt: Any, loaded: Any, candidates: Path, out: Path, score: A
                "skipped": sorted(output_name(i) for r in ranks for i in r["skipped"]),
                "rows_scored": total_rows, "scoring_wall_s": round(scoring_wall, 3),
                "rows_per_s": round(total_rows / scoring_wall, 1) if scoring_wall > 0 and total_rows else None,
-               "total_wall_s": round(time.perf_counter() - started, 3), "device": str(rt.device)}
+               "total_wall_s": round(time.perf_counter() - started, 3), "device": str(rt.device),
+               "request_level": request_level}
     manifest = together(lambda: writer.finalize(inputs, run_rec) if rt.is_main else None)
     if rt.is_main:
         t = manifest["totals"]
-        log.info("scored %d shard(s) (%d skipped as complete): %d rows in, %d out, %d requests -> %s; %s rows/s",
+        log.info("scored %d shard(s) (%d skipped as complete): %d rows in, %d out, %d requests -> %s; %s rows/s (%s)",
                  len(run_rec["scored"]), len(run_rec["skipped"]), t["rows_in"], t["rows_out"], t["requests"],
-                 out, run_rec["rows_per_s"])
+                 out, run_rec["rows_per_s"], "request-level" if request_level else "per row")
     return run_rec

@@ -242,10 +242,15 @@ class SatisfactionArch(nn.Module):
             e_hat = nn.functional.softplus(self.imputation(h.detach()).squeeze(-1))
         return logit, e_hat
 
-    def history_logits(self, pooled, sequences, dense, items: torch.Tensor) -> torch.Tensor:
+    def history_logits(self, pooled, sequences, dense, items: torch.Tensor,
+                       rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits of g(u, i) for the batch's users u and items given as item-table rows `items` [B, L, d_e]
-        (the item tower must take exactly one sparse feature and no dense column): [B, L]."""
+        (the item tower must take exactly one sparse feature and no dense column): [B, L]. `rows` [B'] (optional)
+        gives the user row of each of B' item sets instead (items [B', L, d_e] -> [B', L]): batch scoring computes
+        each request's user half once and scores every candidate row of the request against it."""
         u, _ = self.tower(pooled, sequences, dense)  # the item half is recomputed below, per history item
+        if rows is not None:
+            u = u[rows]
         v = self.tower.item_mlp(items)  # [B, L, dim]
         u = u.unsqueeze(1).expand_as(v)
         return self.head(torch.cat([u, v, u * v], dim=-1)).squeeze(-1)
