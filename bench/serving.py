@@ -7,8 +7,8 @@ belong in the report. Prints ONE JSON line:
                      (score.request_level: true, the default: the user side once per request of a batch)
   score_rows_per_s_per_row   the same job with score.request_level=false (the full model per row), same run
   score_request_speedup      score_rows_per_s / score_rows_per_s_per_row
-  score_rows_per_s_num_workers_0   request-level with score.num_workers=0 (the reader in the scoring process:
-                     no worker server to start, no worker per shard; on 2 cores the workers only compete)
+  score_rows_per_s_num_workers_1   request-level with score.num_workers=1 (a reader worker per rank; the
+                     default 0 reads in the scoring process: no worker server to start; on 2 cores workers compete)
   p50_ms_100 / p99_ms_100   latency of the per-candidate model.pt (TorchScript, fp32, CPU, `--threads`
                      intra-op threads, default 1) for one request of 100 candidates (one row each)
   p50_ms_1000 / p99_ms_1000   the request-level model_request.pt (satrank.models.serving.request) for ONE
@@ -97,9 +97,9 @@ def score_throughput(work: Path, data: Path, run: Path, nproc: int, request_leve
 
 def score_both(work: Path, data: Path, run: Path, nproc: int) -> dict:
     """The job request-level and per row on the same candidates, one after the other, and their ratio; then
-    request-level with the reader in the scoring process (score.num_workers=0)."""
+    request-level with one reader worker per rank (score.num_workers=1; the default reads in-process)."""
     out = {**score_throughput(work, data, run, nproc, True), **score_throughput(work, data, run, nproc, False),
-           **score_throughput(work, data, run, nproc, True, "score.num_workers=0")}
+           **score_throughput(work, data, run, nproc, True, "score.num_workers=1")}
     out["score_request_speedup"] = round(out["score_rows_per_s"] / out["score_rows_per_s_per_row"], 2)
     return out
 

@@ -24,7 +24,7 @@ class ScoreConfig:
 
     fusion: FusionConfig = field(default_factory=FusionConfig)
     batch_size: int = 4096  # rows per forward
-    num_workers: int = 1  # DataLoader reader processes per rank (0 = read in the scoring process)
+    num_workers: int = 0  # DataLoader reader processes per rank (0 = read in the scoring process)
     on_bad_row: Literal["error", "skip"] = "error"  # skip: rejected rows are counted per shard, never scored
     device: Optional[str] = None  # null = cuda:<local_rank> when available, else cpu; "cpu" forces CPU
     # ranker / easq kinds: the user side once per request of each batch (satrank.models.serving.request
