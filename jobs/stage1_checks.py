@@ -1,0 +1,94 @@
+"""What the stage-1 jobs (satrank.jobs.pretrain / propensity / satisfaction) check and report beyond training:
+
+- `check_behaviour_leak` (satrank.jobs.propensity, before any process group): a `propensity.behaviour` input
+  that determines `questionnaire_answered` on the training data lets rho see its own label (a log where
+  click = answered gives rho ~ 1 on every answered row, which silently turns IPS into the naive loss). The
+  job REFUSES such a config with one line naming the input, its column and the fix (drop it from
+  propensity.behaviour): dropping it silently would train another model than the one configured.
+- `evaluate_test`: every stage-1 job scores DIR/test, when it exists, with the weights it ends on (after
+  restore_best) and the validation's evaluator, so metrics.json holds a `test` entry with the same metric set.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from satrank.jobs.engine.readers import eval_reader
+from satrank.jobs.engine.runtime import get_logger
+from satrank.models.metrics.calibration import auc
+from satrank.pipeline.config import ConfigError
+from satrank.pipeline.reader import BatchLoader
+from satrank.pipeline.shards import list_shards, open_parquet
+
+logger = get_logger("stage1")
+
+
+def _determines(x: np.ndarray, answered: np.ndarray) -> Optional[str]:
+    """How `x` determines the 0/1 `answered` (None: it does not): a threshold separates the two classes, or
+    (x with few distinct values, >= 10 rows each on average) every value of x has one answered class only."""
+    pos, neg = x[answered], x[~answered]
+    if neg.max() < pos.min():
+        return f"every answered row has a value >= {pos.min():g}, every other row one <= {neg.max():g}"
+    if pos.max() < neg.min():
+        return f"every answered row has a value <= {pos.max():g}, every other row one >= {neg.min():g}"
+    values, inverse = np.unique(x, return_inverse=True)
+    if len(values) * 10 > len(x):
+        return None
+    positives = np.bincount(inverse, weights=answered.astype(np.float64), minlength=len(values))
+    sizes = np.bincount(inverse, minlength=len(values))
+    if np.all((positives == 0) | (positives == sizes)):
+        return f"each of its {len(values)} values occurs with one answered class only"
+    return None
+
+
+def check_behaviour_leak(data_dir: Path, data_cfg: Any, behaviour: Any) -> Dict[str, Any]:
+    """Per `propensity.behaviour` input on DIR/train: its single-input AUC for questionnaire_answered and the
+    answer rate (reported in metrics.json); raises ConfigError (one line) on an input that determines the
+    answer. Rows with a null in these columns are left out; a missing column is left to the reader's error."""
+    if not behaviour:
+        return {}
+    split = Path(data_dir) / "train"
+    fs, files = list_shards(str(split))
+    label = data_cfg.labels.questionnaire_answered
+    columns = {b: getattr(data_cfg.labels, b) for b in behaviour}
+    parts = []
+    for path in files:
+        pf = open_parquet(fs, path)
+        have = set(pf.schema_arrow.names)
+        if label not in have or any(c not in have for c in columns.values()):
+            return {}  # the reader names the missing column
+        parts.append(pf.read(columns=[label, *columns.values()]))
+    table = pa.concat_tables(parts)
+    arrays = {c: table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in {label, *columns.values()}}
+    keep = np.all([~np.isnan(a) for a in arrays.values()], axis=0)
+    answered = arrays[label][keep] > 0.5
+    report: Dict[str, Any] = {"rows": int(keep.sum()), "answer_rate": float(answered.mean()) if keep.any() else None,
+                              "auc": {}}
+    if answered.all() or not answered.any():
+        return report  # one class: nothing to leak (the propensity model cannot learn it either)
+    for name, column in columns.items():
+        x = arrays[column][keep]
+        report["auc"][name] = auc(torch.from_numpy(x), torch.from_numpy(answered.astype(np.float64)))
+        how = _determines(x, answered)
+        if how is not None:
+            rest = [b for b in behaviour if b != name]
+            raise ConfigError(
+                f"propensity.behaviour: {name} (column {column!r} of {split}) determines {label} on the training data "
+                f"({how}): rho would see its own label; drop it from propensity.behaviour "
+                f"(--set propensity.behaviour=[{','.join(rest)}])")
+    return report
+
+
+def evaluate_test(trainer: Any, data_dir: Path, cfg: Any, evaluator: Any) -> Optional[Dict[str, Any]]:
+    """The evaluator's metrics on DIR/test with the trainer's current weights (collective), None without DIR/test."""
+    split = Path(data_dir) / "test"
+    if not split.is_dir():
+        logger.info("no %s: no test evaluation", split)
+        return None
+    metrics = trainer.evaluate(BatchLoader(split, cfg.data, eval_reader(cfg.reader)), evaluator)
+    logger.info("test (%s): %s", split, ", ".join(f"{k}={v:.5g}" for k, v in metrics.items() if isinstance(v, float)))
+    return metrics
