@@ -7,6 +7,9 @@
   propensity.behaviour): dropping it silently would train another model than the one configured.
 - `evaluate_test`: every stage-1 job scores DIR/test, when it exists, with the weights it ends on (after
   restore_best) and the validation's evaluator, so metrics.json holds a `test` entry with the same metric set.
+- `check_stage1_config` (satrank.jobs.check_data): builds the three stage-1 models from the config (tables on
+  the meta device: no memory) and checks each `<stage>_train.monitor` against its evaluator's metric names, so
+  a config whose model sections cannot run is refused before any training, not by the job that meets it.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from satrank.jobs.engine.readers import eval_reader
+from satrank.jobs.engine.readers import eval_reader, stage_train_config
 from satrank.jobs.engine.runtime import get_logger
 from satrank.models.metrics.calibration import auc
 from satrank.pipeline.config import ConfigError
@@ -92,3 +95,50 @@ def evaluate_test(trainer: Any, data_dir: Path, cfg: Any, evaluator: Any) -> Opt
     metrics = trainer.evaluate(BatchLoader(split, cfg.data, eval_reader(cfg.reader)), evaluator)
     logger.info("test (%s): %s", split, ", ".join(f"{k}={v:.5g}" for k, v in metrics.items() if isinstance(v, float)))
     return metrics
+
+
+def _evaluators(clip: float) -> Dict[str, Any]:
+    from satrank.models.metrics.stage1_eval import BinaryEvaluator, SatisfactionEvaluator
+
+    return {"pretrain": BinaryEvaluator("click_prob", "click", "true_p_click"),
+            "propensity": BinaryEvaluator("answer_prob", "questionnaire_answered", "true_p_answered", reliability=True,
+                                          distribution=True),
+            "satisfaction": SatisfactionEvaluator(seed=0, clip=clip)}
+
+
+def metric_names(evaluator: Any) -> set:
+    """Every metric an evaluation of `evaluator` reports (satrank.jobs.engine.trainer.Trainer.evaluate's own keys
+    too): its metrics on four made-up rows with both label classes."""
+    n = 4
+    cols = {"pred": torch.full((n,), 0.5), "label": torch.tensor([0.0, 1.0, 0.0, 1.0]), "truth": torch.full((n,), 0.5),
+            "sat_prob": torch.full((n,), 0.5), "answered": torch.ones(n), "satisfied": torch.tensor([0.0, 1.0, 0.0, 1.0]),
+            "true_p": torch.full((n,), 0.5), "propensity": torch.full((n,), 0.5), "id_user_id": torch.arange(n)}
+    scalars = [k for k, v in evaluator.metrics(cols, {}).items() if not isinstance(v, (dict, list))]
+    return {"loss", "rows", "batches", "padding_steps", "eval_s", *scalars}
+
+
+def check_stage1_config(cfg: Any) -> None:
+    """ConfigError (one line, naming the key) for a stage-1 section that cannot run: a model that cannot be built
+    from `pretrain:` / `propensity:` / `satisfaction:` with this `data:`, or a `<stage>_train.monitor` its job's
+    evaluator does not report."""
+    from satrank.models.stage1.tasks import ClickModel, PropensityModel, SatisfactionModel
+
+    p = cfg.pretrain
+    builds = {"pretrain": lambda: ClickModel(cfg.data, cfg.embeddings, p.tower, watch_time_weight=p.watch_time_weight,
+                                             watch_time_rows=p.watch_time_rows, watch_time_target=p.watch_time_target,
+                                             duration_feature=p.duration_feature),
+              "propensity": lambda: PropensityModel(cfg.data, cfg.embeddings, cfg.propensity),
+              "satisfaction": lambda: SatisfactionModel(cfg.data, cfg.embeddings, p.tower, cfg.satisfaction,
+                                                        cfg.propensity)}
+    for stage, build in builds.items():
+        try:
+            build()
+        except ConfigError:
+            raise
+        except (ValueError, KeyError) as exc:
+            raise ConfigError(f"{stage}: the model cannot be built from this config: {exc}") from None
+    for stage, evaluator in _evaluators(cfg.satisfaction.clip).items():
+        monitor, known = stage_train_config(cfg, stage).monitor, metric_names(evaluator)
+        if monitor not in known:
+            raise ConfigError(f"{stage}_train.monitor: {monitor!r} is not a metric of satrank.jobs.{stage}; "
+                              f"choose from {sorted(known)}")
