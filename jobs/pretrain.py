@@ -5,8 +5,9 @@ initialise the satisfaction model (sec. 4.2.2); logit = <u, v> + b, BCE on click
         [--resume RUN_OLD]
 
 Trains on DIR/train, evaluates on DIR/valid (click AUC, log loss, ECE; log loss against true_p_click where
-the data has it) and, after restore_best, DIR/test when it exists (`test` in metrics.json), and writes RUN/checkpoint (reshardable DCP + config + sharding plan + reader positions),
-RUN/best, RUN/metrics.json and RUN/metrics.jsonl. Settings: `pretrain:` (model) and `train:` with the
+the data has it) and, after restore_best, DIR/test when it exists (`test` in metrics.json), and writes
+RUN/checkpoint (reshardable DCP + config + sharding plan + reader positions), RUN/best, RUN/metrics.json and
+RUN/metrics.jsonl. Where every validation row is clicked (one class) it keeps its last epoch (logged). Settings: `pretrain:` (model) and `train:` with the
 `pretrain_train:` overrides (loop). --resume continues a satrank.jobs.pretrain checkpoint at any world size.
 """
 from __future__ import annotations

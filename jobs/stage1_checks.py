@@ -110,9 +110,9 @@ def metric_names(evaluator: Any) -> set:
     """Every metric an evaluation of `evaluator` reports (satrank.jobs.engine.trainer.Trainer.evaluate's own keys
     too): its metrics on four made-up rows with both label classes."""
     n = 4
-    cols = {"pred": torch.full((n,), 0.5), "label": torch.tensor([0.0, 1.0, 0.0, 1.0]), "truth": torch.full((n,), 0.5),
-            "sat_prob": torch.full((n,), 0.5), "answered": torch.ones(n), "satisfied": torch.tensor([0.0, 1.0, 0.0, 1.0]),
-            "true_p": torch.full((n,), 0.5), "propensity": torch.full((n,), 0.5), "id_user_id": torch.arange(n)}
+    half, both = torch.full((n,), 0.5), torch.tensor([0.0, 1.0, 0.0, 1.0])
+    cols = {"pred": half, "label": both, "truth": half, "sat_prob": half, "answered": torch.ones(n), "satisfied": both,
+            "true_p": half, "propensity": half, "id_user_id": torch.arange(n)}
     scalars = [k for k, v in evaluator.metrics(cols, {}).items() if not isinstance(v, (dict, list))]
     return {"loss", "rows", "batches", "padding_steps", "eval_s", *scalars}
 

@@ -389,7 +389,7 @@ class Trainer:
         the final weights are always evaluated (when valid_loader is given) and saved. Collective."""
         cfg, st = self.cfg, self.state
         self._fallbacks = getattr(evaluator, "fallbacks", None)  # {monitor: [(metric, mode), ...]} (selection)
-        self._valid_name = f"validation ({valid_loader.uri})" if valid_loader is not None else "validation"
+        self._valid_name = f"validation ({getattr(valid_loader, 'uri', '?')})" if valid_loader else "validation"
         template = first_batch(train_loader) if cfg.uneven_batches == "pad" else None
         started = time.perf_counter()
         while st.epoch < cfg.epochs and not st.stopped_early and not self._max_steps_reached():

@@ -88,7 +88,8 @@ def rho_collapse(stats: Dict[str, Any], observed_rate: float) -> Optional[str]:
     if stats["mean"] > 1.0 - COLLAPSE_EDGE:
         return f"mean {stats['mean']:.4f} within {COLLAPSE_EDGE} of 1: 1/rho ~ 1, IPS is the naive loss"
     if stats["mean"] < COLLAPSE_EDGE and observed_rate >= 5 * COLLAPSE_EDGE:
-        return f"mean {stats['mean']:.4f} within {COLLAPSE_EDGE} of 0 while {observed_rate:.3f} of the rows are positive"
+        return (f"mean {stats['mean']:.4f} within {COLLAPSE_EDGE} of 0 while {observed_rate:.3f} of the rows are "
+                f"positive")
     return None
 
 
