@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from satrank.jobs.engine.readers import eval_reader, stage_train_config
@@ -30,53 +29,97 @@ from satrank.pipeline.shards import list_shards, open_parquet
 logger = get_logger("stage1")
 
 
-def _determines(x: np.ndarray, answered: np.ndarray) -> Optional[str]:
-    """How `x` determines the 0/1 `answered` (None: it does not): a threshold separates the two classes, or
-    (x with few distinct values, >= 10 rows each on average) every value of x has one answered class only."""
-    pos, neg = x[answered], x[~answered]
-    if neg.max() < pos.min():
-        return f"every answered row has a value >= {pos.min():g}, every other row one <= {neg.max():g}"
-    if pos.max() < neg.min():
-        return f"every answered row has a value <= {pos.max():g}, every other row one >= {neg.min():g}"
-    values, inverse = np.unique(x, return_inverse=True)
-    if len(values) * 10 > len(x):
+MAX_DISTINCT = 1000  # an input with more distinct values is checked by the threshold rule only
+AUC_ROWS = 2_000_000  # each input's single-input AUC is computed on the first rows (bounded memory on big logs)
+
+
+class _Evidence:
+    """Streaming evidence (file by file, bounded memory) that an input x determines the 0/1 answer: the range of
+    x in each answer class, and, while x has at most MAX_DISTINCT values, the answer count of every value."""
+
+    def __init__(self) -> None:
+        self.lo, self.hi = {True: np.inf, False: np.inf}, {True: -np.inf, False: -np.inf}
+        self.groups: Optional[Dict[float, list]] = {}  # value -> [rows, answered rows]; None: too many values
+        self.rows = 0
+
+    def update(self, x: np.ndarray, answered: np.ndarray) -> None:
+        self.rows += len(x)
+        for cls in (True, False):
+            v = x[answered == cls]
+            if len(v):
+                self.lo[cls], self.hi[cls] = min(self.lo[cls], v.min()), max(self.hi[cls], v.max())
+        if self.groups is None:
+            return
+        values, inverse = np.unique(x, return_inverse=True)
+        if len(values) + len(self.groups) > 2 * MAX_DISTINCT:
+            self.groups = None
+            return
+        positives = np.bincount(inverse, weights=answered.astype(np.float64), minlength=len(values))
+        for v, n, k in zip(values.tolist(), np.bincount(inverse, minlength=len(values)).tolist(), positives.tolist()):
+            g = self.groups.setdefault(v, [0, 0])
+            g[0], g[1] = g[0] + n, g[1] + int(k)
+        if len(self.groups) > MAX_DISTINCT:
+            self.groups = None
+
+    def verdict(self) -> Optional[str]:
+        """How x determines the answer (None: it does not); both classes must have been seen. A threshold
+        separates the classes, or (at most MAX_DISTINCT values, >= 10 rows each on average) every value occurs
+        with one answer class only."""
+        if self.hi[False] < self.lo[True]:
+            return f"every answered row has a value >= {self.lo[True]:g}, every other row one <= {self.hi[False]:g}"
+        if self.hi[True] < self.lo[False]:
+            return f"every answered row has a value <= {self.hi[True]:g}, every other row one >= {self.lo[False]:g}"
+        if self.groups is None or len(self.groups) * 10 > self.rows:
+            return None
+        if all(k == 0 or k == n for n, k in self.groups.values()):
+            return f"each of its {len(self.groups)} values occurs with one answered class only"
         return None
-    positives = np.bincount(inverse, weights=answered.astype(np.float64), minlength=len(values))
-    sizes = np.bincount(inverse, minlength=len(values))
-    if np.all((positives == 0) | (positives == sizes)):
-        return f"each of its {len(values)} values occurs with one answered class only"
-    return None
+
+
+def _determines(x: np.ndarray, answered: np.ndarray) -> Optional[str]:
+    """`_Evidence.verdict` of one array (both answer classes present)."""
+    ev = _Evidence()
+    ev.update(x, answered)
+    return ev.verdict()
 
 
 def check_behaviour_leak(data_dir: Path, data_cfg: Any, behaviour: Any) -> Dict[str, Any]:
-    """Per `propensity.behaviour` input on DIR/train: its single-input AUC for questionnaire_answered and the
-    answer rate (reported in metrics.json); raises ConfigError (one line) on an input that determines the
-    answer. Rows with a null in these columns are left out; a missing column is left to the reader's error."""
+    """Per `propensity.behaviour` input on DIR/train: its single-input AUC for questionnaire_answered (first
+    AUC_ROWS rows) and the answer rate (reported in metrics.json); raises ConfigError (one line) on an input
+    that determines the answer. Read file by file; rows with a null in these columns are left out; a missing
+    column is left to the reader's error."""
     if not behaviour:
         return {}
     split = Path(data_dir) / "train"
     fs, files = list_shards(str(split))
     label = data_cfg.labels.questionnaire_answered
     columns = {b: getattr(data_cfg.labels, b) for b in behaviour}
-    parts = []
+    evidence = {b: _Evidence() for b in behaviour}
+    sample: Dict[str, list] = {b: [] for b in [*behaviour, label]}
+    rows = answered_rows = sampled = 0
     for path in files:
         pf = open_parquet(fs, path)
-        have = set(pf.schema_arrow.names)
-        if label not in have or any(c not in have for c in columns.values()):
+        if any(c not in pf.schema_arrow.names for c in [label, *columns.values()]):
             return {}  # the reader names the missing column
-        parts.append(pf.read(columns=[label, *columns.values()]))
-    table = pa.concat_tables(parts)
-    arrays = {c: table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in {label, *columns.values()}}
-    keep = np.all([~np.isnan(a) for a in arrays.values()], axis=0)
-    answered = arrays[label][keep] > 0.5
-    report: Dict[str, Any] = {"rows": int(keep.sum()), "answer_rate": float(answered.mean()) if keep.any() else None,
-                              "auc": {}}
-    if answered.all() or not answered.any():
+        table = pf.read(columns=list({label, *columns.values()}))
+        arrays = {c: table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in table.column_names}
+        keep = np.all([~np.isnan(a) for a in arrays.values()], axis=0)
+        answered = arrays[label][keep] > 0.5
+        rows, answered_rows = rows + len(answered), answered_rows + int(answered.sum())
+        take = max(0, min(len(answered), AUC_ROWS - sampled))
+        sampled += take
+        sample[label].append(answered[:take])
+        for name, column in columns.items():
+            x = arrays[column][keep]
+            evidence[name].update(x, answered)
+            sample[name].append(x[:take])
+    report: Dict[str, Any] = {"rows": rows, "answer_rate": answered_rows / rows if rows else None, "auc": {}}
+    if answered_rows in (0, rows):
         return report  # one class: nothing to leak (the propensity model cannot learn it either)
+    y = torch.from_numpy(np.concatenate(sample[label]).astype(np.float64))
     for name, column in columns.items():
-        x = arrays[column][keep]
-        report["auc"][name] = auc(torch.from_numpy(x), torch.from_numpy(answered.astype(np.float64)))
-        how = _determines(x, answered)
+        report["auc"][name] = auc(torch.from_numpy(np.concatenate(sample[name])), y)
+        how = evidence[name].verdict()
         if how is not None:
             rest = [b for b in behaviour if b != name]
             raise ConfigError(
