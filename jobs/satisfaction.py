@@ -17,8 +17,10 @@ rescaled by the constant |D|/B per epoch (same minimiser). dr needs every row (i
 Evaluation is on EVERY row of DIR/valid: RUN/metrics.json has `ideal_loss_all` (eq. 2 against
 true_p_satisfied), `auc_true_all` (AUC against satisfaction sampled from true_p_satisfied, fixed seed
 train.seed), `auc_answered`, and the counts `answered_rows`, `batches_no_answered`, `clipped_propensities`;
-the same on DIR/test under `test` when it exists. RUN/best selects on `auc_answered` (satisfaction_train.monitor),
-or on `answered_logloss` where the validation answers have one class (`monitor_used`, `monitor_fallback_reason`).
+the same on DIR/test under `test` when it exists. RUN/best selects on `auc_answered` (satisfaction_train.monitor)
+where every validation row is answered (missing at random), on `answered_logloss` where those answers have one
+class, and on the (weighted) `loss` where some rows are unanswered (satisfaction.mnar_monitor); metrics.json
+records it (`monitor_used`, `monitor_fallback_reason`).
 """
 from __future__ import annotations
 
@@ -100,7 +102,7 @@ def run(rt, args, cfg) -> None:
             elif args.propensity is not None:
                 logger.info("satisfaction.loss=naive uses no propensity: --propensity %s is ignored", args.propensity)
         frozen = local_tables(trainer.dmp)  # every table: g's and the propensity submodule's
-        evaluator = SatisfactionEvaluator(seed=train.seed, clip=sat.clip)
+        evaluator = SatisfactionEvaluator(seed=train.seed, clip=sat.clip, mnar_monitor=sat.mnar_monitor)
         fit = trainer.fit(train_loader, valid_loader, evaluator)
         changed = tables_changed(frozen, trainer.dmp)
         if changed:

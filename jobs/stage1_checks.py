@@ -146,7 +146,7 @@ def _evaluators(clip: float) -> Dict[str, Any]:
     return {"pretrain": BinaryEvaluator("click_prob", "click", "true_p_click"),
             "propensity": BinaryEvaluator("answer_prob", "questionnaire_answered", "true_p_answered", reliability=True,
                                           distribution=True),
-            "satisfaction": SatisfactionEvaluator(seed=0, clip=clip)}
+            "satisfaction": SatisfactionEvaluator(seed=0, clip=clip, mnar_monitor=None)}
 
 
 def metric_names(evaluator: Any) -> set:

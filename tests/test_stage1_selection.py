@@ -168,6 +168,13 @@ def test_satisfaction_falls_back_to_answered_logloss_then_to_the_last_evaluation
     sel = choose("auc_answered", "max", none, ev.fallbacks)
     assert sel.metric == LAST and "answered_logloss: no answered rows" in sel.reason
     assert sel.improved(None, 0.5, 0.0)  # LAST: every evaluation is the best so far
+    # satisfaction.mnar_monitor: loss (the default): a split with unanswered rows selects on the (weighted) loss
+    mnar = SatisfactionEvaluator(seed=0, clip=0.005, mnar_monitor="loss")
+    mixed_mnar = {**mnar.metrics({**base, "satisfied": (ids % 8 == 0).float()}, {}), "loss": 0.3}
+    sel = choose("auc_answered", "max", mixed_mnar, mnar.fallbacks)
+    assert (sel.metric, sel.mode) == ("loss", "min") and "missing not at random: 100 of 400 rows answered" in sel.reason
+    every = {**base, "answered": torch.ones(n), "satisfied": (ids % 2 == 0).float()}  # missing at random
+    assert choose("auc_answered", "max", {**mnar.metrics(every, {}), "loss": 0.3}, mnar.fallbacks).reason is None
     with pytest.raises(KeyError, match="train.monitor: 'auc_answerd'"):
         choose("auc_answerd", "max", mixed, ev.fallbacks)
 

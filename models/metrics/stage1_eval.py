@@ -145,10 +145,15 @@ class SatisfactionEvaluator:
     whose propensity was clipped at M. `propensity_below_clip_all` counts all rows with rho < M.
     """
 
-    fallbacks = {"auc_answered": [("answered_logloss", "min")], "answered_auc": [("answered_logloss", "min")]}
+    ANSWERED = ("auc_answered", "answered_auc", "answered_logloss")
+    fallbacks = {m: [("answered_logloss", "min"), ("loss", "min")] for m in ANSWERED[:2]}
+    fallbacks["answered_logloss"] = [("loss", "min")]
 
-    def __init__(self, seed: int, clip: float, truth: str = "true_p_satisfied", n_bins: int = 10) -> None:
-        self.seed, self.clip, self.truth, self.n_bins = seed, clip, truth, n_bins
+    def __init__(self, seed: int, clip: float, truth: str = "true_p_satisfied", n_bins: int = 10,
+                 mnar_monitor: Optional[str] = None) -> None:
+        """mnar_monitor "loss" (satisfaction.mnar_monitor): on a split with unanswered rows the answered-row
+        metrics are declared unfit to select on, so selection falls back to the job's (weighted) `loss`."""
+        self.seed, self.clip, self.truth, self.n_bins, self.mnar_monitor = seed, clip, truth, n_bins, mnar_monitor
 
     def columns(self, batch, outputs: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         answered = batch.labels["questionnaire_answered"].detach().float().cpu()
@@ -189,17 +194,22 @@ class SatisfactionEvaluator:
             out["mean_propensity_all"] = float(rho.double().mean())
             out["mean_propensity_answered"] = float(rho[o > 0.5].double().mean()) if answered else float("nan")
         out["reliability_truth_all"] = reliability_table(pred, true_p, self.n_bins) if true_p is not None else None
-        out["undefined"] = self.undefined(s[o > 0.5], true_p is not None)
+        out["undefined"] = self.undefined(s[o > 0.5], int(o.numel()), true_p is not None)
         return out
 
-    def undefined(self, answered_labels: torch.Tensor, has_truth: bool) -> Dict[str, str]:
-        """{metric: why} for the metrics this split cannot define (selection falls back, `fallbacks`)."""
+    def undefined(self, answered_labels: torch.Tensor, rows: int, has_truth: bool) -> Dict[str, str]:
+        """{metric: why} for the metrics this split cannot define or select on (selection falls back, `fallbacks`)."""
         out: Dict[str, str] = {}
+        answered = int(answered_labels.numel())
         why = one_class_reason("satisfied", answered_labels, rows="answered rows")
         if why:
             out.update(auc_answered=why, answered_auc=why)
-        if answered_labels.numel() == 0:
-            out.update(answered_logloss="no answered rows", answered_ece="no answered rows")
+        if answered == 0:
+            out.update(answered_logloss="no answered rows", answered_ece="no answered rows", loss="no answered rows")
+        elif answered < rows and self.mnar_monitor == "loss":
+            mnar = (f"missing not at random: {answered} of {rows} rows answered, a self-selected sample "
+                    f"(satisfaction.mnar_monitor: loss)")
+            out.update({m: mnar for m in self.ANSWERED if m not in out})
         if not has_truth:
             out.update({k: f"no truth column {self.truth} (real data)" for k in ("ideal_loss_all", "auc_true_all")})
         return out
