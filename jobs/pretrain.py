@@ -5,8 +5,9 @@ initialise the satisfaction model (sec. 4.2.2); logit = <u, v> + b, BCE on click
         [--resume RUN_OLD]
 
 Trains on DIR/train, evaluates on DIR/valid (click AUC, log loss, ECE; log loss against true_p_click where
-the data has it) and writes RUN/checkpoint (reshardable DCP + config + sharding plan + reader positions),
-RUN/best, RUN/metrics.json and RUN/metrics.jsonl. Settings: `pretrain:` (model) and `train:` with the
+the data has it) and, after restore_best, DIR/test when it exists (`test` in metrics.json), and writes
+RUN/checkpoint (reshardable DCP + config + sharding plan + reader positions), RUN/best, RUN/metrics.json and
+RUN/metrics.jsonl. Where every validation row is clicked (one class) it keeps its last epoch (logged). Settings: `pretrain:` (model) and `train:` with the
 `pretrain_train:` overrides (loop). --resume continues a satrank.jobs.pretrain checkpoint at any world size.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from satrank.jobs.engine.cli import build_parser
 from satrank.models.metrics.stage1_eval import BinaryEvaluator
 from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
 from satrank.jobs.engine.trainer import Trainer, run_job
+from satrank.jobs.stage1_checks import evaluate_test
 from satrank.models.stage1.tasks import ClickModel
 from satrank.pipeline.reader import BatchLoader
 
@@ -41,8 +43,9 @@ def run(rt, args, cfg) -> None:
         valid_loader = BatchLoader(args.data / "valid", cfg.data, eval_reader(cfg.reader))
         if args.resume is not None:
             trainer.restore(args.resume, train_loader)
-        fit = trainer.fit(train_loader, valid_loader, BinaryEvaluator("click_prob", "click", "true_p_click"))
-        trainer.write_final(fit)
+        evaluator = BinaryEvaluator("click_prob", "click", "true_p_click")
+        fit = trainer.fit(train_loader, valid_loader, evaluator)
+        trainer.write_final(fit, test=evaluate_test(trainer, args.data, cfg, evaluator))
     finally:
         trainer.close()
 

@@ -4,8 +4,11 @@ lines 2-4), trained with BCE on `questionnaire_answered` over ALL impressions.
     torchrun --nproc_per_node=N -m satrank.jobs.propensity --data DIR --out RUN [--config CFG] [--set k=v ...]
         [--resume RUN_OLD]
 
-RUN/metrics.json on DIR/valid: `auc`, `logloss`, `ece`, `reliability` (equal-width bins: count, mean
-predicted, observed answer rate) and, where the data has true_p_answered, `ideal_logloss_all`. The
+RUN/metrics.json on DIR/valid (and under `test` on DIR/test when it exists): `auc`, `logloss`, `ece`,
+`reliability` (equal-width bins: count, mean predicted, observed answer rate), `pred_distribution` (rho's mean,
+std, min, max, quantiles) with `rho_collapsed`, and, where the data has true_p_answered, `ideal_logloss_all`.
+Before training, a `propensity.behaviour` input that determines questionnaire_answered on DIR/train is refused
+(one line: satrank.jobs.stage1_checks.check_behaviour_leak); `leak_check` reports each input's AUC. The
 satisfaction job loads RUN/checkpoint into its frozen propensity submodule (IPS weights 1/max(rho, M)),
 so calibration matters as much as ranking. Settings: `propensity:` and `train:` + `propensity_train:`.
 """
@@ -21,10 +24,16 @@ from satrank.jobs.engine.cli import build_parser
 from satrank.models.metrics.stage1_eval import BinaryEvaluator
 from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
 from satrank.jobs.engine.trainer import Trainer, run_job
+from satrank.jobs.stage1_checks import check_behaviour_leak, evaluate_test
 from satrank.models.stage1.tasks import PropensityModel
 from satrank.pipeline.reader import BatchLoader
 
 STAGE = "propensity"
+
+
+def precheck(args, cfg) -> None:
+    """The leak guard, before any process group exists (the same one-line refusal on every rank)."""
+    args.leak_check = check_behaviour_leak(args.data, cfg.data, cfg.propensity.behaviour)
 
 
 def run(rt, args, cfg) -> None:
@@ -37,9 +46,10 @@ def run(rt, args, cfg) -> None:
         valid_loader = BatchLoader(args.data / "valid", cfg.data, eval_reader(cfg.reader))
         if args.resume is not None:
             trainer.restore(args.resume, train_loader)
-        evaluator = BinaryEvaluator("answer_prob", "questionnaire_answered", "true_p_answered", reliability=True)
+        evaluator = BinaryEvaluator("answer_prob", "questionnaire_answered", "true_p_answered", reliability=True,
+                                    distribution=True)
         fit = trainer.fit(train_loader, valid_loader, evaluator)
-        trainer.write_final(fit)
+        trainer.write_final(fit, leak_check=args.leak_check, test=evaluate_test(trainer, args.data, cfg, evaluator))
     finally:
         trainer.close()
 
@@ -47,7 +57,7 @@ def run(rt, args, cfg) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser("satrank propensity", __doc__.split("\n\n")[0])
     parser.add_argument("--resume", type=Path, default=None, help="continue this satrank.jobs.propensity run")
-    return run_job(parser, argv, run, stage=STAGE, job=STAGE)
+    return run_job(parser, argv, run, stage=STAGE, precheck=precheck, job=STAGE)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,11 @@ batch then holds B answered rows, so ips with ips_normalizer=all is the full-dat
 rescaled by the constant |D|/B per epoch (same minimiser). dr needs every row (imputation over D).
 Evaluation is on EVERY row of DIR/valid: RUN/metrics.json has `ideal_loss_all` (eq. 2 against
 true_p_satisfied), `auc_true_all` (AUC against satisfaction sampled from true_p_satisfied, fixed seed
-train.seed), `auc_answered`, and the counts `answered_rows`, `batches_no_answered`, `clipped_propensities`.
+train.seed), `auc_answered`, and the counts `answered_rows`, `batches_no_answered`, `clipped_propensities`;
+the same on DIR/test under `test` when it exists. RUN/best selects on `auc_answered` (satisfaction_train.monitor)
+where every validation row is answered (missing at random), on `answered_logloss` where those answers have one
+class, and on the (weighted) `loss` where some rows are unanswered (satisfaction.mnar_monitor); metrics.json
+records it (`monitor_used`, `monitor_fallback_reason`).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from satrank.jobs.engine.cli import build_parser
 from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
 from satrank.jobs.engine.runtime import get_logger
 from satrank.jobs.engine.trainer import Trainer, run_job
+from satrank.jobs.stage1_checks import evaluate_test
 from satrank.models.metrics.stage1_eval import SatisfactionEvaluator
 from satrank.models.stage1.tasks import SatisfactionModel
 from satrank.pipeline.config import ConfigError
@@ -97,13 +102,14 @@ def run(rt, args, cfg) -> None:
             elif args.propensity is not None:
                 logger.info("satisfaction.loss=naive uses no propensity: --propensity %s is ignored", args.propensity)
         frozen = local_tables(trainer.dmp)  # every table: g's and the propensity submodule's
-        evaluator = SatisfactionEvaluator(seed=train.seed, clip=sat.clip)
+        evaluator = SatisfactionEvaluator(seed=train.seed, clip=sat.clip, mnar_monitor=sat.mnar_monitor)
         fit = trainer.fit(train_loader, valid_loader, evaluator)
         changed = tables_changed(frozen, trainer.dmp)
         if changed:
             logger.error("frozen tables changed during training: %s", changed)
+        test = evaluate_test(trainer, args.data, cfg, evaluator)
         trainer.write_final(fit, loss_kind=sat.loss, clip=sat.clip, answered_only_training=row_filter is not None,
-                            loaded=loaded, frozen_tables=sorted(frozen), frozen_tables_changed=changed)
+                            loaded=loaded, frozen_tables=sorted(frozen), frozen_tables_changed=changed, test=test)
     finally:
         trainer.close()
 

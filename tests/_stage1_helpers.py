@@ -1,19 +1,54 @@
-"""Helpers for tests/test_stage1_jobs.py: a small data contract, hand-built Batches (incl. one row per
-(user row, history item) pair for score_history), and reading tensors out of a DCP checkpoint in a
-process without a process group."""
+"""Helpers for tests/test_stage1_jobs.py and tests/test_stage1_selection.py: launching a job under torchrun and
+reading its metrics, a small data contract, hand-built Batches (incl. one row per (user row, history item) pair
+for score_history), reading tensors out of a DCP checkpoint in a process without a process group, and a
+rating world (self-selected training answers, randomly assigned validation/test ratings) in the canonical
+Parquet layout without truth columns, as a real dataset has it."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+import pyarrow as pa
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from satrank.pipeline.sim.testdata import make_table, write_table
 
 
 from satrank.pipeline.batch import Batch  # noqa: E402
 from satrank.pipeline.config import from_dict  # noqa: E402
 from satrank.pipeline.features import DataConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def launch(nproc, module, *args, timeout=240):
+    """`torchrun --standalone --nproc_per_node=nproc -m module args` (nproc None: plain python)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    head = ([sys.executable, "-m", module] if nproc is None else
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+             "--monitor-interval=0.2", "-m", module])
+    return subprocess.run([*head, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def events(run: Path, kind: str) -> list:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == kind]
+
 
 DATA = {
     "sparse": [
@@ -90,3 +125,55 @@ def read_dcp_tensors(checkpoint: Path, prefix: str) -> Dict[str, torch.Tensor]:
         warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
         dcp.load(out, checkpoint_id=str(state))
     return out
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def rating_world(root: Path, seed: int = 0, users: int = 200, items: int = 300, train_per_user: int = 60,
+                 eval_per_user: int = 10, click_is_answered: bool = False) -> Path:
+    """root/{train,valid,test,items}/ in the canonical layout (satrank.pipeline.sim.testdata), no truth columns.
+
+    Satisfaction s ~ Bernoulli(sigmoid(user bias + item bias + <x_u, y_i>)). train (missing not at random): items
+    by popularity, a click follows s's logit, a clicked view's watched share is Beta(4, 1.5) when s else
+    Beta(1.2, 4), and the answer self-selects on the rating (P(answer) = sigmoid(-3 + 2 share + 1.5 s), clicked
+    rows only). valid / test (missing at random): uniformly assigned items, every row clicked, watched and
+    answered. click_is_answered: train's click column := questionnaire_answered (the label leak)."""
+    rng = np.random.default_rng(seed)
+    d = 4
+    xu, yi = rng.normal(0, 1, (users, d)), rng.normal(0, 1, (items, d))
+    ub, ib = rng.normal(0, 0.5, users), rng.normal(0, 1.0, items)
+    duration = rng.uniform(5, 120, items).astype(np.float32)
+    popularity = 1.0 / (np.arange(items) + 1.0) ** 0.8
+    popularity /= popularity.sum()
+    splits = {"train": (train_per_user, False), "valid": (eval_per_user, True), "test": (eval_per_user, True)}
+    first = 0
+    for split, (per_user, mar) in splits.items():
+        n = users * per_user
+        user = np.repeat(np.arange(users), per_user)
+        item = rng.integers(0, items, n) if mar else rng.choice(items, n, p=popularity)
+        logit = ub[user] + ib[item] + (xu[user] * yi[item]).sum(1) / np.sqrt(d)
+        sat = rng.random(n) < _sigmoid(logit)
+        click = np.ones(n, bool) if mar else rng.random(n) < _sigmoid(-0.5 + 0.8 * logit)
+        share = np.where(sat, rng.beta(4.0, 1.5, n), rng.beta(1.2, 4.0, n))
+        watch = np.where(click, duration[item] * share, np.minimum(duration[item], rng.exponential(1.0, n)))
+        answered = np.ones(n, bool) if mar else click & (rng.random(n) < _sigmoid(-3.0 + 2.0 * share + 1.5 * sat))
+        if click_is_answered and not mar:
+            click = answered
+        base = make_table(n, seed=seed, first_row=first, n_users=users, n_items=items)
+        first += n
+        cols = {name: base.column(name) for name in base.column_names if not name.startswith("true_")}
+        cols.update(user_id=pa.array(user.astype(np.int64)), item_id=pa.array(item.astype(np.int64)),
+                    author_id=pa.array(item.astype(np.int64) % 50), category_id=pa.array(item.astype(np.int64) % 8),
+                    user_activity=pa.array((user % 5).astype(np.int64)), duration_s=pa.array(duration[item]),
+                    click=pa.array(click.astype(np.int8)), watch_time_s=pa.array(watch.astype(np.float32)),
+                    skip=pa.array((watch < 3.0).astype(np.int8)),
+                    questionnaire_answered=pa.array(answered.astype(np.int8)),
+                    satisfied=pa.array(sat.astype(np.int8), mask=~answered))
+        schema = pa.schema([f for f in base.schema if not f.name.startswith("true_")])
+        write_table(pa.table(cols, schema=schema), root / split / "part-00000.parquet", row_group_rows=2048)
+    ids = np.arange(items, dtype=np.int64)
+    write_table(pa.table({"item_id": ids, "author_id": ids % 50, "category_id": ids % 8, "duration_s": duration}),
+                root / "items" / "part-00000.parquet")
+    return root

@@ -13,10 +13,7 @@ weight the same 1/M and IPS collapses to the naive loss (docs/stage1.md, "Clippi
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,38 +22,13 @@ import pytest
 import yaml
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
-from _stage1_helpers import make_batch, read_dcp_tensors, small_data_config  # noqa: E402
+from _stage1_helpers import events, launch, make_batch, metrics, ok, read_dcp_tensors, small_data_config  # noqa: E402
 
 FAST = ["--set", "reader.num_workers=0"]  # read in each rank's main process: no worker start-up per epoch
 CLIP = ["--set", "satisfaction.clip=0.005"]
 G_MARGIN = 0.05  # auc_true_all gain of g from the watch head: 0.114 measured at this seed (docs/alignment.md)
 IPS_MARGIN = 0.03  # ideal_loss_all: ips (rho(u, i, behaviour)) below naive and below ips with rho(u, i)
 #                    (measured at world seeds 0 / 1 / 2: 0.074 / 0.223 / 0.091 and 0.091 / 0.098 / 0.087)
-
-
-def launch(nproc, module, *args, timeout=240):
-    """`torchrun --standalone --nproc_per_node=nproc -m module args` (nproc None: plain python)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    head = ([sys.executable, "-m", module] if nproc is None else
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-             "--monitor-interval=0.2", "-m", module])
-    return subprocess.run([*head, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def metrics(run: Path) -> dict:
-    return json.loads((run / "metrics.json").read_text())
-
-
-def events(run: Path, kind: str) -> list:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == kind]
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,7 @@ from satrank.jobs.engine.online import OnlineStep, restore_stream, run_stream
 from satrank.jobs.engine.progress import loader_bar
 from satrank.jobs.engine.readers import first_batch, reap_loader_threads, stage_train_config
 from satrank.jobs.engine.runtime import MetricsWriter, Runtime, finite_or_none, get_logger, write_json_atomic, write_text_atomic
+from satrank.jobs.engine.selection import Selection, choose
 from satrank.jobs.engine.stream import ShardStream
 from satrank.jobs.config.train import TrainConfig
 from satrank.models.metrics.calibration import StreamingCollector
@@ -97,6 +98,9 @@ class TrainState:
     bad_evals: int = 0
     stopped_early: bool = False
     history: List[Dict[str, Any]] = field(default_factory=list)  # one record per evaluation
+    monitor_used: Optional[str] = None  # what RUN/best selects on, fixed at the first evaluation: train.monitor
+    monitor_mode_used: Optional[str] = None  # or its fallback (satrank.jobs.engine.selection), with the reason
+    monitor_fallback_reason: Optional[str] = None
 
 
 class Trainer:
@@ -124,6 +128,8 @@ class Trainer:
         self.writer = MetricsWriter(self.out_dir, rt.rank)
         self._unconsumed = 0  # real batches the pipeline had prefetched when a max_steps stop happened
         self._templates: Dict[int, Batch] = {}
+        self._fallbacks: Any = None  # the evaluator's monitor fallbacks (satrank.jobs.engine.selection), set by fit
+        self._valid_name = "validation"
         self._evaluated_step: Optional[int] = None
         self._saved_step: Optional[int] = None
         self.last_eval: Optional[Dict[str, Any]] = None
@@ -331,20 +337,27 @@ class Trainer:
                     record["rows_per_s"] or 0.0, record["loss"] or float("nan"))
         return finished
 
+    def _selection(self, metrics: Dict[str, Any]) -> Selection:
+        """The metric RUN/best selects on: chosen at the first evaluation (satrank.jobs.engine.selection.choose),
+        then kept (in TrainState, so a resumed run keeps it unless train.monitor changed)."""
+        cfg, st = self.cfg, self.state
+        if st.monitor_used is None or (st.monitor_fallback_reason is None and st.monitor_used != cfg.monitor):
+            sel = choose(cfg.monitor, cfg.monitor_mode, metrics, self._fallbacks, self._valid_name)
+            st.monitor_used, st.monitor_mode_used, st.monitor_fallback_reason = sel.metric, sel.mode, sel.reason
+            if sel.reason is not None and self.rt.is_main:
+                logger.warning("model selection (%s): %s", self.job, sel.reason)
+        return Selection(st.monitor_used, st.monitor_mode_used, st.monitor_fallback_reason)
+
     def _record_eval(self, metrics: Dict[str, Any], epoch: int, train_loader: BatchLoader) -> None:
         cfg, st = self.cfg, self.state
         self.last_eval = metrics
         self._evaluated_step = st.step
-        value = metrics.get(cfg.monitor)
-        if cfg.monitor not in metrics:
-            raise KeyError(f"train.monitor: {cfg.monitor!r} is not an evaluation metric; have {sorted(metrics)}")
+        sel = self._selection(metrics)
+        value = metrics.get(sel.metric) if sel.mode != "last" else None
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
         st.history.append({"epoch": epoch, "step": st.step, **scalars})
         self.writer.log({"event": "eval", "epoch": epoch, "step": st.step, **scalars})
-        improved = value is not None and (
-            st.best is None or (value < st.best - cfg.min_delta if cfg.monitor_mode == "min"
-                                else value > st.best + cfg.min_delta))
-        if improved:
+        if sel.improved(value, st.best, cfg.min_delta):
             st.best, st.best_epoch, st.bad_evals = value, epoch, 0
             self.best_eval, self._best_step = metrics, st.step
             if cfg.keep_best:
@@ -353,7 +366,7 @@ class Trainer:
             st.bad_evals += 1
             if cfg.patience and st.bad_evals >= cfg.patience:
                 st.stopped_early = True
-                logger.info("early stop: %s did not improve for %d evaluations (best %s at epoch %s)", cfg.monitor,
+                logger.info("early stop: %s did not improve for %d evaluations (best %s at epoch %s)", sel.metric,
                             st.bad_evals, st.best, st.best_epoch)
         logger.info("eval after epoch %d (step %d): %s", epoch, st.step,
                     ", ".join(f"{k}={v:.5g}" for k, v in scalars.items() if isinstance(v, float)))
@@ -375,6 +388,8 @@ class Trainer:
         """Train `train.epochs` epochs (from the restored state), evaluating and checkpointing on schedule;
         the final weights are always evaluated (when valid_loader is given) and saved. Collective."""
         cfg, st = self.cfg, self.state
+        self._fallbacks = getattr(evaluator, "fallbacks", None)  # {monitor: [(metric, mode), ...]} (selection)
+        self._valid_name = f"validation ({getattr(valid_loader, 'uri', '?')})" if valid_loader else "validation"
         template = first_batch(train_loader) if cfg.uneven_batches == "pad" else None
         started = time.perf_counter()
         while st.epoch < cfg.epochs and not st.stopped_early and not self._max_steps_reached():
@@ -403,14 +418,16 @@ class Trainer:
             load_checkpoint(self.out_dir / "best", self.dmp, self.optimizer)
             final_eval, restored = self.best_eval, {"epoch": st.best_epoch, "step": self._best_step}
             self._saved_step = None
-            logger.info("restored the best weights (epoch %s, %s=%s) from %s", st.best_epoch, cfg.monitor, st.best,
+            logger.info("restored the best weights (epoch %s, %s=%s) from %s", st.best_epoch, st.monitor_used, st.best,
                         self.out_dir / "best")
         if self._saved_step != st.step:
             self.save(train_loader)
         self._detach()
         return {"epochs_completed": st.epoch, "steps": st.step, "mid_epoch": st.mid_epoch,
                 "stopped_early": st.stopped_early, "best": st.best, "best_epoch": st.best_epoch,
-                "monitor": cfg.monitor, "restored_best": restored, "fit_s": time.perf_counter() - started,
+                "monitor": cfg.monitor, "monitor_used": st.monitor_used, "monitor_mode_used": st.monitor_mode_used,
+                "monitor_fallback_reason": st.monitor_fallback_reason, "restored_best": restored,
+                "fit_s": time.perf_counter() - started,
                 "resumed": self.resumed, "train_epochs": self.train_epochs, "last_eval": self.last_eval,
                 "eval": final_eval}
 
@@ -433,7 +450,8 @@ class Trainer:
         summary["train_rows_per_s_last_epoch"] = epochs[-1]["rows_per_s"] if epochs else None
         summary["train_rows_total"] = sum(e["rows"] for e in epochs)
         summary["history"] = self.state.history
-        metrics = {"job": self.job, "world_size": self.rt.world_size, **extra, **(fit.get("eval") or {}),
+        chosen = {k: fit[k] for k in ("monitor_used", "monitor_mode_used", "monitor_fallback_reason") if k in fit}
+        metrics = {"job": self.job, "world_size": self.rt.world_size, **chosen, **extra, **(fit.get("eval") or {}),
                    "fit": summary}
         safe = finite_or_none(metrics)
         self.writer.write_final(safe)

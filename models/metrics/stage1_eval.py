@@ -9,8 +9,13 @@
                         impressions (`auc_true_all`), the AUC on answered impressions (`auc_answered`, the
                         only observed labels: a biased sample), and the counts that make edge cases visible.
 
-Both plug into satrank.jobs.engine.trainer.Trainer.evaluate: `columns` picks per-row tensors of each batch (cloned, so no
-reader buffer is held), `metrics` runs on all ranks' gathered rows. Sampling for `auc_true_all` is done
+Model selection (satrank.jobs.engine.selection): each evaluator's metrics carry `undefined` ({metric: why}: the
+metrics the split cannot define, e.g. an AUC whose label has one class on a missing-at-random split where every
+row is clicked and answered, or a truth metric on data without truth columns) and its `fallbacks` say which
+defined metric replaces a monitor.
+
+Both plug into satrank.jobs.engine.trainer.Trainer.evaluate: `columns` picks per-row tensors of each batch
+(cloned, so no reader buffer is held), `metrics` runs on all ranks' gathered rows. Sampling for `auc_true_all` is done
 after sorting rows by their ids, so it is the same draw whatever the world size or read order.
 """
 from __future__ import annotations
@@ -52,13 +57,56 @@ def auc_vs_drawn_truth(pred: torch.Tensor, true_p: torch.Tensor, seed: int) -> D
             "rows_all": int(drawn.numel()), "sampled_satisfied_rate": float(drawn.mean())}
 
 
+def one_class_reason(label: str, values: Any, rows: str = "rows") -> Optional[str]:
+    """Why an AUC of `label` is undefined on these label values (None: both classes present)."""
+    n = int(values.numel())
+    if n == 0:
+        return f"no {rows}"
+    positives = int((values > 0.5).sum())
+    if 0 < positives < n:
+        return None
+    return f"{label} has one class on the {n} {rows} (all {1 if positives else 0})"
+
+
+def distribution(pred: torch.Tensor) -> Dict[str, Any]:
+    """mean, std, min, max and quantiles (p01 ... p99) of a probability column."""
+    p = pred.double()
+    q = np.quantile(p.numpy(), [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99])  # torch.quantile refuses > 2**24 rows
+    return {"mean": float(p.mean()), "std": float(p.std(unbiased=False)), "min": float(p.min()), "max": float(p.max()),
+            "quantiles": dict(zip(("p01", "p05", "p25", "p50", "p75", "p95", "p99"), map(float, q)))}
+
+
+COLLAPSE_EDGE = 0.01  # rho's mean this close to 0 or 1 ...
+COLLAPSE_RANGE = 1e-3  # ... or max - min below this: 1/rho weights are (nearly) constant, IPS is the naive loss
+
+
+def rho_collapse(stats: Dict[str, Any], observed_rate: float) -> Optional[str]:
+    """Why rho's distribution has collapsed (None: it has not). Near 0 counts only where the split's observed
+    answer rate is >= 5 * COLLAPSE_EDGE: a log with 0.5% answers has a mean rho of 0.005 by right."""
+    if stats["max"] - stats["min"] < COLLAPSE_RANGE:
+        return f"spread {stats['max'] - stats['min']:.2g} < {COLLAPSE_RANGE:g}: every 1/rho weight is the same"
+    if stats["mean"] > 1.0 - COLLAPSE_EDGE:
+        return f"mean {stats['mean']:.4f} within {COLLAPSE_EDGE} of 1: 1/rho ~ 1, IPS is the naive loss"
+    if stats["mean"] < COLLAPSE_EDGE and observed_rate >= 5 * COLLAPSE_EDGE:
+        return (f"mean {stats['mean']:.4f} within {COLLAPSE_EDGE} of 0 while {observed_rate:.3f} of the rows are "
+                f"positive")
+    return None
+
+
 class BinaryEvaluator:
-    """Probability `prob_key` of the model outputs against label `label` (and truth column `truth`)."""
+    """Probability `prob_key` of the model outputs against label `label` (and truth column `truth`).
+
+    With one label class on the split (a missing-at-random split where every row is clicked / answered) `auc`,
+    `logloss`, `ece` and the model's `loss` are declared undefined; no other metric of this label is defined
+    there, so the fallback is the last evaluation (satrank.jobs.engine.selection.LAST). `distribution` adds
+    `pred_distribution` (mean, std, min, max, quantiles) and `rho_collapsed` (the propensity job)."""
+
+    fallbacks: Dict[str, Any] = {}
 
     def __init__(self, prob_key: str, label: str, truth: Optional[str] = None, n_bins: int = 10,
-                 reliability: bool = False) -> None:
+                 reliability: bool = False, distribution: bool = False) -> None:
         self.prob_key, self.label, self.truth = prob_key, label, truth
-        self.n_bins, self.reliability = n_bins, reliability
+        self.n_bins, self.reliability, self.distribution = n_bins, reliability, distribution
 
     def columns(self, batch, outputs: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         cols = {"pred": outputs[self.prob_key].detach().float().cpu().clone(),
@@ -69,9 +117,18 @@ class BinaryEvaluator:
 
     def metrics(self, columns: Dict[str, torch.Tensor], counters: Dict[str, float]) -> Dict[str, Any]:
         if not columns:
-            return {"auc": float("nan"), "logloss": float("nan"), "ece": float("nan"), "n": 0}
+            return {"auc": float("nan"), "logloss": float("nan"), "ece": float("nan"), "n": 0,
+                    "undefined": {k: "no rows" for k in ("auc", "logloss", "ece", "loss")}}
         pred, label = columns["pred"], columns["label"]
         out: Dict[str, Any] = binary_metrics(pred, label, self.n_bins)
+        why = one_class_reason(self.label, label)
+        out["undefined"] = {k: why for k in ("auc", "logloss", "ece", "loss")} if why else {}
+        if self.truth is not None and "truth" not in columns:
+            out["undefined"]["ideal_logloss_all"] = f"no truth column {self.truth} (real data)"
+        if self.distribution and pred.numel():
+            out["pred_distribution"] = distribution(pred)
+            reason = rho_collapse(out["pred_distribution"], float(label.double().mean()))
+            out["rho_collapsed"], out["rho_collapsed_reason"] = reason is not None, reason
         if "truth" in columns:
             out["ideal_logloss_all"] = log_loss(pred, columns["truth"])  # against the true probability
             out["mean_true"] = float(columns["truth"].double().mean())
@@ -88,8 +145,15 @@ class SatisfactionEvaluator:
     whose propensity was clipped at M. `propensity_below_clip_all` counts all rows with rho < M.
     """
 
-    def __init__(self, seed: int, clip: float, truth: str = "true_p_satisfied", n_bins: int = 10) -> None:
-        self.seed, self.clip, self.truth, self.n_bins = seed, clip, truth, n_bins
+    ANSWERED = ("auc_answered", "answered_auc", "answered_logloss")
+    fallbacks = {m: [("answered_logloss", "min"), ("loss", "min")] for m in ANSWERED[:2]}
+    fallbacks["answered_logloss"] = [("loss", "min")]
+
+    def __init__(self, seed: int, clip: float, truth: str = "true_p_satisfied", n_bins: int = 10,
+                 mnar_monitor: Optional[str] = None) -> None:
+        """mnar_monitor "loss" (satisfaction.mnar_monitor): on a split with unanswered rows the answered-row
+        metrics are declared unfit to select on, so selection falls back to the job's (weighted) `loss`."""
+        self.seed, self.clip, self.truth, self.n_bins, self.mnar_monitor = seed, clip, truth, n_bins, mnar_monitor
 
     def columns(self, batch, outputs: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         answered = batch.labels["questionnaire_answered"].detach().float().cpu()
@@ -130,4 +194,22 @@ class SatisfactionEvaluator:
             out["mean_propensity_all"] = float(rho.double().mean())
             out["mean_propensity_answered"] = float(rho[o > 0.5].double().mean()) if answered else float("nan")
         out["reliability_truth_all"] = reliability_table(pred, true_p, self.n_bins) if true_p is not None else None
+        out["undefined"] = self.undefined(s[o > 0.5], int(o.numel()), true_p is not None)
+        return out
+
+    def undefined(self, answered_labels: torch.Tensor, rows: int, has_truth: bool) -> Dict[str, str]:
+        """{metric: why} for the metrics this split cannot define or select on (selection falls back, `fallbacks`)."""
+        out: Dict[str, str] = {}
+        answered = int(answered_labels.numel())
+        why = one_class_reason("satisfied", answered_labels, rows="answered rows")
+        if why:
+            out.update(auc_answered=why, answered_auc=why)
+        if answered == 0:
+            out.update(answered_logloss="no answered rows", answered_ece="no answered rows", loss="no answered rows")
+        elif answered < rows and self.mnar_monitor == "loss":
+            mnar = (f"missing not at random: {answered} of {rows} rows answered, a self-selected sample "
+                    f"(satisfaction.mnar_monitor: loss)")
+            out.update({m: mnar for m in self.ANSWERED if m not in out})
+        if not has_truth:
+            out.update({k: f"no truth column {self.truth} (real data)" for k in ("ideal_loss_all", "auc_true_all")})
         return out

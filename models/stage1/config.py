@@ -129,6 +129,10 @@ class SatisfactionConfig:
     init_tower_from_pretrain: bool = True  # copy the click model's tower MLPs too (tables always copied)
     freeze_tower: bool = False  # also freeze the tower MLPs (the tables are always frozen)
     check_finite: bool = True  # raise FloatingPointError on a non-finite loss (one host sync per batch)
+    # What RUN/best selects on where the validation split is missing not at random (some rows unanswered: the
+    # answers are a self-selected sample): "loss" = the job's validation loss (1/rho-weighted for ips / snips /
+    # dr) instead of the answered-row metrics; null = satisfaction_train.monitor on any split (docs/stage1.md)
+    mnar_monitor: Optional[Literal["loss"]] = "loss"
 
     def validate(self, path: str) -> None:
         if not 0.0 < self.clip <= 1.0:
