@@ -27,7 +27,8 @@ from satrank.jobs.engine.easq_step import EasqOptimizers, EasqStep, FrozenPropen
 from satrank.jobs.engine.readers import stage_train_config
 from satrank.jobs.engine.runtime import finite_or_none, get_logger, write_json_atomic
 from satrank.jobs.engine.stream import ShardStream, timestamp_ordered
-from satrank.jobs.engine.trainer import Trainer, run_job
+from satrank.jobs.engine.job import run_job
+from satrank.jobs.engine.trainer import Trainer
 from satrank.jobs.engine.runs import run_checkpoint
 from satrank.models.metrics.ranker_eval import EvaluationConfig
 

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from satrank.jobs.engine.cli import build_parser
 from satrank.jobs.engine.evaluation import evaluate_all, format_table, load_trained
 from satrank.jobs.engine.runtime import get_logger, write_json_atomic
-from satrank.jobs.engine.trainer import run_job
+from satrank.jobs.engine.job import run_job
 from satrank.models.metrics.ranker_eval import EvaluationConfig
 
 log = get_logger("evaluate")

@@ -23,7 +23,8 @@ import torch
 from satrank.jobs.engine.cli import build_parser
 from satrank.models.metrics.stage1_eval import BinaryEvaluator
 from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
-from satrank.jobs.engine.trainer import Trainer, run_job
+from satrank.jobs.engine.job import run_job
+from satrank.jobs.engine.trainer import Trainer
 from satrank.jobs.stage1_checks import check_behaviour_leak, evaluate_test
 from satrank.models.stage1.tasks import PropensityModel
 from satrank.pipeline.reader import BatchLoader

@@ -34,7 +34,8 @@ from satrank.jobs.engine.checkpoint import check_checkpoint, checkpoint_config, 
 from satrank.jobs.engine.cli import build_parser
 from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
 from satrank.jobs.engine.runtime import get_logger
-from satrank.jobs.engine.trainer import Trainer, run_job
+from satrank.jobs.engine.job import run_job
+from satrank.jobs.engine.trainer import Trainer
 from satrank.jobs.stage1_checks import evaluate_test
 from satrank.models.metrics.stage1_eval import SatisfactionEvaluator
 from satrank.models.stage1.tasks import SatisfactionModel

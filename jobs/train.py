@@ -39,7 +39,7 @@ from satrank.jobs.engine.runs import TEACHER_FILE, build_task, satisfaction_teac
 from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
 from satrank.jobs.engine.runtime import finite_or_none, get_logger, write_json_atomic
 from satrank.jobs.engine.ranker_trainer import TEACHER_MAP, RankerTrainer
-from satrank.jobs.engine.trainer import run_job
+from satrank.jobs.engine.job import run_job
 from satrank.models.metrics.ranker_eval import EvaluationConfig, RankerEvaluator
 from satrank.models.ranker.task import find_task, needs_teacher
 from satrank.pipeline.reader import BatchLoader

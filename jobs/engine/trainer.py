@@ -30,11 +30,8 @@ Partial loads of other runs into the sharded model (`satrank.jobs.engine.checkpo
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
-import os
-import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -42,18 +39,17 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from satrank.embeddings.config import EmbeddingConfig
 from satrank.embeddings.sharding import find_sparse_archs, plan_summary, plan_to_dict, shard_model
-from satrank.jobs.engine.checkpoint import (CheckpointError, check_checkpoint, load_checkpoint, load_prefixed,
+from satrank.jobs.engine.checkpoint import (check_checkpoint, load_checkpoint, load_prefixed,
                                             save_checkpoint)
 from satrank.jobs.engine.collectives import all_gather_objects, broadcast_object
 from satrank.jobs.engine.loop import LoopStats, run_loop, synced_pairs
 from satrank.jobs.engine.online import OnlineStep, restore_stream, run_stream
 from satrank.jobs.engine.progress import loader_bar
-from satrank.jobs.engine.readers import first_batch, reap_loader_threads, stage_train_config
+from satrank.jobs.engine.readers import first_batch, reap_loader_threads
 from satrank.jobs.engine.runtime import MetricsWriter, Runtime, finite_or_none, get_logger, write_json_atomic, write_text_atomic
 from satrank.jobs.engine.selection import Selection, choose
 from satrank.jobs.engine.stream import ShardStream
@@ -61,7 +57,6 @@ from satrank.jobs.config.train import TrainConfig
 from satrank.models.metrics.calibration import StreamingCollector
 from satrank.pipeline import config as cfgio
 from satrank.pipeline.batch import Batch
-from satrank.pipeline.errors import DataError
 from satrank.pipeline.reader import BatchLoader
 
 logger = get_logger("trainer")
@@ -467,68 +462,3 @@ class Trainer:
         self._templates.clear()
         self.writer.close()
         gc.collect()
-
-
-# ---------------------------------------------------------------------------------------------- job entry
-def run_job(parser: Any, argv: Optional[List[str]], run: Callable[[Runtime, Any, Any], None], *,
-            stage: Optional[str] = None, precheck: Optional[Callable[[Any, Any], None]] = None,
-            job: Optional[str] = None, resume_in_place: bool = False) -> int:
-    """Shared `main` of the training jobs: parse (satrank.jobs.engine.cli), resolve `<stage>_train`, run `precheck(args, cfg)`
-    before any process group exists (fast, identical failures on every rank), then `run(rt, args, cfg)`.
-
-    Bad input (DataError, CheckpointError, ConfigError, FloatingPointError) prints one line naming the
-    problem and exits 1 (2 for config errors). With several ranks the failing process ends at once
-    (os._exit): a barrier in Runtime.close could wait forever for ranks busy in another collective, and
-    torchrun stops the other ranks when one exits non-zero.
-
-    `job` names the run the job writes: `--out` is claimed first (satrank.jobs.engine.run_dir.claim_run_dir; a
-    directory owned by another job or an existing run is refused unless --resume / --overwrite say what to
-    do), on every rank before the process group exists, so no rank has written anything yet. A job that
-    torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0, set by the launcher) resumes its own last checkpoint
-    without --resume; `resume_in_place` jobs (satrank.jobs.dpo) always continue the run in --out.
-    """
-    from satrank.jobs.engine.cli import parse
-    from satrank.jobs.engine.run_dir import RunDirError, claim_run_dir
-    from satrank.jobs.engine.runtime import init_runtime
-    from satrank.pipeline.config import ConfigError
-
-    if job is not None:
-        try:
-            parser.add_argument("--overwrite", action="store_true",
-                                help="write into --out although it holds a run (its outputs are replaced)")
-        except argparse.ArgumentError:
-            pass  # the job declares its own
-    args, cfg = parse(parser, argv)
-    prog = parser.prog
-    known = (DataError, CheckpointError, ConfigError, FloatingPointError)
-    try:
-        train = stage_train_config(cfg, stage) if stage else None
-        if job is not None and getattr(args, "out", None) is not None:
-            restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-            claim = claim_run_dir(args.out, job, resume=getattr(args, "resume", None), overwrite=args.overwrite,
-                                  restart_count=restarts, resume_in_place=resume_in_place)
-            args.run_claim = claim
-            if claim.action == "resume" and getattr(args, "resume", None) is None and hasattr(args, "resume"):
-                args.resume = claim.resume_from
-                print(f"{prog}: restart {restarts}: resuming {claim.resume_from}", file=sys.stderr, flush=True)
-        if precheck is not None:
-            precheck(args, cfg)
-    except RunDirError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except known as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
-    rt = init_runtime(seed=train.seed if train else 0, debug=args.debug)
-    code = 0
-    try:
-        run(rt, args, cfg)
-    except known as exc:
-        print(f"{prog}: error (rank {rt.rank}): {exc}", file=sys.stderr, flush=True)
-        code = 2 if isinstance(exc, ConfigError) else 1
-        if rt.world_size > 1:
-            sys.stdout.flush()
-            os._exit(code)
-    gc.collect()  # outside the except clause: the traceback's frames (and their models) are gone now
-    rt.close()
-    return code
