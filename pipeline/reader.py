@@ -231,18 +231,13 @@ class _PackedShards(ShardDataset):
 
 def _worker_context():
     """The forkserver context, its server preloading torch, pyarrow and this module once, so each
-    worker starts as a cheap fork of a clean single-threaded process.
-
-    Also the main module when the process was started with `python -m NAME`: every worker re-runs it as
-    `__mp_main__` (multiprocessing's spawn preparation), and a job module importing TorchRec cost each worker
-    about a second of CPU on the 2-core VM; preloaded, its imports are already done in the fork
-    (satrank.jobs.score starts one worker per shard: 1.0-1.5 s -> ~0.2 s per 10k-row shard)."""
+    worker starts as a cheap fork of a clean single-threaded process. (Preloading the job's main module too
+    saved each worker its imports, but every worker then printed runpy's RuntimeWarning about a module found
+    in sys.modules before its execution as __mp_main__: reverted, tests/test_logs.py.)"""
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    main = [spec.name] if spec is not None and spec.name and not spec.name.endswith("__main__") else []
-    ctx.set_forkserver_preload(["torch", "pyarrow.parquet", "satrank.pipeline.reader", *main])
+    ctx.set_forkserver_preload(["torch", "pyarrow.parquet", "satrank.pipeline.reader"])
     return ctx
 
 
