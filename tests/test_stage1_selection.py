@@ -173,6 +173,8 @@ def test_satisfaction_falls_back_to_answered_logloss_then_to_the_last_evaluation
     mixed_mnar = {**mnar.metrics({**base, "satisfied": (ids % 8 == 0).float()}, {}), "loss": 0.3}
     sel = choose("auc_answered", "max", mixed_mnar, mnar.fallbacks)
     assert (sel.metric, sel.mode) == ("loss", "min") and "missing not at random: 100 of 400 rows answered" in sel.reason
+    assert sel.planned  # a configured policy: the job logs it as INFO, not WARNING (make demo prints no warning)
+    assert not choose("auc_answered", "max", one_class, ev.fallbacks).planned
     every = {**base, "answered": torch.ones(n), "satisfied": (ids % 2 == 0).float()}  # missing at random
     assert choose("auc_answered", "max", {**mnar.metrics(every, {}), "loss": 0.3}, mnar.fallbacks).reason is None
     with pytest.raises(KeyError, match="train.monitor: 'auc_answerd'"):

@@ -5,7 +5,8 @@ Why: on a missing-at-random validation split (every row clicked and answered, as
 randomly assigned ratings) a click or answer AUC has one class and is undefined, and a log loss on
 all-positive labels is minimised by predicting 1 everywhere: selecting on it picks an arbitrary epoch. An
 evaluator says which of its metrics are undefined on the split it saw (the `undefined` entry of its
-metrics: {name: reason}) and which defined metric replaces a monitor (its `fallbacks` attribute:
+metrics: {name: reason}; names a config policy made undefined are also listed under `undefined_by_config`,
+and falling back from them is logged as INFO, not WARNING) and which defined metric replaces a monitor (its `fallbacks` attribute:
 {monitor: [(metric, mode), ...]}); with none defined the run keeps its last evaluation (`LAST`). The
 choice and its reason are logged in one line and recorded in RUN/metrics.json (`monitor_used`,
 `monitor_mode_used`, `monitor_fallback_reason`). A monitor that is merely null at one evaluation (not
@@ -28,6 +29,7 @@ class Selection:
     metric: str
     mode: str  # min | max | last
     reason: Optional[str] = None
+    planned: bool = False  # the fallback is a configured policy (logged as INFO), not a surprise (WARNING)
 
     def improved(self, value: Optional[float], best: Optional[float], min_delta: float) -> bool:
         """Whether `value` beats `best` (the first defined value always does; LAST: every evaluation does)."""
@@ -64,7 +66,8 @@ def choose(monitor: str, mode: str, metrics: Mapping[str, Any], fallbacks: Optio
         fb_why = undefined_reason(metrics, metric)
         if fb_why is None:
             return Selection(metric, fb_mode, f"{monitor} is undefined on the {split} split ({why}); "
-                                              f"selecting on {metric} ({fb_mode}) instead")
+                                              f"selecting on {metric} ({fb_mode}) instead",
+                             planned=monitor in (metrics.get("undefined_by_config") or ()))
         tried.append(f"{metric}: {fb_why}")
     also = f"; fallbacks undefined too ({'; '.join(tried)})" if tried else ""
     return Selection(LAST, "last", f"{monitor} is undefined on the {split} split ({why}){also}; no validation "

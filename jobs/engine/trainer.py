@@ -340,7 +340,7 @@ class Trainer:
             sel = choose(cfg.monitor, cfg.monitor_mode, metrics, self._fallbacks, self._valid_name)
             st.monitor_used, st.monitor_mode_used, st.monitor_fallback_reason = sel.metric, sel.mode, sel.reason
             if sel.reason is not None and self.rt.is_main:
-                logger.warning("model selection (%s): %s", self.job, sel.reason)
+                (logger.info if sel.planned else logger.warning)("model selection (%s): %s", self.job, sel.reason)
         return Selection(st.monitor_used, st.monitor_mode_used, st.monitor_fallback_reason)
 
     def _record_eval(self, metrics: Dict[str, Any], epoch: int, train_loader: BatchLoader) -> None:

@@ -146,6 +146,7 @@ class SatisfactionEvaluator:
     """
 
     ANSWERED = ("auc_answered", "answered_auc", "answered_logloss")
+    MNAR_POLICY = "(satisfaction.mnar_monitor: loss)"  # ends the reason of a metric the config made undefined
     fallbacks = {m: [("answered_logloss", "min"), ("loss", "min")] for m in ANSWERED[:2]}
     fallbacks["answered_logloss"] = [("loss", "min")]
 
@@ -195,6 +196,7 @@ class SatisfactionEvaluator:
             out["mean_propensity_answered"] = float(rho[o > 0.5].double().mean()) if answered else float("nan")
         out["reliability_truth_all"] = reliability_table(pred, true_p, self.n_bins) if true_p is not None else None
         out["undefined"] = self.undefined(s[o > 0.5], int(o.numel()), true_p is not None)
+        out["undefined_by_config"] = sorted(m for m, why in out["undefined"].items() if why.endswith(self.MNAR_POLICY))
         return out
 
     def undefined(self, answered_labels: torch.Tensor, rows: int, has_truth: bool) -> Dict[str, str]:
@@ -208,7 +210,7 @@ class SatisfactionEvaluator:
             out.update(answered_logloss="no answered rows", answered_ece="no answered rows", loss="no answered rows")
         elif answered < rows and self.mnar_monitor == "loss":
             mnar = (f"missing not at random: {answered} of {rows} rows answered, a self-selected sample "
-                    f"(satisfaction.mnar_monitor: loss)")
+                    f"{self.MNAR_POLICY}")
             out.update({m: mnar for m in self.ANSWERED if m not in out})
         if not has_truth:
             out.update({k: f"no truth column {self.truth} (real data)" for k in ("ideal_loss_all", "auc_true_all")})
