@@ -8,6 +8,9 @@
                         satisfaction label SAMPLED from true_p_satisfied with a fixed seed over all
                         impressions (`auc_true_all`), the AUC on answered impressions (`auc_answered`, the
                         only observed labels: a biased sample), and the counts that make edge cases visible.
+                        With a propensity (IPS / SNIPS / DR losses) also `estimates`: naive, IPS, SNIPS and DR
+                        estimates of g's loss and AUC on all impressions with bootstrap 95% intervals
+                        (satrank.models.metrics.offline_estimates), which real data gets without truth.
 
 Model selection (satrank.jobs.engine.selection): each evaluator's metrics carry `undefined` ({metric: why}: the
 metrics the split cannot define, e.g. an AUC whose label has one class on a missing-at-random split where every
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 
 from satrank.models.metrics.calibration import auc, binary_metrics, log_loss, reliability_table, satisfaction_metrics
+from satrank.models.metrics.offline_estimates import satisfaction_estimates
 
 ID_ORDER = ("request_id", "user_id", "item_id", "timestamp")
 
@@ -194,6 +198,11 @@ class SatisfactionEvaluator:
             out["propensity_below_clip_all"] = int((rho < self.clip).sum())
             out["mean_propensity_all"] = float(rho.double().mean())
             out["mean_propensity_answered"] = float(rho[o > 0.5].double().mean()) if answered else float("nan")
+            req = c.get("id_request_id")
+            out["estimates"] = satisfaction_estimates(  # unbiased offline estimates with 95% intervals
+                pred.double().numpy(), o.numpy(), s.numpy(), rho.double().numpy(), clip=self.clip,
+                groups=None if req is None else req.numpy(), true_p=None if true_p is None else true_p.numpy(),
+                seed=self.seed)
         out["reliability_truth_all"] = reliability_table(pred, true_p, self.n_bins) if true_p is not None else None
         out["undefined"] = self.undefined(s[o > 0.5], int(o.numel()), true_p is not None)
         out["undefined_by_config"] = sorted(m for m, why in out["undefined"].items() if why.endswith(self.MNAR_POLICY))
