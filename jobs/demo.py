@@ -119,6 +119,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(dpo_gate_line(dpo, out / "dpo"), flush=True)
         print("\n[demo] alignment: true satisfaction of each ranking on the candidate sets (oracles rank by the truth)\n"
               + alignment_table(summary), flush=True)
+    from satrank.jobs.report import build_report
+
+    print(f"\n[demo] report (curves, reliability, estimates, trade-off, tables): "
+          f"{build_report([out], out / 'report.html', f'satrank demo: {out}')}", flush=True)
     return 0
 
 

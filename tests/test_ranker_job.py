@@ -255,3 +255,48 @@ def test_label_correction_state_round_trips_through_the_state_dict():
     assert b.mtl.corrector.fitted_epoch == 1
     with pytest.raises(ValueError, match="bmm_lookup_size"):
         b.set_extra_state(state[:-1])
+
+
+# ------------------------------------------------------------------------------------------ the report
+def test_the_report_holds_every_figure_and_the_runs_own_numbers(stage1, runs, tmp_path, capsys):
+    """satrank.jobs.report on this module's runs (the stage-1 runs, SAQRec and click-only): every figure is there
+    as an inline PNG, and every number it plots or tabulates equals the one in the runs' metrics files."""
+    import re
+
+    from satrank.jobs.report import main
+
+    out = tmp_path / "report.html"
+    assert main([str(stage1["root"]), "--out", str(out)]) == 0
+    page = out.read_text()
+    figures = dict(re.findall(r'<figure id="([^"]+)">.*?<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]{500,})"',
+                              page, re.S))
+    expected = {"fig-tradeoff", "fig-estimates-satisfaction", "fig-reliability-propensity", "fig-reliability-satisfaction",
+                *(f"fig-curves-{r}" for r in ("pretrain", "propensity", "satisfaction", "full", "click_only"))}
+    assert set(figures) == expected, sorted(figures)
+    data = json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, re.S).group(1))
+    full, base = runs["full"]["metrics"], runs["click_only"]["metrics"]
+    assert data["fig-tradeoff"]["curves"] == {"full": full["tradeoff"]}
+    assert data["fig-tradeoff"]["points"] == {"click_only": [base["true_click@10"], base["true_sat@10"]]}
+    assert data["fig-tradeoff"]["oracles"]["sat"] == [full["true_click@10_oracle_sat"], full["true_sat@10_oracle_sat"]]
+    sat = json.loads((stage1["sat"] / "metrics.json").read_text())
+    assert data["fig-estimates-satisfaction"]["loss"] == {f: sat["estimates"]["loss"][f] for f in ("naive", "ips", "snips", "dr")}
+    assert data["fig-estimates-satisfaction"]["truth"] == sat["estimates"]["truth"]["loss"]
+    assert sat["estimates"]["truth"]["loss"] == pytest.approx(sat["ideal_loss_all"], abs=1e-9)  # numpy vs torch sums
+    history = [json.loads(line) for line in (runs["full"]["run"] / "metrics.jsonl").read_text().splitlines()]
+    assert data["fig-curves-full"]["train_loss"] == [[e["epoch"], e["loss"]] for e in history if e["event"] == "train_epoch"]
+    assert data["fig-curves-full"]["validation_metric"] == "click_auc"
+    assert data["fig-curves-full"]["validation_metric_values"] == [[e["epoch"], e["click_auc"]] for e in history
+                                                                   if e["event"] == "eval"]
+    cells = re.findall(r'<td class="num" data-key="([^"]+)" data-value="([^"]+)">', page)
+    by_run = {"full: saqrec": full, "click_only: click_only (w/o sid, mlse, mtl)": base}
+    checked = 0
+    for key, value in cells:
+        name, metric = key.rsplit("/", 1)
+        if name in by_run:
+            assert float(value) == by_run[name][metric], key
+            checked += 1
+    assert checked >= 2 * 6  # both rankers' rows in the stage-2 table and SAQRec's in the headroom table
+    assert f'data-key="oracle by true_p_satisfied/true_sat@10" data-value="{full["true_sat@10_oracle_sat"]!r}"' in page
+    with pytest.raises(SystemExit) as exc:  # an existing report is not replaced by accident
+        main([str(stage1["root"]), "--out", str(out)])
+    assert exc.value.code == 2 and "already exists; pass --overwrite" in capsys.readouterr().err

@@ -267,3 +267,23 @@ def test_accumulator_gathers_identical_figures_on_two_gloo_ranks(tmp_path):
     expect = standard_metrics(want)
     assert set(expect) >= {"hr@1", "mrr", "click_auc", "click_gauc", "watch_time_xauc", "true_sat@10"}
     assert r0["metrics"] == pytest.approx(expect)
+
+
+def test_the_tradeoff_curve_runs_from_the_click_ranking_to_the_satisfaction_ranking():
+    from satrank.models.metrics.ranker_eval import CandidateMetrics, EvaluationConfig
+
+    batch, out = _oracle_batch(ORACLE_ROWS)
+    sat_p = batch.truth["true_p_satisfied"].double().clamp(1e-6, 1 - 1e-6)
+    out = {**out, "satisfaction": torch.log(sat_p / (1 - sat_p))}  # a satisfaction tower that knows the truth
+    acc = CandidateMetrics(EvaluationConfig(k=2, rank_score="fusion", fusion_sat_weight=1.0,
+                                            tradeoff_sat_weights=[0.0, 1.0, 1000.0]))
+    acc.update(batch, out)
+    m = acc.compute()
+    at = {p["w_sat"]: p for p in m["tradeoff"]}
+    assert at[0.0]["true_sat@2"] == m["true_sat@2_by_click"] and at[0.0]["true_click@2"] == m["true_click@2_by_click"]
+    assert at[1.0]["true_sat@2"] == m["true_sat@2"] and at[1.0]["true_click@2"] == m["true_click@2"]  # the configured w
+    assert at[1000.0]["true_sat@2"] == pytest.approx(m["true_sat@2_oracle_sat"])  # ranks by the truth itself
+    assert at[0.0]["true_sat@2"] < at[1000.0]["true_sat@2"]
+    click_only = CandidateMetrics(EvaluationConfig(k=2, rank_score="click"))
+    click_only.update(*_oracle_batch(ORACLE_ROWS))
+    assert click_only.compute()["tradeoff"] is None  # no satisfaction tower: no curve

@@ -41,7 +41,7 @@ attributes must be known), i.e. uniform over the catalogue seen in the data, det
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequence
 
@@ -79,12 +79,17 @@ class EvaluationConfig:
     loo_negatives: int = 99  # sampled non-interacted items per ground truth (the paper's 99)
     loo_seed: int = 0
     loo_users_per_batch: int = 32  # users per scoring batch (each contributes 1 + loo_negatives rows)
+    # the trade-off curve: true_sat@k / true_click@k of the fusion at each w (metrics.json `tradeoff`, the report)
+    tradeoff_sat_weights: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
 
     def validate(self, path: str) -> None:
         if self.k < 1:
             raise ConfigError(f"{path}.k: must be >= 1, got {self.k}")
         if self.fusion_sat_weight < 0:
             raise ConfigError(f"{path}.fusion_sat_weight: must be >= 0, got {self.fusion_sat_weight}")
+        if any(not math.isfinite(w) or w < 0 for w in self.tradeoff_sat_weights):
+            raise ConfigError(f"{path}.tradeoff_sat_weights: every weight must be finite and >= 0, got "
+                              f"{self.tradeoff_sat_weights}")
         if self.loo_negatives < 1 or self.loo_users_per_batch < 1 or self.loo_seed < 0:
             raise ConfigError(f"{path}: loo_negatives and loo_users_per_batch must be >= 1, loo_seed >= 0")
 
@@ -217,8 +222,9 @@ class CandidateMetrics:
         if missing or self.group_key not in batch.ids:
             raise KeyError(f"candidate metrics: batch lacks truth {missing} or id {self.group_key!r} "
                            f"(have truth {sorted(batch.truth)}, ids {sorted(batch.ids)})")
+        sat = {"sat_score": out["satisfaction"].detach().double()} if "satisfaction" in out else {}
         self.acc.update(score=ranking_score(out, self.cfg).detach(), click_score=out["click"].detach().double(),
-                        group=batch.ids[self.group_key], **{c: batch.truth[c] for c in TRUTH_COLUMNS})
+                        group=batch.ids[self.group_key], **sat, **{c: batch.truth[c] for c in TRUTH_COLUMNS})
 
     def compute(self) -> Dict[str, Optional[float]]:
         t = self.acc.compute()
@@ -233,7 +239,15 @@ class CandidateMetrics:
         out.update(oracle_topk_metrics(truth, t["group"], k))
         sat = f"true_sat@{k}"
         out[f"{sat}_headroom_share"] = headroom_share(out[sat], out[f"{sat}_oracle_click"], out[f"{sat}_oracle_sat"])
+        out["tradeoff"] = self.tradeoff(t, truth) if "sat_score" in t else None
         return out
+
+    def tradeoff(self, t: Mapping[str, torch.Tensor], truth: Mapping[str, torch.Tensor]) -> List[Dict[str, float]]:
+        """[{w_sat, true_sat@k, true_click@k}] ranking by log sigmoid(y) + w log sigmoid(s_f) at each configured w:
+        how much true satisfaction the fusion buys and what it costs in true clicks (the report's curve)."""
+        click, sat = F.logsigmoid(t["click_score"]), F.logsigmoid(t["sat_score"])
+        return [{"w_sat": float(w), **truth_topk_metrics(click + w * sat, truth, t["group"], self.cfg.k)}
+                for w in self.cfg.tradeoff_sat_weights]
 
 
 class LooMetrics:
