@@ -3,7 +3,8 @@
 Before the fix a `kill -9` of one rank reading with reader.num_workers >= 1 left its DataLoader workers,
 its multiprocessing forkserver and its resource tracker alive, reparented to init (~1.1 GB), until someone
 killed them. Each run here marks its processes with an environment variable (inherited by every process it
-starts: ranks, forkserver, workers, resource tracker), which is how they are found afterwards in /proc.
+starts: ranks, forkserver, workers, resource tracker), which is how they are found afterwards in /proc. Also each start method on its own, and the race the kernel
+cannot see (a rank gone before its worker asked to die with it).
 
 Also a script: `python tests/test_orphans.py child METHOD` starts a 2-worker DataLoader the reader's way
 (lifeline.worker_context(METHOD), lifeline.worker_init_fn()), prints "ready" and waits to be killed.
@@ -142,6 +143,18 @@ def test_reader_workers_die_with_their_process_whatever_the_start_method(method,
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         assert_all_gone(mark)
+
+
+def test_a_worker_whose_rank_is_already_gone_kills_itself_at_start():
+    """The race PR_SET_PDEATHSIG cannot see: the parent died before the request was made."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    code = ("import sys; from satrank.pipeline.lifeline import die_with_parent; "
+            f"die_with_parent(watch=int(sys.argv[1])); print('survived')")
+    for pid, rc, out in ((gone.pid, -signal.SIGKILL, ""), (os.getpid(), 0, "survived\n")):
+        res = subprocess.run([sys.executable, "-c", code, str(pid)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
+        assert (res.returncode, res.stdout) == (rc, out), res.stderr[-2000:]
 
 
 class _Forever(IterableDataset):
