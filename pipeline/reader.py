@@ -19,6 +19,8 @@ several DataLoader workers each, and must survive a restart without skipping or 
   converter appends the derived history attribute sequences (pipeline/items.py).
 - Transport: a worker packs ~4 MiB of batches into one reused shared-memory buffer
   (pipeline/transport.py).
+- Lifeline: the workers and their forkserver die with the rank, even one killed with SIGKILL
+  (pipeline/lifeline.py).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from satrank.pipeline.parts import Parts, empty_batch, gather
 from satrank.pipeline.errors import DataError
 from satrank.pipeline.features import DataConfig
 from satrank.pipeline.items import ItemTable, data_dir_of
+from satrank.pipeline.lifeline import worker_context, worker_init_fn
 from satrank.pipeline.reader_config import ReaderConfig
 from satrank.pipeline.shards import list_shards, open_parquet as _open, read_fragments  # noqa: F401 (re-exported)
 from satrank.pipeline.transport import POOL_KEEP, BufferPool, FinalPosition, Packet
@@ -231,14 +234,11 @@ class _PackedShards(ShardDataset):
 
 def _worker_context():
     """The forkserver context, its server preloading torch, pyarrow and this module once, so each
-    worker starts as a cheap fork of a clean single-threaded process. (Preloading the job's main module too
-    saved each worker its imports, but every worker then printed runpy's RuntimeWarning about a module found
-    in sys.modules before its execution as __mp_main__: reverted, tests/test_logs.py.)"""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "pyarrow.parquet", "satrank.pipeline.reader"])
-    return ctx
+    worker starts as a cheap fork of a clean single-threaded process; the server also dies with this rank
+    (satrank.pipeline.lifeline). (Preloading the job's main module too saved each worker its imports, but
+    every worker then printed runpy's RuntimeWarning about a module found in sys.modules before its
+    execution as __mp_main__: reverted, tests/test_logs.py.)"""
+    return worker_context("forkserver", ["torch", "pyarrow.parquet", "satrank.pipeline.reader"])
 
 
 def _dist_rank_world() -> Tuple[int, int]:
@@ -346,7 +346,8 @@ class BatchLoader:
         # tearing down can hang forever in CPython's post-fork cleanup (seen under load on 3.11).
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
                             pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                            multiprocessing_context=_worker_context() if self.cfg.num_workers > 0 else None)
+                            multiprocessing_context=_worker_context() if self.cfg.num_workers > 0 else None,
+                            worker_init_fn=worker_init_fn())  # workers die with this rank (lifeline.py)
         it = iter(loader)
         # Holding the last buffers of each worker keeps them mapped: a worker reusing one is then
         # found in torch's shared-storage cache instead of being mapped (and page-faulted) again.
