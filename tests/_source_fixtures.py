@@ -82,3 +82,61 @@ def write_kuairand(root: Path, seed: int = 0) -> Path:
     _write_csv(root / "log_standard_4_22_to_5_08_pure.csv", LOG_COLUMNS, logs["standard"][1])
     _write_csv(root / "log_random_4_22_to_5_08_pure.csv", LOG_COLUMNS, logs["random"][0])
     return root
+
+
+# Yahoo! R3 triplets: 15 users (raw ids 1..15), 30 songs (raw ids 1..30); user 1's ratings are hand-placed
+YAHOO_TRAIN_HAND = [(1, 3, 5), (1, 7, 2), (1, 12, 4), (1, 20, 1)]
+YAHOO_TEST_HAND = [(1, 5, 4), (1, 9, 3)]
+TRIPLETS_TRAIN, TRIPLETS_TEST = "ydata-ymusic-rating-study-v1_0_train.txt", "ydata-ymusic-rating-study-v1_0_test.txt"
+
+
+def write_triplets(root: Path, seed: int = 0) -> Path:
+    """root/ydata-ymusic-rating-study-v1_0_{train,test}.txt: `user<TAB>item<TAB>rating` lines as Yahoo! R3 ships
+    them; users 2..15 rate 12 songs (popular first, high ratings more likely) and 5 random songs in the test."""
+    rng = np.random.default_rng(seed)
+    train, test = list(YAHOO_TRAIN_HAND), list(YAHOO_TEST_HAND)
+    popularity = 1.0 / np.arange(1, 31) ** 0.7
+    for u in range(2, 16):
+        for i in rng.choice(30, 12, replace=False, p=popularity / popularity.sum()):
+            train.append((u, int(i) + 1, int(rng.choice([1, 2, 3, 4, 5], p=[0.1, 0.1, 0.2, 0.3, 0.3]))))
+        for i in rng.choice(30, 5, replace=False):
+            test.append((u, int(i) + 1, int(rng.choice([1, 2, 3, 4, 5], p=[0.3, 0.25, 0.2, 0.15, 0.1]))))
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rows in ((TRIPLETS_TRAIN, train), (TRIPLETS_TEST, test)):
+        (root / name).write_text("".join(f"{u}\t{i}\t{r}\n" for u, i, r in rows))
+    return root
+
+
+COAT_USERS, COAT_ITEMS = 12, 16
+COAT_USER_BLOCKS, COAT_ITEM_BLOCKS = (2, 6, 3, 3), (2, 16, 13, 2)  # Coat's one-hot blocks (gender, age, ...)
+
+
+def _one_hot(rng, n, blocks):
+    rows = []
+    for _ in range(n):
+        row = []
+        for size in blocks:
+            block = [0] * size
+            block[int(rng.integers(0, size))] = 1
+            row += block
+        rows.append(row)
+    return rows
+
+
+def write_coat(root: Path, seed: int = 0) -> Path:
+    """root/{train,test}.ascii (12 x 16 ratings, 0 = unrated) and root/user_item_features/{user,item}_features.ascii
+    (one-hot rows in Coat's blocks); user 0 rates items 1 (5) and 4 (2) in train and item 2 (4) in test."""
+    rng = np.random.default_rng(seed)
+    train = np.zeros((COAT_USERS, COAT_ITEMS), int)
+    test = np.zeros((COAT_USERS, COAT_ITEMS), int)
+    train[0, 1], train[0, 4], test[0, 2] = 5, 2, 4
+    for u in range(1, COAT_USERS):
+        train[u, rng.choice(COAT_ITEMS, 6, replace=False)] = rng.integers(1, 6, 6)
+        test[u, rng.choice(COAT_ITEMS, 4, replace=False)] = rng.integers(1, 6, 4)
+    features = root / "user_item_features"
+    features.mkdir(parents=True, exist_ok=True)
+    for path, matrix in ((root / "train.ascii", train), (root / "test.ascii", test),
+                         (features / "user_features.ascii", _one_hot(rng, COAT_USERS, COAT_USER_BLOCKS)),
+                         (features / "item_features.ascii", _one_hot(rng, COAT_ITEMS, COAT_ITEM_BLOCKS))):
+        path.write_text("".join(" ".join(str(v) for v in row) + "\n" for row in np.asarray(matrix)))
+    return root

@@ -54,9 +54,10 @@ class Rows:
     rejected under `<problem>:<column>`. Rows are numbered per input file (0-based data rows; CSV line = row + 2)."""
 
     def __init__(self, on_bad_row: str, files: Sequence[str], file_index: np.ndarray, row_in_file: np.ndarray,
-                 header_lines: int = 1):
+                 header_lines: int = 1, matrix_column: Optional[np.ndarray] = None):
         self.on_bad_row, self.files, self.header_lines = on_bad_row, list(files), header_lines
         self.file_index, self.row_in_file = file_index, row_in_file
+        self.matrix_column = matrix_column  # a dense matrix's cells (Coat): the column of each cell
         self.reason = np.zeros(len(file_index), dtype=np.int16)  # 0 = kept, k = self.reasons[k - 1]
         self.reasons: List[str] = []
 
@@ -66,7 +67,8 @@ class Rows:
 
     def where(self, i: int) -> str:
         row = int(self.row_in_file[i])
-        return f"{self.files[int(self.file_index[i])]}: row {row} (line {row + 1 + self.header_lines})"
+        cell = "" if self.matrix_column is None else f", matrix column {int(self.matrix_column[i])}"
+        return f"{self.files[int(self.file_index[i])]}: row {row} (line {row + 1 + self.header_lines}){cell}"
 
     def bad(self, mask: np.ndarray, column: str, problem: str, text: str, values: Any = None) -> None:
         """Rows in `mask` (not yet rejected) have `problem` in `column`."""
@@ -78,10 +80,7 @@ class Rows:
             shown = "" if values is None else f" (value {_py(values[i])!r})"
             raise DataError(f"{self.where(i)}, column {column!r}: {text}{shown}; {int(mask.sum())} row(s) have "
                             f"this problem (--on-bad-row skip leaves them out and counts them)")
-        key = f"{problem}:{column}"
-        if key not in self.reasons:
-            self.reasons.append(key)
-        self.reason[mask] = 1 + self.reasons.index(key)
+        self.reject(mask, f"{problem}:{column}")
 
     def reject(self, mask: np.ndarray, key: str) -> None:
         """Leave rows out under reason `key` whatever --on-bad-row says (valid rows that cannot be placed, e.g. an
@@ -250,16 +249,23 @@ def sequences(defaults: Dict[str, Any], item_vocab: int) -> List[Dict[str, Any]]
     return [{**f, "vocab_size": item_vocab} for f in defaults["data"]["sequence"]]
 
 
-def write_config(output: Output, source: str, changes: Dict[str, Any]) -> Dict[str, Any]:
-    """DIR/satrank.yaml: configs/sim.yaml with `changes` laid over it (mappings merge, lists are replaced), written
-    whole so it holds by itself (sim.yaml's embedding table names may not exist in this data); checked by loading
-    it as every job does. Returns the merged mapping."""
+def write_config(output: Output, source: str, changes: Dict[str, Any],
+                 replace: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """DIR/satrank.yaml: configs/sim.yaml with `changes` laid over it (mappings merge, lists are replaced) and the
+    mappings at the dotted paths of `replace` replaced whole (e.g. embeddings.tables, whose sim.yaml entries name
+    tables this data lacks). Written whole so it holds by itself; checked by loading it as every job does."""
     from satrank.jobs.config import load_config  # the jobs' loader: what --config DIR/satrank.yaml will meet
 
     merged = deep_merge(sim_defaults(), changes)
     merged.pop("simulate", None)
+    for path, value in (replace or {}).items():
+        *parents, last = path.split(".")
+        node = merged
+        for key in parents:
+            node = node[key]
+        node[last] = value
     header = (f"# written by satrank.pipeline.sources.{source}: configs/sim.yaml with these keys changed:\n"
-              + "".join(f"#   {k}\n" for k in _paths(changes)))
+              + "".join(f"#   {k}\n" for k in [*_paths(changes), *(replace or {})]))
     path = write_text_atomic(output.tmp / "satrank.yaml", header + yaml.safe_dump(merged, sort_keys=False))
     try:
         load_config(path)
