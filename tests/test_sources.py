@@ -46,31 +46,28 @@ def report(out: Path) -> dict:
     return json.loads((out / "convert.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def kuairand(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kuairand")
-    src = write_kuairand(root / "src")
-    code, err = convert(KUAIRAND, "--src", src, "--out", root / "out")
+def converted(factory, name, write, module, *args):
+    """(source dir, converted dir) of the fixture `write` writes, converted once with `args`."""
+    root = factory.mktemp(name)
+    src = write(root / "src")
+    code, err = convert(module, *args, "--src", src, "--out", root / "out")
     assert code == 0, err
     return src, root / "out"
+
+
+@pytest.fixture(scope="module")
+def kuairand(tmp_path_factory):
+    return converted(tmp_path_factory, "kuairand", write_kuairand, KUAIRAND)
 
 
 @pytest.fixture(scope="module")
 def triplets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("triplets")
-    src = write_triplets(root / "src")
-    code, err = convert(RATINGS, "--format", "triplets", "--src", src, "--out", root / "out")
-    assert code == 0, err
-    return src, root / "out"
+    return converted(tmp_path_factory, "triplets", write_triplets, RATINGS, "--format", "triplets")
 
 
 @pytest.fixture(scope="module")
 def coat(tmp_path_factory):
-    root = tmp_path_factory.mktemp("coat")
-    src = write_coat(root / "src")
-    code, err = convert(RATINGS, "--format", "coat", "--src", src, "--out", root / "out", "--positive-threshold", "4")
-    assert code == 0, err
-    return src, root / "out"
+    return converted(tmp_path_factory, "coat", write_coat, RATINGS, "--format", "coat", "--positive-threshold", "4")
 
 
 def check_and_train(out: Path, tmp: Path) -> None:
