@@ -274,6 +274,12 @@ def write_config(output: Output, source: str, changes: Dict[str, Any],
     return merged
 
 
+def loo_negatives(n_items: int) -> Dict[str, Any]:
+    """evaluate.loo_negatives for this catalogue: sim.yaml's 99 sampled never-interacted items (the paper's), at most
+    half the items (a small catalogue has no user with 99 never-interacted items: jobs.train's leave-one-out fails)."""
+    return {"loo_negatives": min(99, max(1, n_items // 2))}
+
+
 def _paths(changes: Dict[str, Any], prefix: str = "") -> List[str]:
     out = []
     for k, v in changes.items():

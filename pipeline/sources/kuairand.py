@@ -176,7 +176,8 @@ def convert(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def config_changes(vocab: Dict[str, int]) -> Dict[str, Any]:
-    """What DIR/satrank.yaml changes in configs/sim.yaml: this data's vocabularies, no ground-truth columns."""
+    """What DIR/satrank.yaml changes in configs/sim.yaml: this data's vocabularies, no ground-truth columns, the
+    leave-one-out negatives the catalogue allows."""
     defaults = common.sim_defaults()
     return {"data": {
         "sparse": [
@@ -191,7 +192,8 @@ def config_changes(vocab: Dict[str, int]) -> Dict[str, Any]:
             {"name": "user_activity", "column": "user_activity", "vocab_size": vocab["user_activity"],
              "out_of_range": "oov", "table": "user_activity"}],
         "sequence": common.sequences(defaults, vocab["item_id"]),
-        "truth_columns": []}}
+        "truth_columns": []},
+        "evaluate": common.loo_negatives(vocab["item_id"])}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -288,7 +288,7 @@ def config_changes(n_users: int, n_items: int, groups: Dict[str, List[Tuple[str,
         "model": {"user_features": ["user_id", *user_side], "item_attr_features": item_side,
                   "watch_time_head": False},
         "loss": {"watch_time_weight": 0.0},
-        "evaluate": {"loo_negatives": min(99, max(1, n_items // 2))},
+        "evaluate": common.loo_negatives(n_items),
     }
     replace = {"embeddings.tables": {"item": {"sharding": "row_wise", "dim": None},
                                      "user": {"sharding": "row_wise", "dim": None}}}
