@@ -93,6 +93,19 @@ def check_and_train(out: Path, tmp: Path) -> None:
     assert json.loads((tmp / "pretrain" / "metrics.json").read_text())["test"]["rows"] > 0
 
 
+def test_causal_histories_by_hand():
+    """Only events strictly before the row's time (same-time events and the row itself are out), oldest first, the
+    most recent max_len kept; per kind mask; rows in any order."""
+    from satrank.pipeline.sources.histories import causal_histories
+
+    user, time, item = [0, 0, 0, 1, 0], [1, 2, 2, 1, 3], [10, 11, 12, 13, 14]
+    kinds = {"all": np.ones(5, bool), "odd": np.array(item) % 2 == 1}
+    out = causal_histories(np.array(user), np.array(time), np.array(item), kinds, {"all": 2, "odd": 5})
+    assert out["all"].type == pa.list_(pa.int64())
+    assert out["all"].to_pylist() == [[], [10], [10], [], [11, 12]]
+    assert out["odd"].to_pylist() == [[], [], [], [], [11]]
+
+
 # ---------------------------------------------------------------------------------------------------- KuaiRand
 def test_kuairand_checks_and_trains(kuairand, tmp_path):
     check_and_train(kuairand[1], tmp_path)
