@@ -222,8 +222,10 @@ class Output:
         if self.out.exists():
             os.replace(self.out, old)
         os.replace(self.tmp, self.out)
-        if old.exists():
+        if old.is_dir():
             shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
 
     def __enter__(self) -> "Output":
         return self

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from satrank.pipeline.config import ConfigError
 from satrank.pipeline.errors import DataError
 from satrank.pipeline.sources import common
 from satrank.pipeline.sources.histories import causal_histories
@@ -38,7 +39,7 @@ def find(src: Path, prefix: str, variant: Optional[str]) -> List[Path]:
     """The CSV files `<prefix>*<variant>*.csv` of the dataset folder (all parts of a split log), sorted."""
     pattern = f"{prefix}*{variant}*.csv" if variant else f"{prefix}*.csv"
     if not src.is_dir():
-        raise DataError(f"--src {str(src)!r}: not a directory")
+        raise ConfigError(f"--src {str(src)!r}: not a directory")
     files = sorted(src.glob(pattern))
     if not files:
         raise DataError(f"{src}: no file {pattern} "
@@ -106,7 +107,7 @@ def videos_table(files: Sequence[Path], on_bad_row: str) -> Dict[str, Any]:
 def convert(args: argparse.Namespace) -> Dict[str, Any]:
     started = time.perf_counter()
     if args.skip_threshold_s < 0 or args.valid_days < 1:
-        raise common.ConfigError("--skip-threshold-s must be >= 0 and --valid-days >= 1")
+        raise ConfigError("--skip-threshold-s must be >= 0 and --valid-days >= 1")
     standard = find(args.src, "log_standard_", args.variant)
     random_logs = find(args.src, "log_random_", args.variant)
     with common.Output(args.out, args.overwrite) as output:

@@ -174,6 +174,9 @@ def sample_unrated(rng: np.random.Generator, users: np.ndarray, items: np.ndarra
 
 def convert(args: argparse.Namespace) -> Dict[str, Any]:
     started = time.perf_counter()
+    if not RATING_RANGE[0] <= args.positive_threshold <= RATING_RANGE[1]:
+        raise ConfigError(f"--positive-threshold must be a rating {RATING_RANGE[0]}..{RATING_RANGE[1]}, "
+                          f"got {args.positive_threshold}")
     if not 0.0 < args.valid_fraction < 1.0:
         raise ConfigError(f"--valid-fraction must be in (0, 1), got {args.valid_fraction}")
     try:
@@ -183,7 +186,7 @@ def convert(args: argparse.Namespace) -> Dict[str, Any]:
     if per_rated is not None and not per_rated >= 0:
         raise ConfigError(f"--unrated-per-rated must be >= 0 or all, got {args.unrated_per_rated}")
     if not args.src.is_dir():
-        raise DataError(f"--src {str(args.src)!r}: not a directory")
+        raise ConfigError(f"--src {str(args.src)!r}: not a directory")
     default_train, default_test = DEFAULT_FILES[args.format]
     train_path, test_path = args.src / (args.train_file or default_train), args.src / (args.test_file or default_test)
     rng = np.random.default_rng(args.seed)
