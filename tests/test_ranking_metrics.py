@@ -287,3 +287,27 @@ def test_the_tradeoff_curve_runs_from_the_click_ranking_to_the_satisfaction_rank
     click_only = CandidateMetrics(EvaluationConfig(k=2, rank_score="click"))
     click_only.update(*_oracle_batch(ORACLE_ROWS))
     assert click_only.compute()["tradeoff"] is None  # no satisfaction tower: no curve
+
+
+def test_a_split_where_every_row_is_clicked_declares_click_metrics_undefined_and_selects_on_satisfaction():
+    """A rating set's missing-at-random validation: every row clicked and answered. The ranker's click AUC and
+    GAUC are undefined there (GAUC used to raise and stop jobs.train); selection falls back to sat_auc_answered."""
+    from satrank.jobs.engine.selection import choose
+    from satrank.models.metrics.ranker_eval import RankerEvaluator
+    from satrank.models.ranker.config import MultiTaskLossConfig
+
+    n = 40
+    g = torch.Generator().manual_seed(0)
+    t = {"click_pred": torch.randn(n, generator=g, dtype=torch.float64), "click": torch.ones(n, dtype=torch.float64),
+         "user": torch.arange(n) // 4, "answered": torch.ones(n), "satisfied": (torch.arange(n) % 3 == 0).double(),
+         "sat_pred": torch.rand(n, generator=g, dtype=torch.float64)}
+    ev = RankerEvaluator(MultiTaskLossConfig())
+    m = {**ev.metrics(t, {}), "loss": 0.4}
+    assert m["click_auc"] is None and m["click_gauc"] is None and m["click_gauc_skipped"] == 10
+    assert m["undefined"] == {"click_auc": "click has one class on the 40 rows (all 1)",
+                              "click_gauc": "click has one class on the 40 rows (all 1)"}
+    sel = choose("click_auc", "max", m, ev.fallbacks)
+    assert (sel.metric, sel.mode) == ("sat_auc_answered", "max") and "click has one class" in sel.reason
+    t["click"] = (torch.arange(n) % 2 == 0).double()  # both classes: the monitor itself
+    both = {**ev.metrics(t, {}), "loss": 0.4}
+    assert both["undefined"] == {} and choose("click_auc", "max", both, ev.fallbacks).reason is None

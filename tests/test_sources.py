@@ -175,8 +175,19 @@ def test_kuairand_bad_row(kuairand, tmp_path):
 # ---------------------------------------------------------------------------------------------------- ratings
 def test_triplets_check_and_train(triplets, tmp_path):
     check_and_train(triplets[1], tmp_path)
-    ok(launch(None, "satrank.jobs.propensity", "--config", triplets[1] / "satrank.yaml", "--data", triplets[1],
+    config, data = triplets[1] / "satrank.yaml", triplets[1]
+    ok(launch(None, "satrank.jobs.propensity", "--config", config, "--data", data,
               "--out", tmp_path / "propensity", *FAST, "--set", "propensity_train.epochs=1"))
+    # the whole chain on rating data: g, then the stage-2 ranker, whose validation split is all clicked
+    ok(launch(None, "satrank.jobs.satisfaction", "--config", config, "--data", data, "--init", tmp_path / "pretrain",
+              "--propensity", tmp_path / "propensity", "--out", tmp_path / "satisfaction", *FAST,
+              "--set", "satisfaction_train.epochs=1"))
+    ok(launch(None, "satrank.jobs.train", "--config", config, "--data", data, "--satisfaction", tmp_path / "satisfaction",
+              "--out", tmp_path / "ranker", *FAST, "--set", "ranker_train.epochs=1",
+              "--set", "evaluate.loo_negatives=3"))  # the fixture's users rated most of its 30 items
+    ranker = json.loads((tmp_path / "ranker" / "metrics.json").read_text())
+    assert ranker["valid"]["click_auc"] is None and "click has one class" in ranker["valid"]["undefined"]["click_auc"]
+    assert ranker["fit"]["monitor_used"] == "sat_auc_answered", ranker["fit"]  # selection falls back, logged
 
 
 def test_coat_check_and_train(coat, tmp_path):

@@ -54,6 +54,7 @@ from satrank.models.metrics.protocol import build_loo_candidates, interactions_b
 from satrank.models.metrics.ranking import (MetricAccumulator, auc, click_metrics, headroom_share, loo_ranks,
                                             metrics_from_ranks, oracle_topk_metrics, truth_topk_metrics,
                                             watch_time_metrics)
+from satrank.models.metrics.stage1_eval import one_class_reason
 from satrank.models.ranker.heads import HeadSpec, head_specs
 from satrank.models.ranker.losses import watch_time_loss
 from satrank.pipeline.batch import Batch
@@ -184,7 +185,13 @@ class RankerEvaluator:
     validation loss of every tower, computed per row exactly as MultiTaskLoss does:
     loss_click (eq. 15), loss_satisfaction (eq. 16 against g's pseudo-labels; never the mixed
     target, so epochs compare), loss_watch_time (loss.watch_time_loss on log1p seconds), and
-    loss_<name> (BCE) with <name>_auc for every other binary head of `model_cfg` (skip, extra heads)."""
+    loss_<name> (BCE) with <name>_auc for every other binary head of `model_cfg` (skip, extra heads).
+
+    On a split where every row is clicked (a rating set's missing-at-random validation) the click AUC and GAUC
+    are declared undefined (`undefined`), and model selection falls back to the answered-row satisfaction AUC,
+    then the loss (`fallbacks`; satrank.jobs.engine.selection)."""
+
+    fallbacks = {m: [("sat_auc_answered", "max"), ("loss", "min")] for m in ("click_auc", "click_gauc")}
 
     def __init__(self, loss_cfg, model_cfg=None) -> None:
         from satrank.models.ranker.config import ModelConfig
@@ -206,6 +213,19 @@ class RankerEvaluator:
             name = key[:-len("_label")]
             out[f"loss_{name}"] = float(F.binary_cross_entropy_with_logits(t[f"{name}_pred"], t[key].double()))
         out.update(impression_metrics(t))
+        out["undefined"] = self.undefined(t)
+        return out
+
+    @staticmethod
+    def undefined(t: Mapping[str, torch.Tensor]) -> Dict[str, str]:
+        """{metric: why} for the metrics this split cannot define (selection falls back, `fallbacks`)."""
+        out: Dict[str, str] = {}
+        why = one_class_reason("click", t["click"])
+        if why:
+            out.update(click_auc=why, click_gauc=why)
+        why = one_class_reason("satisfied", t["satisfied"][t["answered"] > 0.5], rows="answered rows")
+        if why:
+            out["sat_auc_answered"] = why
         return out
 
 

@@ -164,10 +164,11 @@ class GaucResult(NamedTuple):
     groups_skipped: int    # single-class groups (AUC undefined), left out of the average
 
 
-def gauc(pred, label, group) -> GaucResult:
+def gauc(pred, label, group, *, none_ok: bool = False) -> GaucResult:
     """Group AUC: per-group exact AUC (Mann-Whitney with mid-ranks, i.e. tied predictions count 1/2),
     averaged over the groups that hold both classes, WEIGHTED BY GROUP SIZE (impressions in the
-    group, positives and negatives together). Single-class groups are skipped and counted."""
+    group, positives and negatives together). Single-class groups are skipped and counted. With no group
+    holding both classes: ValueError, or with `none_ok` NaN (a split where every row is clicked)."""
     p = _np1d(pred, "pred")
     y = _binary(_np1d(label, "label"), "label")
     g = _np1d(group, "group", dtype=np.int64)
@@ -189,6 +190,8 @@ def gauc(pred, label, group) -> GaucResult:
     rpos = np.bincount(gid, weights=mid * y)
     ok = (npos > 0) & (nneg > 0)
     if not ok.any():
+        if none_ok:
+            return GaucResult(float("nan"), 0, len(size))
         raise ValueError(f"gauc: none of the {len(size)} group(s) holds both classes")
     auc_g = (rpos[ok] - npos[ok] * (npos[ok] + 1) / 2) / (npos[ok] * nneg[ok])
     value = float((auc_g * size[ok]).sum() / size[ok].sum())
@@ -196,9 +199,9 @@ def gauc(pred, label, group) -> GaucResult:
 
 
 def click_metrics(pred, label, group) -> Dict[str, float]:
-    """{"click_auc", "click_gauc", "click_gauc_groups", "click_gauc_skipped"}."""
-    g = gauc(pred, label, group)
-    return {"click_auc": auc(pred, label), "click_gauc": g.gauc,
+    """{"click_auc", "click_gauc", "click_gauc_groups", "click_gauc_skipped"}; NaN AUCs where one class only."""
+    g = gauc(pred, label, group, none_ok=True)
+    return {"click_auc": auc_or_nan(pred, label), "click_gauc": g.gauc,
             "click_gauc_groups": g.groups_used, "click_gauc_skipped": g.groups_skipped}
 
 
