@@ -115,13 +115,13 @@ def test_metrics_json_has_every_key_and_absent_heads_are_null(runs):
     assert [c["epoch"] for c in runs["full"]["metrics"]["label_correction"]] == [1, 2]
 
 
-def test_evaluate_reloads_the_two_rank_checkpoint_in_one_process_with_the_same_figures(runs, tmp_path):
+def test_evaluate_reloads_the_two_rank_checkpoint_in_one_process_with_the_same_figures(stage1, runs, tmp_path):
     run = runs["full"]["run"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     data = run.parent / "data"
     proc = subprocess.run([sys.executable, "-m", "satrank.jobs.evaluate", "--data", str(data), "--model", str(run),
-                           "--out", str(tmp_path), *sets()], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=240)
+                           "--propensity", str(stage1["root"] / "propensity"), "--out", str(tmp_path), *sets()],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     again = json.loads((tmp_path / "metrics.json").read_text())
     first = runs["full"]["metrics"]
@@ -139,6 +139,13 @@ def test_evaluate_reloads_the_two_rank_checkpoint_in_one_process_with_the_same_f
     span = again["true_sat@10_oracle_sat"] - again["true_sat@10_oracle_click"]
     assert span > 0.05 and again[share] == pytest.approx((again["true_sat@10"] - again["true_sat@10_oracle_click"]) / span)
     assert again[share] == pytest.approx(first[share], abs=2e-4 / span)
+    # --propensity: the top-3 satisfaction among each user's logged test impressions, estimated from the answers
+    off = again["offline_top_k"]
+    assert (off["k"], off["group"], off["rows"]) == (3, "user_id", again["impression_rows"])
+    for form in ("naive", "ips", "snips", "dr"):
+        est = off["estimates"][form]
+        assert 0 < est["value"] < 1.5 and est["lo"] <= est["value"] <= est["hi"], (form, est)
+    assert 0 < off["truth"] < 1 and off["estimates"]["answered_rows_in_top_k"] > 0
 
 
 # ------------------------------------------------------------------------------------------ ablations

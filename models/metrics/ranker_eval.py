@@ -82,10 +82,13 @@ class EvaluationConfig:
     loo_users_per_batch: int = 32  # users per scoring batch (each contributes 1 + loo_negatives rows)
     # the trade-off curve: true_sat@k / true_click@k of the fusion at each w (metrics.json `tradeoff`, the report)
     tradeoff_sat_weights: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+    # jobs.evaluate --propensity: the offline estimate of the top-k satisfaction among logged impressions
+    offline_k: int = 3
+    offline_group: Literal["user_id", "request_id"] = "user_id"  # whose logged impressions a top k is taken from
 
     def validate(self, path: str) -> None:
-        if self.k < 1:
-            raise ConfigError(f"{path}.k: must be >= 1, got {self.k}")
+        if self.k < 1 or self.offline_k < 1:
+            raise ConfigError(f"{path}.k and {path}.offline_k: must be >= 1, got {self.k} and {self.offline_k}")
         if self.fusion_sat_weight < 0:
             raise ConfigError(f"{path}.fusion_sat_weight: must be >= 0, got {self.fusion_sat_weight}")
         if any(not math.isfinite(w) or w < 0 for w in self.tradeoff_sat_weights):
