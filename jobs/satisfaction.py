@@ -36,8 +36,7 @@ from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_r
 from satrank.jobs.engine.runtime import get_logger
 from satrank.jobs.engine.job import run_job
 from satrank.jobs.engine.trainer import Trainer
-from satrank.jobs.stage1_checks import evaluate_test
-from satrank.models.metrics.stage1_eval import SatisfactionEvaluator
+from satrank.jobs.stage1_checks import evaluate_test, stage1_evaluator
 from satrank.models.stage1.tasks import SatisfactionModel
 from satrank.pipeline.config import ConfigError
 from satrank.pipeline.reader import BatchLoader
@@ -53,8 +52,7 @@ def _needs_propensity(cfg) -> bool:
 def precheck(args, cfg) -> None:
     """Every path argument checked before any process group exists (same failure on every rank)."""
     if args.resume is not None:
-        check_checkpoint(args.resume, cfg.data, cfg.embeddings, what="--resume", expect_job=STAGE)
-        return
+        return  # --resume RUN: checked by run_job (satrank.jobs.engine.job)
     if args.init is None:
         raise ConfigError("--init RUN_BASE (a satrank.jobs.pretrain run) is required unless --resume is given")
     check_checkpoint(args.init, cfg.data, cfg.embeddings, what="--init", expect_job="pretrain")
@@ -103,7 +101,7 @@ def run(rt, args, cfg) -> None:
             elif args.propensity is not None:
                 logger.info("satisfaction.loss=naive uses no propensity: --propensity %s is ignored", args.propensity)
         frozen = local_tables(trainer.dmp)  # every table: g's and the propensity submodule's
-        evaluator = SatisfactionEvaluator(seed=train.seed, clip=sat.clip, mnar_monitor=sat.mnar_monitor)
+        evaluator = stage1_evaluator(STAGE, cfg, seed=train.seed)
         fit = trainer.fit(train_loader, valid_loader, evaluator)
         changed = tables_changed(frozen, trainer.dmp)
         if changed:

@@ -264,7 +264,7 @@ def load_checkpoint(
     if meta["fingerprint"] != fingerprint(current):
         diff = signature_diff(meta["signature"], current)
         raise CheckpointError(
-            f"checkpoint {meta['path']!r} was written for a different feature config:\n  " + "\n  ".join(diff)
+            f"checkpoint {meta['path']!r} was written for a different feature config: " + "; ".join(diff)
         )
     if optimizer is not None and not meta.get("has_optimizer"):
         raise CheckpointError(f"checkpoint {meta['path']!r} has no optimizer state; load it without an optimizer")
@@ -348,7 +348,7 @@ def check_checkpoint(path: str | Path, data: Any, emb: EmbeddingConfig, *, what:
     if meta["fingerprint"] != fingerprint(current):
         diff = signature_diff(meta["signature"], current)
         raise CheckpointError(f"{what}: checkpoint {meta['path']!r} was written for a different feature config "
-                              "(data:/embeddings: fingerprint):\n  " + "\n  ".join(diff))
+                              "(data:/embeddings: fingerprint): " + "; ".join(diff))
     job = (meta.get("extra") or {}).get("job")
     if expect_job is not None and job != expect_job:
         raise CheckpointError(f"{what}: checkpoint {meta['path']!r} was written by job {job!r}, expected a "
