@@ -5,10 +5,13 @@ with this `easq:`) builds; a refusal is one line naming the key, exit 2, no trac
 `--resume` (another feature config, another world size, another --propensity) leaves config.yaml and plan.json
 byte-identical with their mtimes.
 
-Jobs refuse before their process group exists, so the command-line cases run `python -m` (no torchrun); the runs
-they are pointed at are made here: genuine DCP metadata and meta.json written as save_checkpoint writes them."""
+Jobs refuse before their process group exists: no torchrun is needed. The unknown stage-2 monitor runs the real
+command line (`python -m`), the other refusals call the job's `main(argv)` in this process (the same code path, ~10 s
+less each). The runs they are pointed at are made here: genuine DCP metadata and meta.json as save_checkpoint
+writes them."""
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -30,18 +33,31 @@ DEFAULT_RANKER_METRICS = ("['batches', 'click_auc', 'click_gauc', 'click_gauc_gr
                           "'watch_time_xauc']")
 
 
-def job(module: str, *args) -> subprocess.CompletedProcess:
-    """`python -m satrank.jobs.<module> args` (one process: the refusals come before any process group)."""
-    return subprocess.run([sys.executable, "-m", f"satrank.jobs.{module}", *map(str, args)], cwd=ROOT,
+def job(module: str, *args) -> Tuple[int, str]:
+    """`python -m satrank.jobs.<module> args`: (exit status, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", f"satrank.jobs.{module}", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stderr
 
 
-def refused(proc: subprocess.CompletedProcess, code: int = 2) -> str:
+def main_of(module: str, capsys, *args) -> Tuple[int, str]:
+    """satrank.jobs.<module>.main(args) in this process: (exit status, stderr)."""
+    main = importlib.import_module(f"satrank.jobs.{module}").main
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's exit (cli.parse)
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def refused(result: Tuple[int, str], code: int = 2) -> str:
     """The one stderr line of a refused job (no traceback, nothing else on stderr)."""
-    assert proc.returncode == code, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr[-3000:]
+    status, err = result
+    assert status == code, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err[-3000:]
     return lines[0]
 
 
@@ -138,10 +154,10 @@ def test_an_unknown_stage2_monitor_is_refused_at_parse_and_nothing_is_written(tm
     ("check_data", "easq.dpo_head=skip", "easq (satrank.jobs.dpo): the model cannot be built from this config: "
                                          "easq.dpo_head: 'skip' is not a head of this ranker"),
 ])
-def test_heads_and_stage3_sections_are_refused_at_parse(tmp_path, module, setting, message):
+def test_heads_and_stage3_sections_are_refused_at_parse(tmp_path, capsys, module, setting, message):
     out = tmp_path / "run"
     extra = ["--init", tmp_path] if module == "dpo" else []
-    line = refused(job(module, "--data", tmp_path, "--out", out, *extra, "--set", setting))
+    line = refused(main_of(module, capsys, "--data", tmp_path, "--out", out, *extra, "--set", setting))
     assert message in line and ": error: " in line, line
     assert not out.exists()
 
@@ -171,10 +187,10 @@ def snapshot(run: Path) -> Dict[str, Tuple[bytes, int]]:
     return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
 
 
-def test_a_resume_refused_for_another_feature_config_leaves_the_run_untouched(tmp_path):
+def test_a_resume_refused_for_another_feature_config_leaves_the_run_untouched(tmp_path, capsys):
     run = fake_checkpoint(tmp_path / "run", "pretrain", load_config())
     before = snapshot(run)
-    line = refused(job("pretrain", "--data", tmp_path, "--out", run, "--resume", run,
+    line = refused(main_of("pretrain", capsys, "--data", tmp_path, "--out", run, "--resume", run,
                        "--set", "embeddings.tables.user.dim=16"), code=1)
     assert line.startswith(f"satrank pretrain: error: --resume: checkpoint '{run}/checkpoint' was written for a "
                            f"different feature config (data:/embeddings: fingerprint): "), line
@@ -182,10 +198,10 @@ def test_a_resume_refused_for_another_feature_config_leaves_the_run_untouched(tm
     assert snapshot(run) == before  # config.yaml, plan.json, metrics.jsonl: same bytes, same mtimes
 
 
-def test_a_resume_of_another_jobs_checkpoint_is_refused_before_any_write(tmp_path):
+def test_a_resume_of_another_jobs_checkpoint_is_refused_before_any_write(tmp_path, capsys):
     old = fake_checkpoint(tmp_path / "old", "propensity", load_config())
     out = tmp_path / "new"
-    line = refused(job("pretrain", "--data", tmp_path, "--out", out, "--resume", old), code=1)
+    line = refused(main_of("pretrain", capsys, "--data", tmp_path, "--out", out, "--resume", old), code=1)
     assert line == (f"satrank pretrain: error: --resume: checkpoint '{old}/checkpoint' was written by job "
                     f"'propensity', expected a satrank.jobs.pretrain run")
     assert not out.exists()
@@ -195,7 +211,8 @@ def test_a_resume_of_another_jobs_checkpoint_is_refused_before_any_write(tmp_pat
     (2, None, "checkpoint was written by 2 ranks; resume with as many (got 1)"),
     (1, "RUN_P", "checkpoint was trained with --propensity RUN_P; resume with the same (got None)"),
 ])
-def test_a_dpo_run_refused_to_continue_in_place_leaves_it_untouched(tmp_path, world_size, propensity, message):
+def test_a_dpo_run_refused_to_continue_in_place_leaves_it_untouched(tmp_path, capsys, world_size, propensity,
+                                                                     message):
     from satrank.jobs.config_checks import config_teacher
     from satrank.jobs.engine.runs import teacher_to_dict
 
@@ -206,16 +223,16 @@ def test_a_dpo_run_refused_to_continue_in_place_leaves_it_untouched(tmp_path, wo
     out = fake_checkpoint(tmp_path / "dpo", "dpo", main_cfg, world_size=world_size,
                           extra={"propensity": propensity, "step": 3})
     before = snapshot(out)
-    line = refused(job("dpo", "--data", tmp_path / "data", "--init", run_main, "--out", out), code=1)
+    line = refused(main_of("dpo", capsys, "--data", tmp_path / "data", "--init", run_main, "--out", out), code=1)
     assert line == f"satrank dpo: error: {out}/{message}", line
     assert snapshot(out) == before
 
 
-def test_dpo_refuses_an_easq_section_the_init_run_cannot_take_before_writing(tmp_path):
+def test_dpo_refuses_an_easq_section_the_init_run_cannot_take_before_writing(tmp_path, capsys):
     (tmp_path / "data" / "train").mkdir(parents=True)
     run_main = fake_checkpoint(tmp_path / "main", "train", load_config(overrides=["model.variant=click_only"]))
     out = tmp_path / "dpo"
-    line = refused(job("dpo", "--data", tmp_path / "data", "--init", run_main, "--out", out))
+    line = refused(main_of("dpo", capsys, "--data", tmp_path / "data", "--init", run_main, "--out", out))
     assert line == (f"satrank dpo: error: easq.distill_weight 1.0 distils g's pseudo-labels, but --init {run_main} has "
                     f"no satisfaction teacher (model.mtl false or variant click_only); set easq.distill_weight=0")
     assert not out.exists()
