@@ -14,6 +14,8 @@ exists and before anything is written to --out, not an epoch (or a stage) later 
 `check_easq_run(cfg, teacher, init)`: satrank.jobs.dpo's own model (RUN_MAIN's config with this config's `easq:`)
 builds, and `easq.distill_weight` > 0 has the teacher g to distil (not part of `check_config`: a click-only
 ablation of stage 2 is a valid use of a config whose `easq:` distils g).
+`build_on_meta(what, build)`: a model built on the meta device (no memory, global RNG untouched), its build error
+as one ConfigError; satrank.jobs.satisfaction checks its --init / --propensity runs' keys and shapes against one.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def check_transformer_heads(cfg: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ models
-def _built(what: str, build: Callable[[], Any]) -> Any:
+def build_on_meta(what: str, build: Callable[[], Any]) -> Any:
     """`build()` on the meta device with the global RNG untouched; its ValueError / KeyError as one ConfigError."""
     import torch
 
@@ -82,14 +84,14 @@ def check_models(cfg: Any) -> None:
     from satrank.models.stage1.tasks import ClickModel, PropensityModel, SatisfactionModel
 
     p = cfg.pretrain
-    _built("pretrain", lambda: ClickModel(cfg.data, cfg.embeddings, p.tower, watch_time_weight=p.watch_time_weight,
+    build_on_meta("pretrain", lambda: ClickModel(cfg.data, cfg.embeddings, p.tower, watch_time_weight=p.watch_time_weight,
                                           watch_time_rows=p.watch_time_rows, watch_time_target=p.watch_time_target,
                                           duration_feature=p.duration_feature))
-    _built("propensity", lambda: PropensityModel(cfg.data, cfg.embeddings, cfg.propensity))
-    _built("satisfaction", lambda: SatisfactionModel(cfg.data, cfg.embeddings, p.tower, cfg.satisfaction,
+    build_on_meta("propensity", lambda: PropensityModel(cfg.data, cfg.embeddings, cfg.propensity))
+    build_on_meta("satisfaction", lambda: SatisfactionModel(cfg.data, cfg.embeddings, p.tower, cfg.satisfaction,
                                                      cfg.propensity))
     teacher = config_teacher(cfg)
-    _built("model (satrank.jobs.train)", lambda: RankerTask(cfg.data, cfg.embeddings, cfg.model, cfg.loss, teacher))
+    build_on_meta("model (satrank.jobs.train)", lambda: RankerTask(cfg.data, cfg.embeddings, cfg.model, cfg.loss, teacher))
     _build_easq(cfg, teacher, "easq (satrank.jobs.dpo)")
 
 
@@ -97,7 +99,7 @@ def _build_easq(cfg: Any, teacher: Any, what: str) -> Any:
     from satrank.models.easq.task import EasqTask
     from satrank.models.ranker.task import RankerTask
 
-    return _built(what, lambda: EasqTask(RankerTask(cfg.data, cfg.embeddings, cfg.model, cfg.loss, teacher),
+    return build_on_meta(what, lambda: EasqTask(RankerTask(cfg.data, cfg.embeddings, cfg.model, cfg.loss, teacher),
                                          cfg.easq))
 
 

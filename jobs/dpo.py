@@ -13,7 +13,6 @@ satrank.jobs.train run (teacher.json is copied from RUN_MAIN). Details: docs/eas
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,9 +21,10 @@ from typing import List, Optional
 import numpy as np
 
 from satrank.jobs.config_checks import check_easq_run
-from satrank.jobs.engine.checkpoint import CheckpointError, check_checkpoint, load_prefixed, propensity_run
+from satrank.jobs.engine.checkpoint import CheckpointError, load_prefixed, propensity_run
 from satrank.jobs.engine.cli import build_parser
-from satrank.jobs.engine.easq_run import TEACHER_FILE, build_easq, easq_run_config, evaluate_run, prequential, read_teacher
+from satrank.jobs.engine.easq_run import (TEACHER_FILE, build_easq, check_continuation, easq_run_config, evaluate_run,
+                                          prequential, read_teacher)
 from satrank.jobs.engine.easq_step import EasqOptimizers, EasqStep, FrozenPropensity
 from satrank.jobs.engine.readers import stage_train_config
 from satrank.jobs.engine.runtime import finite_or_none, get_logger, write_json_atomic
@@ -103,21 +103,7 @@ def precheck(args, cfg) -> None:
         propensity_run(args.propensity, run_cfg.data)
     check_easq_run(run_cfg, teacher, str(args.init))
     if args.run_claim.action == "resume":
-        check_resume_in_place(args, run_cfg)
-
-
-def check_resume_in_place(args, run_cfg) -> None:
-    """The dpo checkpoint in --out continues only with RUN_MAIN's features, as many ranks and the same --propensity."""
-    meta = check_checkpoint(args.out, run_cfg.data, run_cfg.embeddings, what=f"--out {args.out} (continuing it)",
-                            expect_job=JOB)
-    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the process group does not exist yet
-    if meta["world_size"] != ranks:
-        raise CheckpointError(f"{args.out}/checkpoint was written by {meta['world_size']} ranks; resume with as many "
-                              f"(got {ranks})")
-    theirs, mine = meta["extra"].get("propensity"), None if args.propensity is None else str(args.propensity)
-    if theirs != mine:
-        raise CheckpointError(f"{args.out}/checkpoint was trained with --propensity {theirs}; resume with the same "
-                              f"(got {mine})")
+        check_continuation(args.out, run_cfg, args.propensity)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -236,3 +236,37 @@ def test_dpo_refuses_an_easq_section_the_init_run_cannot_take_before_writing(tmp
     assert line == (f"satrank dpo: error: easq.distill_weight 1.0 distils g's pseudo-labels, but --init {run_main} has "
                     f"no satisfaction teacher (model.mtl false or variant click_only); set easq.distill_weight=0")
     assert not out.exists()
+
+
+def fake_pretrain_run(run: Path, cfg) -> Path:
+    """A satrank.jobs.pretrain run of `cfg` whose DCP state holds every ClickModel tensor (zeros, the model's
+    shapes): enough for the key and shape checks of satrank.jobs.satisfaction's --init."""
+    from satrank.jobs.config_checks import build_on_meta
+    from satrank.models.stage1.tasks import ClickModel
+
+    fake_checkpoint(run, "pretrain", cfg)
+    model = build_on_meta("pretrain", lambda: ClickModel(cfg.data, cfg.embeddings, cfg.pretrain.tower))
+    state = {f"model.{k}": torch.zeros(v.shape) for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(run / "checkpoint" / "state"), overwrite=True),
+             no_dist=True)
+    return run
+
+
+def test_satisfaction_refuses_an_init_run_with_another_tower_before_writing(tmp_path, capsys):
+    from satrank.jobs.config_checks import build_on_meta
+    from satrank.jobs.engine.checkpoint import check_prefixed
+    from satrank.jobs.satisfaction import init_map
+    from satrank.models.stage1.tasks import SatisfactionModel
+
+    cfg = load_config(overrides=["satisfaction.loss=naive"])
+    same = fake_pretrain_run(tmp_path / "same", cfg)
+    g = build_on_meta("satisfaction", lambda: SatisfactionModel(cfg.data, cfg.embeddings, cfg.pretrain.tower,
+                                                                cfg.satisfaction, cfg.propensity))
+    check_prefixed(same, g, init_map(cfg.satisfaction), cfg.data, cfg.embeddings, what="--init")  # fits: passes
+    narrow = fake_pretrain_run(tmp_path / "narrow", load_config(overrides=["pretrain.tower.dim=16"]))
+    out = tmp_path / "run"
+    line = refused(main_of("satisfaction", capsys, "--data", tmp_path, "--init", narrow, "--out", out,
+                           "--set", "satisfaction.loss=naive"), code=1)
+    assert line.startswith(f"satrank satisfaction: error: --init: arch.tower.") and " has shape (16, " in line, line
+    assert f"in '{narrow}/checkpoint' but the model's arch.tower." in line and "(different model config?)" in line
+    assert not out.exists()

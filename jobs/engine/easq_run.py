@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from satrank.jobs.engine.checkpoint import CheckpointError
+from satrank.jobs.engine.checkpoint import CheckpointError, check_checkpoint
 from satrank.jobs.engine.collectives import all_gather_objects
 from satrank.jobs.engine.loop import synced_pairs
 from satrank.jobs.engine.readers import first_batch
@@ -48,6 +49,21 @@ def easq_run_config(run_main: Path, cfg_cli: Any) -> Tuple[Any, Path, Optional[T
         raise CheckpointError(f"--init {run_main}: the model needs its satisfaction model g but "
                               f"{Path(run_main) / TEACHER_FILE} is missing")
     return cfg, path, teacher
+
+
+def check_continuation(out: Path, run_cfg: Any, propensity: Optional[Path]) -> None:
+    """The dpo checkpoint in --out continues only with RUN_MAIN's features (`run_cfg`), as many ranks and the same
+    --propensity. Not collective: satrank.jobs.dpo calls it before any process group, so a refusal writes nothing."""
+    meta = check_checkpoint(out, run_cfg.data, run_cfg.embeddings, what=f"--out {out} (continuing it)",
+                            expect_job="dpo")
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the process group does not exist yet
+    if meta["world_size"] != ranks:
+        raise CheckpointError(f"{out}/checkpoint was written by {meta['world_size']} ranks; resume with as many "
+                              f"(got {ranks})")
+    theirs, mine = meta["extra"].get("propensity"), None if propensity is None else str(propensity)
+    if theirs != mine:
+        raise CheckpointError(f"{out}/checkpoint was trained with --propensity {theirs}; resume with the same "
+                              f"(got {mine})")
 
 
 def build_easq(run_main: Path, cfg_cli: Any, seed_of) -> Tuple[EasqTask, Any, Path, Dict[str, str]]:
