@@ -84,14 +84,16 @@ def check_models(cfg: Any) -> None:
     from satrank.models.stage1.tasks import ClickModel, PropensityModel, SatisfactionModel
 
     p = cfg.pretrain
-    build_on_meta("pretrain", lambda: ClickModel(cfg.data, cfg.embeddings, p.tower, watch_time_weight=p.watch_time_weight,
-                                          watch_time_rows=p.watch_time_rows, watch_time_target=p.watch_time_target,
-                                          duration_feature=p.duration_feature))
+    build_on_meta("pretrain", lambda: ClickModel(cfg.data, cfg.embeddings, p.tower,
+                                                 watch_time_weight=p.watch_time_weight, watch_time_rows=p.watch_time_rows,
+                                                 watch_time_target=p.watch_time_target,
+                                                 duration_feature=p.duration_feature))
     build_on_meta("propensity", lambda: PropensityModel(cfg.data, cfg.embeddings, cfg.propensity))
     build_on_meta("satisfaction", lambda: SatisfactionModel(cfg.data, cfg.embeddings, p.tower, cfg.satisfaction,
-                                                     cfg.propensity))
+                                                            cfg.propensity))
     teacher = config_teacher(cfg)
-    build_on_meta("model (satrank.jobs.train)", lambda: RankerTask(cfg.data, cfg.embeddings, cfg.model, cfg.loss, teacher))
+    build_on_meta("model (satrank.jobs.train)",
+                  lambda: RankerTask(cfg.data, cfg.embeddings, cfg.model, cfg.loss, teacher))
     _build_easq(cfg, teacher, "easq (satrank.jobs.dpo)")
 
 
@@ -107,8 +109,9 @@ def check_easq_run(cfg: Any, teacher: Any, init: str) -> None:
     """satrank.jobs.dpo's model: `cfg` is RUN_MAIN's config with this run's `easq:` (easq_run.easq_run_config),
     `teacher` RUN_MAIN's g (None without one); `init` names RUN_MAIN in the message."""
     if cfg.easq.distill_weight > 0 and not cfg.model.use_satisfaction:
-        raise ConfigError(f"easq.distill_weight {cfg.easq.distill_weight} distils g's pseudo-labels, but --init {init} "
-                          f"has no satisfaction teacher (model.mtl false or variant click_only); set easq.distill_weight=0")
+        raise ConfigError(f"easq.distill_weight {cfg.easq.distill_weight} distils g's pseudo-labels, but --init "
+                          f"{init} has no satisfaction teacher (model.mtl false or variant click_only); "
+                          f"set easq.distill_weight=0")
     _build_easq(cfg, teacher, f"easq (on the ranker of --init {init})")
 
 
