@@ -270,3 +270,24 @@ def test_satisfaction_refuses_an_init_run_with_another_tower_before_writing(tmp_
     assert line.startswith(f"satrank satisfaction: error: --init: arch.tower.") and " has shape (16, " in line, line
     assert f"in '{narrow}/checkpoint' but the model's arch.tower." in line and "(different model config?)" in line
     assert not out.exists()
+
+
+def test_a_ranker_resume_with_another_satisfaction_model_is_refused_before_writing(tmp_path, capsys):
+    from satrank.jobs.config_checks import config_teacher
+    from satrank.jobs.engine.runs import check_resumed_teacher, teacher_to_dict
+
+    for split in ("train", "valid", "test"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+    cfg = load_config()
+    run_s = fake_checkpoint(tmp_path / "sat", "satisfaction", cfg)
+    other_s = fake_checkpoint(tmp_path / "sat16", "satisfaction", load_config(overrides=["pretrain.tower.dim=16"]))
+    run = fake_checkpoint(tmp_path / "run", "train", cfg)
+    (run / "teacher.json").write_text(json.dumps(teacher_to_dict(config_teacher(cfg), f"{run_s}/checkpoint")))
+    check_resumed_teacher(run, config_teacher(cfg), run_s)  # the same g from elsewhere: accepted
+    before = snapshot(run)
+    line = refused(main_of("train", capsys, "--data", tmp_path / "data", "--satisfaction", other_s, "--resume", run,
+                           "--out", run), code=1)
+    assert line == (f"satrank train: error: --resume {run}: trained with g from {run_s}/checkpoint "
+                    f"({run}/teacher.json), this run has g from {other_s} (another satisfaction model or model: "
+                    f"section); resume with the ones it was trained with")
+    assert snapshot(run) == before  # teacher.json, config.yaml, plan.json untouched
