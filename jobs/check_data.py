@@ -19,8 +19,9 @@ With `data.items` set, the item attribute table `<data dir>/<data.items.dir>` (d
 impressions whose own attribute columns disagree with the table are counted per column
 (`items_attr_mismatch`). A data dir without the table (and no data.items.history) is reported, not checked.
 
-The config's stage-1 sections are checked first (satrank.jobs.stage1_checks.check_stage1_config: the three
-models build, every `<stage>_train.monitor` is a metric of its job): exit 2 with one line naming the key.
+The whole config is checked first, as every job does at parse time (satrank.jobs.config_checks.check_config:
+the models of stages 1, 2 and 3 build, every `<stage>_train.monitor` is a metric of its job): exit 2 with one
+line naming the key.
 """
 from __future__ import annotations
 
@@ -31,8 +32,6 @@ from typing import List, Optional
 from satrank.jobs.engine.cli import build_parser, parse
 from satrank.jobs.engine.collectives import all_gather_objects
 from satrank.jobs.engine.runtime import get_logger, init_runtime, write_json_atomic
-from satrank.jobs.stage1_checks import check_stage1_config
-from satrank.pipeline.config import ConfigError
 from satrank.pipeline.errors import DataError
 from satrank.pipeline.items import ItemTable, data_dir_of, summarize, table_exists
 from satrank.pipeline.reader import BatchLoader, sum_stats
@@ -120,12 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--row-filter", default=None, metavar="COLUMN",
                         help="emit only rows whose 0/1 COLUMN is 1 (e.g. questionnaire_answered); "
                              "the others count as filtered")
-    args, cfg = parse(parser, argv)
-    try:
-        check_stage1_config(cfg)
-    except ConfigError as exc:
-        print(f"satrank check-data: error: {exc}", file=sys.stderr)
-        return 2
+    args, cfg = parse(parser, argv)  # the whole config checked (satrank.jobs.config_checks)
     return run(args, cfg)
 
 

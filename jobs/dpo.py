@@ -20,16 +20,17 @@ from typing import List, Optional
 
 import numpy as np
 
-from satrank.jobs.engine.checkpoint import CheckpointError, checkpoint_config, load_prefixed, propensity_run
+from satrank.jobs.config_checks import check_easq_run
+from satrank.jobs.engine.checkpoint import CheckpointError, load_prefixed, propensity_run
 from satrank.jobs.engine.cli import build_parser
-from satrank.jobs.engine.easq_run import TEACHER_FILE, build_easq, evaluate_run, prequential, read_teacher
+from satrank.jobs.engine.easq_run import (TEACHER_FILE, build_easq, check_continuation, easq_run_config, evaluate_run,
+                                          prequential, read_teacher)
 from satrank.jobs.engine.easq_step import EasqOptimizers, EasqStep, FrozenPropensity
 from satrank.jobs.engine.readers import stage_train_config
 from satrank.jobs.engine.runtime import finite_or_none, get_logger, write_json_atomic
 from satrank.jobs.engine.stream import ShardStream, timestamp_ordered
 from satrank.jobs.engine.job import run_job
 from satrank.jobs.engine.trainer import Trainer
-from satrank.jobs.engine.runs import run_checkpoint
 from satrank.models.metrics.ranker_eval import EvaluationConfig
 
 JOB = "dpo"
@@ -57,12 +58,8 @@ def run(rt, args, cfg_cli) -> None:
         teacher, mine_p = read_teacher(args.init), None if args.propensity is None else str(args.propensity)
         if rt.is_main and teacher is not None:
             write_json_atomic(args.out / TEACHER_FILE, teacher)  # satrank.jobs.score / export rebuild g from it
-        if args.run_claim.action == "resume":  # this dpo run's own checkpoint in --out (run_job's claim)
-            ex = trainer.restore_stream(source, step)
-            if ex.get("propensity") != mine_p:
-                raise CheckpointError(f"{args.out}/checkpoint was trained with --propensity {ex.get('propensity')}; "
-                                      f"resume with the same (got {mine_p})")
-            before = ex.get("before")
+        if args.run_claim.action == "resume":  # this dpo run's own checkpoint in --out (checked by precheck)
+            before = trainer.restore_stream(source, step).get("before")
         else:
             before = evaluate_run(trainer.dmp, cfg, ecfg, args.data, rt)
         trainer.stream(source, step, checkpoint_every=args.checkpoint_every,
@@ -93,15 +90,20 @@ def run(rt, args, cfg_cli) -> None:
 
 
 def precheck(args, cfg) -> None:
+    """Every argument, the model this run builds (RUN_MAIN's config with this `easq:`) and, continuing the run in
+    --out, its checkpoint: checked before any process group exists and before anything is written."""
     if not (args.data / "train").is_dir():
         raise CheckpointError(f"--data {args.data}: no train/ split")
-    run_checkpoint(args.init)
-    if args.propensity is not None:
-        propensity_run(args.propensity, checkpoint_config(run_checkpoint(args.init)).data)
     if args.follow and args.max_wait_s is None:
         raise CheckpointError("--follow needs --max-wait-s S (stop after S seconds without a new shard)")
     if args.checkpoint_every < 0:
         raise CheckpointError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    run_cfg, _, teacher = easq_run_config(args.init, cfg)
+    if args.propensity is not None:
+        propensity_run(args.propensity, run_cfg.data)
+    check_easq_run(run_cfg, teacher, str(args.init))
+    if args.run_claim.action == "resume":
+        check_continuation(args.out, run_cfg, args.propensity)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

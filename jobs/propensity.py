@@ -21,11 +21,10 @@ from typing import List, Optional
 import torch
 
 from satrank.jobs.engine.cli import build_parser
-from satrank.models.metrics.stage1_eval import BinaryEvaluator
 from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
 from satrank.jobs.engine.job import run_job
 from satrank.jobs.engine.trainer import Trainer
-from satrank.jobs.stage1_checks import check_behaviour_leak, evaluate_test
+from satrank.jobs.stage1_checks import check_behaviour_leak, evaluate_test, stage1_evaluator
 from satrank.models.stage1.tasks import PropensityModel
 from satrank.pipeline.reader import BatchLoader
 
@@ -47,8 +46,7 @@ def run(rt, args, cfg) -> None:
         valid_loader = BatchLoader(args.data / "valid", cfg.data, eval_reader(cfg.reader))
         if args.resume is not None:
             trainer.restore(args.resume, train_loader)
-        evaluator = BinaryEvaluator("answer_prob", "questionnaire_answered", "true_p_answered", reliability=True,
-                                    distribution=True)
+        evaluator = stage1_evaluator(STAGE, cfg)
         fit = trainer.fit(train_loader, valid_loader, evaluator)
         trainer.write_final(fit, leak_check=args.leak_check, test=evaluate_test(trainer, args.data, cfg, evaluator))
     finally:

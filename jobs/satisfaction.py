@@ -9,7 +9,9 @@ click model's FROZEN embedding tables, trained on questionnaire answers with the
 loaded into the sharded model and stay bit-identical (checked: `frozen_tables_changed`). --propensity: a
 satrank.jobs.propensity run loaded into the `propensity.` submodule (needed by ips / snips / dr, ignored by naive).
 Both are DCP checkpoints loaded at any world size; a missing path, a directory that is no checkpoint, a
-run of another job or one written for another feature config (fingerprint) is a one-line error.
+run of another job, one written for another feature config (fingerprint) or one whose weights do not fit the
+model this config builds (keys, shapes: e.g. another pretrain.tower) is a one-line error before anything is
+written.
 
 naive / ips / snips read only answered training rows (reader row_filter questionnaire_answered): every
 batch then holds B answered rows, so ips with ips_normalizer=all is the full-data estimator of Thm 4.1
@@ -30,14 +32,15 @@ from typing import List, Optional
 
 import torch
 
-from satrank.jobs.engine.checkpoint import check_checkpoint, checkpoint_config, local_tables, propensity_run, resolve, tables_changed
+from satrank.jobs.config_checks import build_on_meta
+from satrank.jobs.engine.checkpoint import (check_checkpoint, check_prefixed, checkpoint_config, local_tables,
+                                            propensity_run, resolve, tables_changed)
 from satrank.jobs.engine.cli import build_parser
 from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
 from satrank.jobs.engine.runtime import get_logger
 from satrank.jobs.engine.job import run_job
 from satrank.jobs.engine.trainer import Trainer
-from satrank.jobs.stage1_checks import evaluate_test
-from satrank.models.metrics.stage1_eval import SatisfactionEvaluator
+from satrank.jobs.stage1_checks import evaluate_test, stage1_evaluator
 from satrank.models.stage1.tasks import SatisfactionModel
 from satrank.pipeline.config import ConfigError
 from satrank.pipeline.reader import BatchLoader
@@ -46,23 +49,39 @@ STAGE = "satisfaction"
 logger = get_logger("satisfaction")
 
 
+PROPENSITY_MAP = {"sparse_arch.": "propensity.sparse_arch.", "arch.": "propensity.arch."}  # RUN_P -> g's rho
+
+
 def _needs_propensity(cfg) -> bool:
     return cfg.satisfaction.loss != "naive"
 
 
+def init_map(sat) -> dict:
+    """RUN_BASE's weights g starts from: its tables, and its towers with satisfaction.init_tower_from_pretrain."""
+    return {"sparse_arch.": "sparse_arch.", **({"arch.tower.": "arch.tower."} if sat.init_tower_from_pretrain else {})}
+
+
 def precheck(args, cfg) -> None:
-    """Every path argument checked before any process group exists (same failure on every rank)."""
-    if args.resume is not None:
-        check_checkpoint(args.resume, cfg.data, cfg.embeddings, what="--resume", expect_job=STAGE)
+    """Every path argument, and that --init / --propensity fit the model this config builds (their keys and
+    shapes, against the model built on the meta device): before any process group exists (same failure on every
+    rank) and before anything is written. Sets cfg.propensity (propensity_config)."""
+    if args.resume is not None:  # checked by run_job (satrank.jobs.engine.job); --init / --propensity are not loaded
+        cfg.propensity = propensity_config(args, cfg)  # recorded in RUN/config.yaml
         return
     if args.init is None:
         raise ConfigError("--init RUN_BASE (a satrank.jobs.pretrain run) is required unless --resume is given")
     check_checkpoint(args.init, cfg.data, cfg.embeddings, what="--init", expect_job="pretrain")
+    if _needs_propensity(cfg) and args.propensity is None:
+        raise ConfigError(f"--propensity RUN_P (a satrank.jobs.propensity run) is required for satisfaction.loss="
+                          f"{cfg.satisfaction.loss}")
+    cfg.propensity = propensity_config(args, cfg)
+    model = build_on_meta(STAGE, lambda: SatisfactionModel(cfg.data, cfg.embeddings, cfg.pretrain.tower,
+                                                           cfg.satisfaction, cfg.propensity))
+    check_prefixed(args.init, model, init_map(cfg.satisfaction), cfg.data, cfg.embeddings, what="--init",
+                   expect_job="pretrain")
     if _needs_propensity(cfg):
-        if args.propensity is None:
-            raise ConfigError(f"--propensity RUN_P (a satrank.jobs.propensity run) is required for satisfaction.loss="
-                              f"{cfg.satisfaction.loss}")
-        check_checkpoint(args.propensity, cfg.data, cfg.embeddings, what="--propensity", expect_job="propensity")
+        check_prefixed(args.propensity, model, PROPENSITY_MAP, cfg.data, cfg.embeddings, what="--propensity",
+                       expect_job="propensity")
 
 
 def propensity_config(args, cfg):
@@ -71,16 +90,14 @@ def propensity_config(args, cfg):
     if not _needs_propensity(cfg):
         return cfg.propensity
     src = args.resume if args.resume is not None else args.propensity
-    pcfg = (checkpoint_config(resolve(src)) if args.resume is not None else propensity_run(src, cfg.data)[1]).propensity
-    if pcfg != cfg.propensity:
-        logger.info("propensity model built from %s's config: %s", src, pcfg)
-    return pcfg
+    return (checkpoint_config(resolve(src)) if args.resume is not None else propensity_run(src, cfg.data)[1]).propensity
 
 
 def run(rt, args, cfg) -> None:
     train = stage_train_config(cfg, STAGE)
     sat = cfg.satisfaction
-    cfg.propensity = propensity_config(args, cfg)  # recorded in RUN/config.yaml
+    if _needs_propensity(cfg):  # set by precheck (propensity_config)
+        logger.info("propensity model built from %s's config: %s", args.resume or args.propensity, cfg.propensity)
     torch.manual_seed(train.seed)
     trainer = Trainer(rt, SatisfactionModel(cfg.data, cfg.embeddings, cfg.pretrain.tower, sat, cfg.propensity),
                       emb=cfg.embeddings, train=train, out_dir=args.out, job=STAGE, run_config=cfg)
@@ -93,17 +110,15 @@ def run(rt, args, cfg) -> None:
         if args.resume is not None:
             trainer.restore(args.resume, train_loader)
         else:
-            mapping = {"sparse_arch.": "sparse_arch.", **({"arch.tower.": "arch.tower."} if sat.init_tower_from_pretrain else {})}
             loaded["init"] = {"path": str(args.init), "keys": len(
-                trainer.load_prefixed(args.init, mapping, what="--init", expect_job="pretrain"))}
+                trainer.load_prefixed(args.init, init_map(sat), what="--init", expect_job="pretrain"))}
             if _needs_propensity(cfg):
                 loaded["propensity"] = {"path": str(args.propensity), "keys": len(trainer.load_prefixed(
-                    args.propensity, {"sparse_arch.": "propensity.sparse_arch.", "arch.": "propensity.arch."},
-                    what="--propensity", expect_job="propensity"))}
+                    args.propensity, PROPENSITY_MAP, what="--propensity", expect_job="propensity"))}
             elif args.propensity is not None:
                 logger.info("satisfaction.loss=naive uses no propensity: --propensity %s is ignored", args.propensity)
         frozen = local_tables(trainer.dmp)  # every table: g's and the propensity submodule's
-        evaluator = SatisfactionEvaluator(seed=train.seed, clip=sat.clip, mnar_monitor=sat.mnar_monitor)
+        evaluator = stage1_evaluator(STAGE, cfg, seed=train.seed)
         fit = trainer.fit(train_loader, valid_loader, evaluator)
         changed = tables_changed(frozen, trainer.dmp)
         if changed:

@@ -7,9 +7,8 @@
   propensity.behaviour): dropping it silently would train another model than the one configured.
 - `evaluate_test`: every stage-1 job scores DIR/test, when it exists, with the weights it ends on (after
   restore_best) and the validation's evaluator, so metrics.json holds a `test` entry with the same metric set.
-- `check_stage1_config` (satrank.jobs.check_data): builds the three stage-1 models from the config (tables on
-  the meta device: no memory) and checks each `<stage>_train.monitor` against its evaluator's metric names, so
-  a config whose model sections cannot run is refused before any training, not by the job that meets it.
+- `stage1_evaluator`: each stage-1 job's validation evaluator, in one place: the job evaluates with it and
+  satrank.jobs.config_checks (every job, at parse time) checks `<stage>_train.monitor` against its metrics.
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from satrank.jobs.engine.readers import eval_reader, stage_train_config
+from satrank.jobs.engine.readers import eval_reader
 from satrank.jobs.engine.runtime import get_logger
 from satrank.models.metrics.calibration import auc
 from satrank.pipeline.config import ConfigError
@@ -140,48 +139,17 @@ def evaluate_test(trainer: Any, data_dir: Path, cfg: Any, evaluator: Any) -> Opt
     return metrics
 
 
-def _evaluators(clip: float) -> Dict[str, Any]:
+def stage1_evaluator(stage: str, cfg: Any, seed: int = 0) -> Any:
+    """The validation evaluator of satrank.jobs.<stage> (pretrain | propensity | satisfaction): what the job
+    evaluates with, and what satrank.jobs.config_checks checks `<stage>_train.monitor` against."""
     from satrank.models.metrics.stage1_eval import BinaryEvaluator, SatisfactionEvaluator
 
-    return {"pretrain": BinaryEvaluator("click_prob", "click", "true_p_click"),
-            "propensity": BinaryEvaluator("answer_prob", "questionnaire_answered", "true_p_answered", reliability=True,
-                                          distribution=True),
-            "satisfaction": SatisfactionEvaluator(seed=0, clip=clip, mnar_monitor=None)}
-
-
-def metric_names(evaluator: Any) -> set:
-    """Every metric an evaluation of `evaluator` reports (satrank.jobs.engine.trainer.Trainer.evaluate's own keys
-    too): its metrics on four made-up rows with both label classes."""
-    n = 4
-    half, both = torch.full((n,), 0.5), torch.tensor([0.0, 1.0, 0.0, 1.0])
-    cols = {"pred": half, "label": both, "truth": half, "sat_prob": half, "answered": torch.ones(n), "satisfied": both,
-            "true_p": half, "propensity": half, "id_user_id": torch.arange(n)}
-    scalars = [k for k, v in evaluator.metrics(cols, {}).items() if not isinstance(v, (dict, list))]
-    return {"loss", "rows", "batches", "padding_steps", "eval_s", *scalars}
-
-
-def check_stage1_config(cfg: Any) -> None:
-    """ConfigError (one line, naming the key) for a stage-1 section that cannot run: a model that cannot be built
-    from `pretrain:` / `propensity:` / `satisfaction:` with this `data:`, or a `<stage>_train.monitor` its job's
-    evaluator does not report."""
-    from satrank.models.stage1.tasks import ClickModel, PropensityModel, SatisfactionModel
-
-    p = cfg.pretrain
-    builds = {"pretrain": lambda: ClickModel(cfg.data, cfg.embeddings, p.tower, watch_time_weight=p.watch_time_weight,
-                                             watch_time_rows=p.watch_time_rows, watch_time_target=p.watch_time_target,
-                                             duration_feature=p.duration_feature),
-              "propensity": lambda: PropensityModel(cfg.data, cfg.embeddings, cfg.propensity),
-              "satisfaction": lambda: SatisfactionModel(cfg.data, cfg.embeddings, p.tower, cfg.satisfaction,
-                                                        cfg.propensity)}
-    for stage, build in builds.items():
-        try:
-            build()
-        except ConfigError:
-            raise
-        except (ValueError, KeyError) as exc:
-            raise ConfigError(f"{stage}: the model cannot be built from this config: {exc}") from None
-    for stage, evaluator in _evaluators(cfg.satisfaction.clip).items():
-        monitor, known = stage_train_config(cfg, stage).monitor, metric_names(evaluator)
-        if monitor not in known:
-            raise ConfigError(f"{stage}_train.monitor: {monitor!r} is not a metric of satrank.jobs.{stage}; "
-                              f"choose from {sorted(known)}")
+    if stage == "pretrain":
+        return BinaryEvaluator("click_prob", "click", "true_p_click")
+    if stage == "propensity":
+        return BinaryEvaluator("answer_prob", "questionnaire_answered", "true_p_answered", reliability=True,
+                               distribution=True)
+    if stage == "satisfaction":
+        sat = cfg.satisfaction
+        return SatisfactionEvaluator(seed=seed, clip=sat.clip, mnar_monitor=sat.mnar_monitor)
+    raise KeyError(f"no stage-1 job {stage!r}")

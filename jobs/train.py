@@ -35,7 +35,8 @@ from typing import List, Optional
 from satrank.jobs.engine.checkpoint import CheckpointError, load_prefixed
 from satrank.jobs.engine.cli import build_parser
 from satrank.jobs.engine.evaluation import evaluate_all, format_table
-from satrank.jobs.engine.runs import TEACHER_FILE, build_task, satisfaction_teacher, teacher_to_dict
+from satrank.jobs.engine.runs import (TEACHER_FILE, build_task, check_resumed_teacher, satisfaction_teacher,
+                                     teacher_to_dict)
 from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
 from satrank.jobs.engine.runtime import finite_or_none, get_logger, write_json_atomic
 from satrank.jobs.engine.ranker_trainer import TEACHER_MAP, RankerTrainer
@@ -60,6 +61,8 @@ def precheck(args, cfg) -> None:
         args.teacher, args.teacher_path = satisfaction_teacher(args.satisfaction, cfg.data)
     else:
         args.teacher, args.teacher_path = None, None
+    if args.resume is not None:  # before any write: the restore loads the resumed run's g
+        check_resumed_teacher(args.resume, args.teacher, args.satisfaction)
 
 
 def run(rt, args, cfg) -> None:

@@ -122,19 +122,6 @@ def test_check_data_refuses_a_config_whose_stage1_sections_cannot_run(world):
 
 
 # ------------------------------------------------------------------------------------------ in-process
-def test_stage1_config_check_names_the_key_that_cannot_run():
-    from satrank.jobs.config import load_config
-    from satrank.jobs.stage1_checks import check_stage1_config
-    from satrank.pipeline.config import ConfigError
-
-    check_stage1_config(load_config())
-    for override, key in (("pretrain.tower.history=hist_nope", "pretrain.tower.history"),
-                          ("propensity.dense=[nope]", "propensity.dense"),
-                          ("satisfaction_train.monitor=auc_nope", "satisfaction_train.monitor: 'auc_nope'"),
-                          ("propensity_train.monitor=auc_answered", "propensity_train.monitor: 'auc_answered'")):
-        with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
-            check_stage1_config(load_config(overrides=[override]))
-
 def test_the_leak_test_finds_thresholds_and_functions_but_not_informative_inputs():
     from satrank.jobs.stage1_checks import _determines
 

@@ -43,21 +43,11 @@ class SatrankConfig:
     export: ExportConfig = field(default_factory=ExportConfig)  # satrank.jobs.export
 
     def validate(self, path: str) -> None:
-        """Cross-section checks, at parse time (before any job starts): a setting that can only fail once a model
-        is built is refused here, naming both keys."""
-        for key, heads, feature in (("model.transformer_heads", self.model.transformer_heads, self.model.item_feature),
-                                    ("pretrain.tower.transformer_heads", self.pretrain.tower.transformer_heads,
-                                     self.pretrain.tower.history)):
-            if key.startswith("pretrain") and (feature is None or self.pretrain.tower.history_encoder != "transformer"):
-                continue
-            try:
-                table = self.data.feature(feature).table_name
-            except (KeyError, AttributeError):
-                continue  # an unknown feature name is reported by the model's own check, naming its key
-            dim = self.embeddings.table_dim(table)
-            if heads <= 0 or dim % heads:
-                raise cfgio.ConfigError(f"{key}: {heads} must divide the embedding dim {dim} of table {table!r} "
-                                        f"(embeddings.tables.{table}.dim / embeddings.dim)")
+        """Cross-section values checked on every load (a stored run config too): the attention heads divide their
+        table's dim. The rules that build models are satrank.jobs.config_checks.check_config's (every job, at parse)."""
+        from satrank.jobs.config_checks import check_transformer_heads
+
+        check_transformer_heads(self)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SatrankConfig:

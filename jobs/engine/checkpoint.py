@@ -22,7 +22,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -264,7 +264,7 @@ def load_checkpoint(
     if meta["fingerprint"] != fingerprint(current):
         diff = signature_diff(meta["signature"], current)
         raise CheckpointError(
-            f"checkpoint {meta['path']!r} was written for a different feature config:\n  " + "\n  ".join(diff)
+            f"checkpoint {meta['path']!r} was written for a different feature config: " + "; ".join(diff)
         )
     if optimizer is not None and not meta.get("has_optimizer"):
         raise CheckpointError(f"checkpoint {meta['path']!r} has no optimizer state; load it without an optimizer")
@@ -348,7 +348,7 @@ def check_checkpoint(path: str | Path, data: Any, emb: EmbeddingConfig, *, what:
     if meta["fingerprint"] != fingerprint(current):
         diff = signature_diff(meta["signature"], current)
         raise CheckpointError(f"{what}: checkpoint {meta['path']!r} was written for a different feature config "
-                              "(data:/embeddings: fingerprint):\n  " + "\n  ".join(diff))
+                              "(data:/embeddings: fingerprint): " + "; ".join(diff))
     job = (meta.get("extra") or {}).get("job")
     if expect_job is not None and job != expect_job:
         raise CheckpointError(f"{what}: checkpoint {meta['path']!r} was written by job {job!r}, expected a "
@@ -356,13 +356,11 @@ def check_checkpoint(path: str | Path, data: Any, emb: EmbeddingConfig, *, what:
     return meta
 
 
-def load_prefixed(path: str | Path, module: nn.Module, mapping: Mapping[str, str], data: Any,
-                  emb: EmbeddingConfig, *, what: str = "checkpoint", expect_job: Optional[str] = None) -> List[str]:
-    """Load the weights under each source prefix of a checkpoint into `module` (plain or a DMP, any world
-    size; DCP reshards) under the mapped target prefix, e.g. {"sparse_arch.": "propensity.sparse_arch."}.
-    Strict per prefix pair: every source key must have a target of the same shape and every target key
-    under the target prefix must be covered. Weights only (no optimizer state). Collective when
-    distributed. Returns the target keys loaded."""
+def check_prefixed(path: str | Path, module: nn.Module, mapping: Mapping[str, str], data: Any,
+                   emb: EmbeddingConfig, *, what: str = "checkpoint", expect_job: Optional[str] = None
+                   ) -> Tuple[Path, Dict[str, Any], Dict[str, str]]:
+    """What `load_prefixed` checks, without loading: `module` may be built on the meta device, so a job checks
+    its input runs before it writes anything. Returns (checkpoint dir, DCP request, checkpoint key -> model key)."""
     meta = check_checkpoint(path, data, emb, what=what, expect_job=expect_job)
     ckpt = Path(meta["path"])
     saved = TrustedReader(str(ckpt / STATE_DIR)).read_metadata().state_dict_metadata
@@ -387,6 +385,17 @@ def load_prefixed(path: str | Path, module: nn.Module, mapping: Mapping[str, str
                                       f"{dkey} has {shape} (different model config?)")
             request["model." + skey] = target[dkey]
             target_of["model." + skey] = dkey
+    return ckpt, request, target_of
+
+
+def load_prefixed(path: str | Path, module: nn.Module, mapping: Mapping[str, str], data: Any,
+                  emb: EmbeddingConfig, *, what: str = "checkpoint", expect_job: Optional[str] = None) -> List[str]:
+    """Load the weights under each source prefix of a checkpoint into `module` (plain or a DMP, any world
+    size; DCP reshards) under the mapped target prefix, e.g. {"sparse_arch.": "propensity.sparse_arch."}.
+    Strict per prefix pair (`check_prefixed`): every source key must have a target of the same shape and every
+    target key under the target prefix must be covered. Weights only (no optimizer state). Collective when
+    distributed. Returns the target keys loaded."""
+    ckpt, request, target_of = check_prefixed(path, module, mapping, data, emb, what=what, expect_job=expect_job)
     try:
         dcp.load(request, storage_reader=TrustedReader(str(ckpt / STATE_DIR)))
     except dcp.api.CheckpointException as exc:
@@ -399,7 +408,7 @@ def load_prefixed(path: str | Path, module: nn.Module, mapping: Mapping[str, str
              and not torch.equal(now[target_of[k]], v)]
     if stale:
         raise RuntimeError(f"load_prefixed: state_dict tensors of {stale[:4]} are copies; the load did not reach them")
-    return sorted(k for k in target if any(k.startswith(dst) for dst in mapping.values()))
+    return sorted(target_of.values())  # every model key under a target prefix (check_prefixed: all covered)
 
 
 def local_tables(module: nn.Module, prefix: str = "") -> Dict[str, List[torch.Tensor]]:

@@ -1,6 +1,8 @@
 """Shared command line of every satrank job: --config FILE, repeatable --set key.path=value,
 --data DIR, --out DIR; the config is loaded through satrank.jobs.config.load_config (embedded default
-configs/sim.yaml when --config is absent), and config errors exit with the key path named."""
+configs/sim.yaml when --config is absent) and checked whole (satrank.jobs.config_checks.check_config: every
+stage's model builds, every monitor is a metric of its job) before the job does anything else; a config error
+exits 2 with one line naming the key path."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from satrank.jobs.config import DEFAULT_CONFIG, SatrankConfig, load_config
+from satrank.jobs.config_checks import check_config
 from satrank.pipeline.config import ConfigError
 
 
@@ -40,7 +43,8 @@ def build_parser(
 def parse(
     parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
 ) -> Tuple[argparse.Namespace, SatrankConfig]:
-    """Parse argv and load the config; a bad file or override exits (status 2) naming the problem."""
+    """Parse argv, load the config and check it whole; a bad argument exits 2 with argparse's usage, a config that
+    cannot run (bad file, override or cross-field rule) exits 2 with one line `<prog>: error: <key path>: ...`."""
     args = parser.parse_args(argv)
     if args.config is not None and not args.config.is_file():
         parser.error(f"--config {str(args.config)!r}: no such file")
@@ -49,6 +53,7 @@ def parse(
         parser.error(f"--data {str(data_dir)!r}: not a directory")
     try:
         cfg = load_config(args.config, args.overrides)
+        check_config(cfg)
     except ConfigError as exc:
-        parser.error(str(exc))
+        parser.exit(2, f"{parser.prog}: error: {' '.join(str(exc).split())}\n")
     return args, cfg

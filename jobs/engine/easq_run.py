@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from satrank.jobs.engine.checkpoint import CheckpointError
+from satrank.jobs.engine.checkpoint import CheckpointError, check_checkpoint
 from satrank.jobs.engine.collectives import all_gather_objects
 from satrank.jobs.engine.loop import synced_pairs
 from satrank.jobs.engine.readers import first_batch
@@ -21,8 +22,7 @@ from satrank.jobs.engine.runs import TEACHER_FILE, build_task, run_checkpoint, t
 from satrank.models.easq.task import EasqTask
 from satrank.models.metrics.ranking import auc_or_nan
 from satrank.models.metrics.stage1_eval import auc_vs_drawn_truth, canonical_order, row_ids
-from satrank.models.ranker.task import needs_teacher
-from satrank.pipeline.config import ConfigError
+from satrank.models.ranker.task import TeacherSpec, needs_teacher
 from satrank.pipeline.errors import DataError
 from satrank.pipeline.reader import BatchLoader
 
@@ -36,20 +36,40 @@ def read_teacher(run_main: Path) -> Optional[Dict[str, Any]]:
     return json.loads(tfile.read_text()) if tfile.is_file() else None
 
 
-def build_easq(run_main: Path, cfg_cli: Any, seed_of) -> Tuple[EasqTask, Any, Path, Dict[str, str]]:
-    """(EasqTask, run config, RUN_MAIN's checkpoint, key map) from RUN_MAIN's own config with this run's `reader:`,
-    `easq:` and `train:`; `seed_of(cfg)` gives the seed the task is built with. Weights are loaded after sharding."""
+def easq_run_config(run_main: Path, cfg_cli: Any) -> Tuple[Any, Path, Optional[TeacherSpec]]:
+    """(run config, RUN_MAIN's checkpoint, RUN_MAIN's g or None): RUN_MAIN's own config with this run's `reader:`,
+    `easq:`, `train:` and `dpo_train:`. Not collective: satrank.jobs.dpo checks it (config_checks.check_easq_run)
+    before any process group."""
     path = run_checkpoint(run_main)
     cfg = checkpoint_config(path)
-    cfg.reader, cfg.easq, cfg.train = cfg_cli.reader, cfg_cli.easq, cfg_cli.train
+    cfg.reader, cfg.easq, cfg.train, cfg.dpo_train = cfg_cli.reader, cfg_cli.easq, cfg_cli.train, cfg_cli.dpo_train
     tdict = read_teacher(run_main)
     teacher = teacher_from_dict(tdict) if tdict is not None else None
     if needs_teacher(cfg.model) and teacher is None:
         raise CheckpointError(f"--init {run_main}: the model needs its satisfaction model g but "
                               f"{Path(run_main) / TEACHER_FILE} is missing")
-    if cfg.easq.distill_weight > 0 and not cfg.model.use_satisfaction:
-        raise ConfigError(f"easq.distill_weight {cfg.easq.distill_weight} distils g's pseudo-labels, but --init {run_main} "
-                          f"has no satisfaction teacher (model.mtl false or variant click_only); set easq.distill_weight=0")
+    return cfg, path, teacher
+
+
+def check_continuation(out: Path, run_cfg: Any, propensity: Optional[Path]) -> None:
+    """The dpo checkpoint in --out continues only with RUN_MAIN's features (`run_cfg`), as many ranks and the same
+    --propensity. Not collective: satrank.jobs.dpo calls it before any process group, so a refusal writes nothing."""
+    meta = check_checkpoint(out, run_cfg.data, run_cfg.embeddings, what=f"--out {out} (continuing it)",
+                            expect_job="dpo")
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the process group does not exist yet
+    if meta["world_size"] != ranks:
+        raise CheckpointError(f"{out}/checkpoint was written by {meta['world_size']} ranks; resume with as many "
+                              f"(got {ranks})")
+    theirs, mine = meta["extra"].get("propensity"), None if propensity is None else str(propensity)
+    if theirs != mine:
+        raise CheckpointError(f"{out}/checkpoint was trained with --propensity {theirs}; resume with the same "
+                              f"(got {mine})")
+
+
+def build_easq(run_main: Path, cfg_cli: Any, seed_of) -> Tuple[EasqTask, Any, Path, Dict[str, str]]:
+    """(EasqTask, run config, RUN_MAIN's checkpoint, key map) from `easq_run_config`; `seed_of(cfg)` gives the seed
+    the task is built with. Weights are loaded after sharding."""
+    cfg, path, teacher = easq_run_config(run_main, cfg_cli)
     module = EasqTask(build_task(cfg, teacher, seed=seed_of(cfg)), cfg.easq)
     mapping = dict(INIT_MAP)
     if module.task.g is not None:

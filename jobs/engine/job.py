@@ -1,6 +1,7 @@
-"""The shared `main` of the training jobs (and jobs.evaluate): parse, claim --out, precheck, then run under
-a process group, with one-line errors for bad input. Kept apart from the Trainer: it is the job's entry, not
-the training loop."""
+"""The shared `main` of the training jobs (and jobs.evaluate): parse (and check the whole config), claim --out,
+check --resume, precheck, then run under a process group, with one-line errors for bad input. Every check comes
+before the first write, so a refused job (a refused --resume included) leaves --out as it was. Kept apart from
+the Trainer: it is the job's entry, not the training loop."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ import os
 import sys
 from typing import Any, Callable, Optional
 
-from satrank.jobs.engine.checkpoint import CheckpointError
+from satrank.jobs.engine.checkpoint import CheckpointError, check_checkpoint
 from satrank.jobs.engine.readers import stage_train_config
 from satrank.jobs.engine.runtime import Runtime
 from satrank.pipeline.errors import DataError
@@ -18,8 +19,10 @@ from satrank.pipeline.errors import DataError
 def run_job(parser: Any, argv: Optional[List[str]], run: Callable[[Runtime, Any, Any], None], *,
             stage: Optional[str] = None, precheck: Optional[Callable[[Any, Any], None]] = None,
             job: Optional[str] = None, resume_in_place: bool = False) -> int:
-    """Shared `main` of the training jobs: parse (satrank.jobs.engine.cli), resolve `<stage>_train`, run `precheck(args, cfg)`
-    before any process group exists (fast, identical failures on every rank), then `run(rt, args, cfg)`.
+    """Shared `main` of the training jobs: parse (satrank.jobs.engine.cli: the whole config checked), resolve
+    `<stage>_train`, claim --out, check `--resume RUN` (a checkpoint of this job for these features:
+    fingerprint), run `precheck(args, cfg)` before any process group exists (fast, identical failures on every
+    rank), then `run(rt, args, cfg)`. Nothing is written before all of these pass.
 
     Bad input (DataError, CheckpointError, ConfigError, FloatingPointError) prints one line naming the
     problem and exits 1 (2 for config errors). With several ranks the failing process ends at once
@@ -56,6 +59,8 @@ def run_job(parser: Any, argv: Optional[List[str]], run: Callable[[Runtime, Any,
             if claim.action == "resume" and getattr(args, "resume", None) is None and hasattr(args, "resume"):
                 args.resume = claim.resume_from
                 print(f"{prog}: restart {restarts}: resuming {claim.resume_from}", file=sys.stderr, flush=True)
+        if getattr(args, "resume", None) is not None and job is not None:  # Trainer.restore's check, before any write
+            check_checkpoint(args.resume, cfg.data, cfg.embeddings, what="--resume", expect_job=job)
         if precheck is not None:
             precheck(args, cfg)
     except RunDirError as exc:

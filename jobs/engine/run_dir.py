@@ -15,11 +15,13 @@ else in RUN/metrics.json) and returns what this job may do there:
     --overwrite                                 -> "overwrite" (the job replaces RUN's outputs)
     anything else                               -> RunDirError, one line naming RUN, its owner and the way out
 
-`--resume OTHER` into a NEW RUN is allowed (a continued run written elsewhere). Nothing here writes.
+`--resume OTHER` into a NEW RUN is allowed (a continued run written elsewhere). RUN (or, when it does not exist
+yet, its nearest existing parent) must be a directory this process may write into. Nothing here writes.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -52,6 +54,17 @@ def run_owner(run: Path) -> Optional[str]:
     return None
 
 
+def check_writable(run: Path) -> None:
+    """RunDirError unless this process can create / write `run`: RUN itself, or its nearest existing parent."""
+    where = run
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise RunDirError(f"--out {run}: {where} is not a directory")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise RunDirError(f"--out {run}: cannot write into {where} (permission denied); choose another --out")
+
+
 def claim_run_dir(run: Path, job: str, *, resume: Optional[Path] = None, overwrite: bool = False,
                   restart_count: int = 0, resume_in_place: bool = False) -> RunDirClaim:
     """What `job` may do with `--out run` (see the module doc); raises RunDirError when it may not."""
@@ -60,6 +73,7 @@ def claim_run_dir(run: Path, job: str, *, resume: Optional[Path] = None, overwri
         raise RunDirError(f"--out {run}: exists and is not a directory")
     if resume is not None and overwrite:
         raise RunDirError("--resume and --overwrite exclude each other: continue a run, or replace it")
+    check_writable(run)
     if not run.exists() or not any(run.iterdir()):
         return RunDirClaim("resume", Path(resume)) if resume is not None else RunDirClaim("new")
     owner = run_owner(run)

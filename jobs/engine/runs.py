@@ -93,6 +93,27 @@ def satisfaction_teacher(run_s: str | Path, data) -> Tuple[TeacherSpec, Path]:
     return spec, path
 
 
+def check_resumed_teacher(resume: str | Path, spec: Optional[TeacherSpec], source: Optional[Path]) -> None:
+    """CheckpointError unless `spec` (this run's g, from --satisfaction `source`) is the g the ranker run `resume` was
+    trained with (its teacher.json, `source` aside): the restore loads that g's weights and RUN/teacher.json is
+    rewritten from `spec`, so another g would fail late or leave a teacher.json that no longer fits the checkpoint."""
+    path = ckpt.resolve(resume)
+    run_dir = path.parent if path.name in ("best", "checkpoint") else path
+    tfile = next((p for p in (run_dir / TEACHER_FILE, path / TEACHER_FILE) if p.is_file()), None)
+    if tfile is None:
+        return  # a run without teacher.json: the restore's own checks decide
+    theirs = json.loads(tfile.read_text()).get("teacher")
+    mine = json.loads(json.dumps(teacher_to_dict(spec, str(source))))["teacher"]  # as teacher.json reads back
+
+    def spec_of(t: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+        return None if t is None else {k: v for k, v in t.items() if k != "source"}
+
+    if spec_of(theirs) != spec_of(mine):
+        was, now = ("no g" if t is None else f"g from {t['source']}" for t in (theirs, mine))
+        raise ckpt.CheckpointError(f"--resume {resume}: trained with {was} ({tfile}), this run has {now} (another "
+                                   f"satisfaction model or model: section); resume with the ones it was trained with")
+
+
 def build_task(cfg, teacher: Optional[TeacherSpec], seed: int) -> RankerTask:
     torch.manual_seed(seed)
     return RankerTask(cfg.data, cfg.embeddings, cfg.model, cfg.loss, teacher if needs_teacher(cfg.model) else None,
