@@ -101,9 +101,9 @@ def _row(jt, i):
 
 
 # ------------------------------------------------------------------------------ frozen satisfaction model
-def _sat(loss="dr", freeze_tower=False):
+def _sat(loss="dr", freeze_tower=False, tables="frozen"):
     torch.manual_seed(0)
-    cfg = SatisfactionConfig(loss=loss, clip=0.05, freeze_tower=freeze_tower)
+    cfg = SatisfactionConfig(loss=loss, clip=0.05, freeze_tower=freeze_tower, tables=tables)
     return materialize(SatisfactionModel(data_config(), EMB, TowerConfig(dim=8), cfg, PropensityConfig()))
 
 
@@ -147,6 +147,22 @@ def test_optimizer_steps_leave_frozen_tables_and_propensity_bit_identical(freeze
     tower_same = all(torch.equal(tower_before[k], v) for k, v in model.arch.tower.state_dict().items())
     assert tower_same == freeze_tower
     assert not model.propensity.training  # frozen parts stay in eval mode under model.train()
+
+
+@pytest.mark.parametrize("tables", ["fine_tune", "own"])
+def test_trained_tables_get_gradients_and_own_loads_nothing_from_the_click_model(tables):
+    """satisfaction.tables fine_tune / own: g's tables are trained by g's loss; the propensity's stay frozen."""
+    model = _sat("ips", tables=tables)
+    loss, _ = model(make_batch(data_config(), 16, seed=3))
+    ours = [(n, p) for n, p in model.named_parameters() if n.startswith("sparse_arch.") and "embedding" in n]
+    theirs = [p for n, p in model.named_parameters() if n.startswith("propensity.") and "embedding" in n]
+    grads = torch.autograd.grad(loss, [p for _, p in ours] + theirs, allow_unused=True)
+    used = {n for (n, _), g in zip(ours, grads) if g is not None and torch.count_nonzero(g)}
+    assert {"sparse_arch.ebc.embedding_bags.user.weight", "sparse_arch.ec.embeddings.item.weight"} <= used, used
+    assert all(g is None for g in grads[len(ours):])
+    click = materialize(ClickModel(data_config(), EMB, TowerConfig(dim=8)), seed=5)
+    copied = model.init_from_pretrain(click.state_dict())
+    assert (copied == []) == (tables == "own")
 
 
 def test_satisfaction_model_starts_from_click_tables_and_propensity_weights():
