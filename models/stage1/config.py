@@ -132,6 +132,9 @@ class SatisfactionConfig:
     imputation_hidden: List[int] = field(default_factory=lambda: [32])  # dr only
     imputation_weight: float = 1.0  # dr only: total = L_DR + weight * L_imputation
     tables: SatTables = "frozen"  # frozen | fine_tune | own (above); trained tables need satisfaction_train.drop_last
+    # add <u, v> to g's logit (the MLP of eq. 1 plus a generalised-MF term, as NeuMF): an MLP over [u, v, u*v] learns
+    # a dot product slowly and poorly from a few thousand answers (docs/stage1.md "g's own tables on rating data")
+    dot_product: bool = False
     init_tower_from_pretrain: bool = True  # copy the click model's tower MLPs too (tables copied unless tables=own)
     freeze_tower: bool = False  # also freeze the tower MLPs
     check_finite: bool = True  # raise FloatingPointError on a non-finite loss (one host sync per batch)

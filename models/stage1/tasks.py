@@ -232,6 +232,7 @@ class SatisfactionArch(nn.Module):
         self.head = mlp(3 * tower.dim, cfg.hidden, 1, cfg.dropout)
         self.imputation = mlp(3 * tower.dim, cfg.imputation_hidden, 1) if cfg.loss == "dr" else None
         self.frozen_tables = cfg.tables == "frozen"
+        self.dot_product = cfg.dot_product
 
     def forward(self, pooled, sequences, dense) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.frozen_tables:
@@ -240,6 +241,8 @@ class SatisfactionArch(nn.Module):
         u, v = self.tower(pooled, sequences, dense)
         h = torch.cat([u, v, u * v], dim=-1)
         logit = self.head(h).squeeze(-1)
+        if self.dot_product:
+            logit = logit + (u * v).sum(-1)
         e_hat = None
         if self.imputation is not None:
             e_hat = nn.functional.softplus(self.imputation(h.detach()).squeeze(-1))
@@ -256,7 +259,8 @@ class SatisfactionArch(nn.Module):
             u = u[rows]
         v = self.tower.item_mlp(items)  # [B, L, dim]
         u = u.unsqueeze(1).expand_as(v)
-        return self.head(torch.cat([u, v, u * v], dim=-1)).squeeze(-1)
+        logit = self.head(torch.cat([u, v, u * v], dim=-1)).squeeze(-1)
+        return logit + (u * v).sum(-1) if self.dot_product else logit
 
 
 class SatisfactionLoss(nn.Module):
