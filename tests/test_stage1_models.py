@@ -165,6 +165,22 @@ def test_trained_tables_get_gradients_and_own_loads_nothing_from_the_click_model
     assert (copied == []) == (tables == "own")
 
 
+def test_dot_product_adds_u_dot_v_to_the_logit_and_table_weight_decay_builds():
+    from satrank.embeddings.config import FusedOptimizerConfig
+    from satrank.embeddings.sharding import fused_optimizer_spec
+
+    plain, dot = _sat("naive"), _sat("naive")
+    dot.cfg.dot_product = dot.arch.dot_product = True
+    dot.load_state_dict(plain.state_dict())
+    plain.eval(), dot.eval()
+    b = make_batch(data_config(), 8, seed=2)
+    sp = plain.sparse_arch(b.sparse)
+    u, v = plain.arch.tower(sp.pooled, sp.sequences, b.dense)
+    torch.testing.assert_close(dot(b)[1]["sat_logit"], plain(b)[1]["sat_logit"] + (u * v).sum(-1))
+    _, kwargs = fused_optimizer_spec(FusedOptimizerConfig(weight_decay=0.001))  # fbgemm-gpu 1.x: WeightDecayMode moved
+    assert kwargs["weight_decay"] == 0.001 and kwargs["weight_decay_mode"].name == "L2"
+
+
 def test_satisfaction_model_starts_from_click_tables_and_propensity_weights():
     data = data_config()
     torch.manual_seed(1)
