@@ -1,7 +1,8 @@
 """Ratings baseline bench (issue 18): stage-1 satisfaction g (naive and IPS) against a logistic matrix
 factorisation trained on the same rows, both scored on the MAR (randomly assigned) test ratings.
 
-    .venv/bin/python bench/ratings_baseline.py [DIR] [--seeds 0,1] [--out RUNS] [--out-json FILE] [--set k=v ...]
+    .venv/bin/python bench/ratings_baseline.py [DIR] [--seeds 0,1] [--tables frozen,fine_tune] [--out RUNS]
+        [--out-json FILE] [--set k=v ...]
 
 DIR: the output of `python -m satrank.pipeline.sources.ratings` (train/ valid/ test/ Parquet + satrank.yaml).
 Without DIR, per seed, a rating set is simulated in the Yahoo! R3 triplet layout (`user<TAB>item<TAB>rating`
@@ -11,15 +12,18 @@ rises with the rating, and with the item's popularity), the test file holds `--t
 assigned uniformly at random (MAR), as in the public sets.
 
 Per seed it runs, as a user would (torchrun, `--nproc` gloo ranks, `--config DIR/satrank.yaml`, train.seed = the
-seed): jobs.pretrain -> jobs.propensity -> jobs.satisfaction with satisfaction.loss=naive and =ips; and the
+seed): jobs.pretrain -> jobs.propensity -> jobs.satisfaction with satisfaction.loss=naive and =ips, once per
+`--tables` variant (satisfaction.tables: frozen = the paper's g on the click model's frozen tables, as the written
+config has it; fine_tune / own = g trains its tables; TABLES holds each variant's settings); and the
 baseline `logistic_mf` (plain torch, one process): on the answered training rows (label = satisfied),
 logit = <p_u, q_i> + b_u + b_i + b, where p_u / q_i also sum an embedding of each of the converter's side features
 (user_* / item_* columns, Coat), Adam with L2, early-stopped on the valid split's AUC. Every figure is the MAR-test
 AUC: the satisfaction job's metrics.json `test.auc_answered` (every MAR row is answered) and the same AUC
 (satrank.models.metrics.ranking.auc) of the baseline's predictions on DIR/test.
 
-Prints ONE JSON line: {"bench": "ratings_baseline", "satrank_naive_auc", "satrank_ips_auc", "mf_auc" (means over
-seeds), "per_seed": {...}, "seeds", "sizes", "overrides", "wall_s"}. Runs live under --out/seed<k>/; a job whose
+Prints ONE JSON line: {"bench": "ratings_baseline", "satrank_naive_auc", "satrank_ips_auc" (the last --tables
+variant's), "mf_auc" (means over seeds), "satrank_<loss>_auc_<variant>" for every variant, "per_seed": {...},
+"seeds", "sizes", "overrides", "wall_s"}; docs/benchmarks.md "Ratings baseline" has the figures. Runs live under --out/seed<k>/; a job whose
 metrics.json exists is reused (bench/alignment.stage), so an interrupted bench resumes; --fresh starts over.
 """
 from __future__ import annotations
