@@ -80,7 +80,10 @@ def fused_optimizer_spec(cfg: FusedOptimizerConfig) -> Tuple[type, Dict[str, Any
     """(optimizer class, kwargs) for apply_optimizer_in_backward; the kwargs reach FBGEMM's TBE."""
     kwargs: Dict[str, Any] = {"lr": cfg.lr, "eps": cfg.eps}
     if cfg.weight_decay > 0:
-        from fbgemm_gpu.split_embedding_configs import WeightDecayMode
+        try:
+            from fbgemm_gpu.tbe.config import WeightDecayMode  # fbgemm-gpu 1.x (split_embedding_configs no longer has it)
+        except ImportError:
+            from fbgemm_gpu.split_embedding_configs import WeightDecayMode
 
         kwargs.update(weight_decay=cfg.weight_decay, weight_decay_mode=WeightDecayMode.L2)
     if cfg.type == "adam":

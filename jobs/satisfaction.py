@@ -6,7 +6,9 @@ click model's FROZEN embedding tables, trained on questionnaire answers with the
         [--config CFG] [--set k=v ...] [--resume RUN_OLD]
 
 --init: a satrank.jobs.pretrain run; its tables (and, with satisfaction.init_tower_from_pretrain, its towers) are
-loaded into the sharded model and stay bit-identical (checked: `frozen_tables_changed`). --propensity: a
+loaded into the sharded model and stay bit-identical (checked: `frozen_tables_changed`). satisfaction.tables:
+fine_tune trains the loaded tables with g's loss, own loads nothing from --init (optional then) and trains fresh
+tables; the propensity submodule's tables stay frozen and checked either way. --propensity: a
 satrank.jobs.propensity run loaded into the `propensity.` submodule (needed by ips / snips / dr, ignored by naive).
 Both are DCP checkpoints loaded at any world size; a missing path, a directory that is no checkpoint, a
 run of another job, one written for another feature config (fingerprint) or one whose weights do not fit the
@@ -68,17 +70,25 @@ def precheck(args, cfg) -> None:
     if args.resume is not None:  # checked by run_job (satrank.jobs.engine.job); --init / --propensity are not loaded
         cfg.propensity = propensity_config(args, cfg)  # recorded in RUN/config.yaml
         return
-    if args.init is None:
-        raise ConfigError("--init RUN_BASE (a satrank.jobs.pretrain run) is required unless --resume is given")
-    check_checkpoint(args.init, cfg.data, cfg.embeddings, what="--init", expect_job="pretrain")
+    sat = cfg.satisfaction
+    if sat.tables != "frozen" and not stage_train_config(cfg, STAGE).drop_last:
+        raise ConfigError(f"satisfaction.tables={sat.tables} trains g's tables, and row-wise pooled tables need equal "
+                          "batch sizes on every rank (gloo all_gather in backward): set satisfaction_train.drop_last="
+                          "true (--set satisfaction_train.drop_last=true)")
+    if args.init is None and sat.tables != "own":
+        raise ConfigError("--init RUN_BASE (a satrank.jobs.pretrain run) is required unless --resume is given "
+                          "(or satisfaction.tables=own)")
+    if args.init is not None:
+        check_checkpoint(args.init, cfg.data, cfg.embeddings, what="--init", expect_job="pretrain")
     if _needs_propensity(cfg) and args.propensity is None:
         raise ConfigError(f"--propensity RUN_P (a satrank.jobs.propensity run) is required for satisfaction.loss="
                           f"{cfg.satisfaction.loss}")
     cfg.propensity = propensity_config(args, cfg)
     model = build_on_meta(STAGE, lambda: SatisfactionModel(cfg.data, cfg.embeddings, cfg.pretrain.tower,
                                                            cfg.satisfaction, cfg.propensity))
-    check_prefixed(args.init, model, init_map(cfg.satisfaction), cfg.data, cfg.embeddings, what="--init",
-                   expect_job="pretrain")
+    if args.init is not None and sat.tables != "own":
+        check_prefixed(args.init, model, init_map(sat), cfg.data, cfg.embeddings, what="--init",
+                       expect_job="pretrain")
     if _needs_propensity(cfg):
         check_prefixed(args.propensity, model, PROPENSITY_MAP, cfg.data, cfg.embeddings, what="--propensity",
                        expect_job="propensity")
@@ -110,22 +120,30 @@ def run(rt, args, cfg) -> None:
         if args.resume is not None:
             trainer.restore(args.resume, train_loader)
         else:
-            loaded["init"] = {"path": str(args.init), "keys": len(
-                trainer.load_prefixed(args.init, init_map(sat), what="--init", expect_job="pretrain"))}
+            mapping = {} if sat.tables == "own" else init_map(sat)
+            if mapping:
+                loaded["init"] = {"path": str(args.init), "keys": len(
+                    trainer.load_prefixed(args.init, mapping, what="--init", expect_job="pretrain"))}
+            elif args.init is not None:
+                logger.info("satisfaction.tables=own loads nothing from --init %s: g's tables and towers start fresh",
+                            args.init)
             if _needs_propensity(cfg):
                 loaded["propensity"] = {"path": str(args.propensity), "keys": len(trainer.load_prefixed(
                     args.propensity, PROPENSITY_MAP, what="--propensity", expect_job="propensity"))}
             elif args.propensity is not None:
                 logger.info("satisfaction.loss=naive uses no propensity: --propensity %s is ignored", args.propensity)
-        frozen = local_tables(trainer.dmp)  # every table: g's and the propensity submodule's
+        # every frozen table: the propensity submodule's, and g's unless satisfaction.tables trains them
+        frozen_prefix = "" if sat.tables == "frozen" else "propensity."
+        frozen = local_tables(trainer.dmp, frozen_prefix)
         evaluator = stage1_evaluator(STAGE, cfg, seed=train.seed)
         fit = trainer.fit(train_loader, valid_loader, evaluator)
-        changed = tables_changed(frozen, trainer.dmp)
+        changed = tables_changed(frozen, trainer.dmp, frozen_prefix)
         if changed:
             logger.error("frozen tables changed during training: %s", changed)
         test = evaluate_test(trainer, args.data, cfg, evaluator)
         trainer.write_final(fit, loss_kind=sat.loss, clip=sat.clip, answered_only_training=row_filter is not None,
-                            loaded=loaded, frozen_tables=sorted(frozen), frozen_tables_changed=changed, test=test)
+                            loaded=loaded, tables=sat.tables, frozen_tables=sorted(frozen),
+                            frozen_tables_changed=changed, test=test)
     finally:
         trainer.close()
 

@@ -101,9 +101,9 @@ def _row(jt, i):
 
 
 # ------------------------------------------------------------------------------ frozen satisfaction model
-def _sat(loss="dr", freeze_tower=False):
+def _sat(loss="dr", freeze_tower=False, tables="frozen"):
     torch.manual_seed(0)
-    cfg = SatisfactionConfig(loss=loss, clip=0.05, freeze_tower=freeze_tower)
+    cfg = SatisfactionConfig(loss=loss, clip=0.05, freeze_tower=freeze_tower, tables=tables)
     return materialize(SatisfactionModel(data_config(), EMB, TowerConfig(dim=8), cfg, PropensityConfig()))
 
 
@@ -147,6 +147,38 @@ def test_optimizer_steps_leave_frozen_tables_and_propensity_bit_identical(freeze
     tower_same = all(torch.equal(tower_before[k], v) for k, v in model.arch.tower.state_dict().items())
     assert tower_same == freeze_tower
     assert not model.propensity.training  # frozen parts stay in eval mode under model.train()
+
+
+@pytest.mark.parametrize("tables", ["fine_tune", "own"])
+def test_trained_tables_get_gradients_and_own_loads_nothing_from_the_click_model(tables):
+    """satisfaction.tables fine_tune / own: g's tables are trained by g's loss; the propensity's stay frozen."""
+    model = _sat("ips", tables=tables)
+    loss, _ = model(make_batch(data_config(), 16, seed=3))
+    ours = [(n, p) for n, p in model.named_parameters() if n.startswith("sparse_arch.") and "embedding" in n]
+    theirs = [p for n, p in model.named_parameters() if n.startswith("propensity.") and "embedding" in n]
+    grads = torch.autograd.grad(loss, [p for _, p in ours] + theirs, allow_unused=True)
+    used = {n for (n, _), g in zip(ours, grads) if g is not None and torch.count_nonzero(g)}
+    assert {"sparse_arch.ebc.embedding_bags.user.weight", "sparse_arch.ec.embeddings.item.weight"} <= used, used
+    assert all(g is None for g in grads[len(ours):])
+    click = materialize(ClickModel(data_config(), EMB, TowerConfig(dim=8)), seed=5)
+    copied = model.init_from_pretrain(click.state_dict())
+    assert (copied == []) == (tables == "own")
+
+
+def test_dot_product_adds_u_dot_v_to_the_logit_and_table_weight_decay_builds():
+    from satrank.embeddings.config import FusedOptimizerConfig
+    from satrank.embeddings.sharding import fused_optimizer_spec
+
+    plain, dot = _sat("naive"), _sat("naive")
+    dot.cfg.dot_product = dot.arch.dot_product = True
+    dot.load_state_dict(plain.state_dict())
+    plain.eval(), dot.eval()
+    b = make_batch(data_config(), 8, seed=2)
+    sp = plain.sparse_arch(b.sparse)
+    u, v = plain.arch.tower(sp.pooled, sp.sequences, b.dense)
+    torch.testing.assert_close(dot(b)[1]["sat_logit"], plain(b)[1]["sat_logit"] + (u * v).sum(-1))
+    _, kwargs = fused_optimizer_spec(FusedOptimizerConfig(weight_decay=0.001))  # fbgemm-gpu 1.x: WeightDecayMode moved
+    assert kwargs["weight_decay"] == 0.001 and kwargs["weight_decay_mode"].name == "L2"
 
 
 def test_satisfaction_model_starts_from_click_tables_and_propensity_weights():

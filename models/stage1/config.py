@@ -13,6 +13,8 @@ from typing import List, Literal, Optional
 from satrank.pipeline.config import ConfigError
 
 SatLoss = Literal["naive", "ips", "snips", "dr"]
+SatTables = Literal["frozen", "fine_tune", "own"]
+SAT_TABLES = ("frozen", "fine_tune", "own")
 
 
 def _check_hidden(path: str, hidden: List[int]) -> None:
@@ -115,6 +117,9 @@ class PropensityConfig:
 class SatisfactionConfig:
     """`satisfaction:` g(u, i) = MLP([u, v, u*v]) on frozen click-model embeddings (eqs. 1, 6).
 
+    tables: frozen (the paper's: the click model's tables, bit-identical) | fine_tune (start from the click model's
+    tables and train them with g's loss) | own (fresh tables and towers, nothing loaded from --init; g is then a
+    neural MF trained on the answers alone). docs/stage1.md "g's own tables on rating data".
     loss: naive (eq. 3) | ips (eq. 6) | snips | dr; see models/stage1/losses.py. clip is M of eq. 6 and
     must be > 0 so that rho_hat = 0 keeps a finite weight. The towers use `pretrain.tower`.
     """
@@ -126,8 +131,12 @@ class SatisfactionConfig:
     dropout: float = 0.0
     imputation_hidden: List[int] = field(default_factory=lambda: [32])  # dr only
     imputation_weight: float = 1.0  # dr only: total = L_DR + weight * L_imputation
-    init_tower_from_pretrain: bool = True  # copy the click model's tower MLPs too (tables always copied)
-    freeze_tower: bool = False  # also freeze the tower MLPs (the tables are always frozen)
+    tables: SatTables = "frozen"  # frozen | fine_tune | own (above); trained tables need satisfaction_train.drop_last
+    # add <u, v> to g's logit (the MLP of eq. 1 plus a generalised-MF term, as NeuMF): an MLP over [u, v, u*v] learns
+    # a dot product slowly and poorly from a few thousand answers (docs/stage1.md "g's own tables on rating data")
+    dot_product: bool = False
+    init_tower_from_pretrain: bool = True  # copy the click model's tower MLPs too (tables copied unless tables=own)
+    freeze_tower: bool = False  # also freeze the tower MLPs
     check_finite: bool = True  # raise FloatingPointError on a non-finite loss (one host sync per batch)
     # What RUN/best selects on where the validation split is missing not at random (some rows unanswered: the
     # answers are a self-selected sample): "loss" = the job's validation loss (1/rho-weighted for ips / snips /
@@ -137,6 +146,8 @@ class SatisfactionConfig:
     def validate(self, path: str) -> None:
         if not 0.0 < self.clip <= 1.0:
             raise ConfigError(f"{path}.clip: the propensity clip M must be in (0, 1], got {self.clip}")
+        if self.tables not in SAT_TABLES:
+            raise ConfigError(f"{path}.tables: must be one of {list(SAT_TABLES)}, got {self.tables!r}")
         _check_hidden(f"{path}.hidden", self.hidden)
         _check_hidden(f"{path}.imputation_hidden", self.imputation_hidden)
         _check_dropout(f"{path}.dropout", self.dropout)

@@ -231,12 +231,18 @@ class SatisfactionArch(nn.Module):
         self.tower = UserItemTower(data, dims, tower, "pretrain.tower")
         self.head = mlp(3 * tower.dim, cfg.hidden, 1, cfg.dropout)
         self.imputation = mlp(3 * tower.dim, cfg.imputation_hidden, 1) if cfg.loss == "dr" else None
+        self.frozen_tables = cfg.tables == "frozen"
+        self.dot_product = cfg.dot_product
 
     def forward(self, pooled, sequences, dense) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        # Frozen tables: inputs come from no_grad lookups; detach anyway so no graph can reach a table.
-        u, v = self.tower({k: t.detach() for k, t in pooled.items()}, _detach_sequences(sequences), dense)
+        if self.frozen_tables:
+            # Frozen tables: inputs come from no_grad lookups; detach anyway so no graph can reach a table.
+            pooled, sequences = {k: t.detach() for k, t in pooled.items()}, _detach_sequences(sequences)
+        u, v = self.tower(pooled, sequences, dense)
         h = torch.cat([u, v, u * v], dim=-1)
         logit = self.head(h).squeeze(-1)
+        if self.dot_product:
+            logit = logit + (u * v).sum(-1)
         e_hat = None
         if self.imputation is not None:
             e_hat = nn.functional.softplus(self.imputation(h.detach()).squeeze(-1))
@@ -253,7 +259,8 @@ class SatisfactionArch(nn.Module):
             u = u[rows]
         v = self.tower.item_mlp(items)  # [B, L, dim]
         u = u.unsqueeze(1).expand_as(v)
-        return self.head(torch.cat([u, v, u * v], dim=-1)).squeeze(-1)
+        logit = self.head(torch.cat([u, v, u * v], dim=-1)).squeeze(-1)
+        return logit + (u * v).sum(-1) if self.dot_product else logit
 
 
 class SatisfactionLoss(nn.Module):
@@ -293,7 +300,8 @@ class SatisfactionLoss(nn.Module):
 class SatisfactionModel(nn.Module):
     """Satisfaction model (satrank.jobs.satisfaction). forward(batch) -> (satisfaction loss, outputs).
 
-    Submodules: `sparse_arch` (frozen tables, loaded from ClickModel.sparse_arch), `arch.tower`
+    Submodules: `sparse_arch` (tables loaded from ClickModel.sparse_arch and frozen; with satisfaction.tables
+    fine_tune loaded and trained, with own fresh and trained), `arch.tower`
     (loaded from ClickModel.arch.tower when init_tower_from_pretrain), `arch.head`, `arch.imputation`
     (dr only) and `propensity` (a frozen PropensityModel; absent for `naive`, which needs no rho).
     Taking rho from a frozen submodule on the same batch keeps one code path for train/eval/score,
@@ -333,8 +341,9 @@ class SatisfactionModel(nn.Module):
         return self
 
     def forward(self, batch) -> Tuple[Optional[torch.Tensor], Outputs]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.tables != "frozen"):
+            sp = self.sparse_arch(batch.sparse)  # g's tables: trained with g's loss unless satisfaction.tables=frozen
         with torch.no_grad():
-            sp = self.sparse_arch(batch.sparse)
             rho = None
             if self.propensity is not None:
                 psp = self.propensity.sparse_arch(batch.sparse)
@@ -400,7 +409,10 @@ class SatisfactionModel(nn.Module):
         Plain (unsharded) state dicts: ClickModel keys `sparse_arch.*` and `arch.tower.*` map to the
         same keys here. For DMP-sharded models load the same keys through the checkpoint code.
         """
-        prefixes = ["sparse_arch."] + (["arch.tower."] if self.cfg.init_tower_from_pretrain else [])
+        prefixes = ((["sparse_arch."] if self.cfg.tables != "own" else [])
+                    + (["arch.tower."] if self.cfg.init_tower_from_pretrain and self.cfg.tables != "own" else []))
+        if not prefixes:
+            return []
         return _copy_prefixed(self, click_state, {p: p for p in prefixes}, "click model")
 
     def init_propensity(self, propensity_state: Mapping[str, torch.Tensor]) -> List[str]:
