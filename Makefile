@@ -31,7 +31,7 @@ demo: install
 	$(PY) -m satrank.jobs.demo --out $(RUN) --nproc $(NPROC)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 bench: install
 	$(PY) bench/loader.py

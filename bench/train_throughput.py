@@ -22,12 +22,16 @@ not cost more than it brings; so in the same run it measures
   flops_ratio_bf16        achieved FLOP/s of the fast path over a bf16 matmul's FLOP/s (the fast path's peak).
 Every history is full by default: hist_click 50, hist_satisfied 20, hist_dissatisfied 5 (and hist_skip 20);
 `--histories uniform` draws each row's lengths uniformly from 0..max_len (about half the positions padded),
-default vocabularies of configs/sim.yaml, one batch of reader.batch_size rows reused per step. Both models
+default vocabularies of configs/sim.yaml, one batch of reader.batch_size rows reused per step. `--data DIR`
+instead takes the batch from DIR/train (reader.batch_size rows drawn at random with seed 0): the histories a
+training step really sees (on the default world hist_click is about half full, hist_satisfied and
+hist_dissatisfied mostly empty), where the fused path's work on valid positions only pays more. Both models
 live in the same process and are timed in alternating blocks (median block), so a shared machine's
 fluctuating load does not favour either.
 
     python bench/train_throughput.py [--config CFG] [--batch-size N] [--steps S] [--rounds R] [--threads T]
                                      [--paths fast,fused_fp32,reference] [--histories full|uniform]
+                                     [--data DIR]
 """
 from __future__ import annotations
 
@@ -165,6 +169,17 @@ def matmul_flops_per_s(n: int = 1024, steps: int = 10, rounds: int = 5, dtype=to
     return 2.0 * n ** 3 / statistics.median(time_steps(lambda: torch.mm(a, b), steps, 0) for _ in range(rounds))
 
 
+def rows_of(split: Path, n: int):
+    """n rows of the Parquet split drawn at random (seed 0): a batch of the data a training step sees."""
+    import numpy as np
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(split, format="parquet").to_table()
+    if table.num_rows < n:
+        raise SystemExit(f"bench/train_throughput: {split} has {table.num_rows} rows, fewer than the batch {n}")
+    return table.take(np.sort(np.random.default_rng(0).choice(table.num_rows, n, replace=False)))
+
+
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None)
@@ -177,6 +192,8 @@ def main(argv: List[str] | None = None) -> int:
                    help=f"paths timed on the same sharded model, of {list(PATHS)}; fast and reference give the speedup")
     p.add_argument("--histories", choices=["full", "uniform"], default="full",
                    help="full: every history at max_len; uniform: lengths uniform in 0..max_len per row")
+    p.add_argument("--data", type=Path, default=None,
+                   help="take the batch from DIR/train (rows drawn at random, seed 0) instead of --histories")
     args = p.parse_args(argv)
     paths = [a for a in args.paths.split(",") if a]
     if not paths or any(a not in PATHS for a in paths) or len(set(paths)) != len(paths):
@@ -185,7 +202,8 @@ def main(argv: List[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     bs = args.batch_size or cfg.reader.batch_size
-    table = make_table(bs, seed=0, full_histories=args.histories == "full")
+    table = make_table(bs, seed=0, full_histories=args.histories == "full") if args.data is None \
+        else rows_of(args.data / "train", bs)
     batch, _ = table_to_batch(table, cfg.data)
     lens = {f.name: float(batch.sparse[f.name].lengths().float().mean()) for f in cfg.data.sequence}
 
@@ -234,7 +252,8 @@ def main(argv: List[str] | None = None) -> int:
     achieved = step_flops * path_sps[paths[0]] / bs  # the first path's (default: fast) model FLOP/s
     print(json.dumps({
         "bench": "train_throughput", "model": "saqrec full (sid, mlse, mtl, watch_time) + frozen g",
-        "batch_size": bs, "history_lengths": lens, "threads": torch.get_num_threads(), "steps": args.steps * args.rounds,
+        "batch_size": bs, "batch": str(args.data / "train") if args.data else f"generated, {args.histories} histories",
+        "history_lengths": lens, "threads": torch.get_num_threads(), "steps": args.steps * args.rounds,
         "torchrec_samples_per_s": round(trec_sps, 1), "plain_samples_per_s": round(plain_sps, 1),
         "ratio": round(trec_sps / plain_sps, 3), "step_flops": step_flops,
         "paths": {a: dict(zip(("attention", "precision"), PATHS[a])) for a in paths}, "history_encoders": n_enc,

@@ -21,12 +21,11 @@ from typing import List, Optional
 import torch
 
 from satrank.jobs.engine.cli import build_parser
-from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
+from satrank.jobs.engine.readers import evaluation_loader, stage_train_config, training_loader
 from satrank.jobs.engine.job import run_job
 from satrank.jobs.engine.trainer import Trainer
 from satrank.jobs.stage1_checks import check_behaviour_leak, evaluate_test, stage1_evaluator
 from satrank.models.stage1.tasks import PropensityModel
-from satrank.pipeline.reader import BatchLoader
 
 STAGE = "propensity"
 
@@ -42,8 +41,8 @@ def run(rt, args, cfg) -> None:
     trainer = Trainer(rt, PropensityModel(cfg.data, cfg.embeddings, cfg.propensity),
                       emb=cfg.embeddings, train=train, out_dir=args.out, job=STAGE, run_config=cfg)
     try:
-        train_loader = BatchLoader(args.data / "train", cfg.data, train_reader(cfg.reader, train))
-        valid_loader = BatchLoader(args.data / "valid", cfg.data, eval_reader(cfg.reader))
+        train_loader = training_loader(cfg, args.data / "train", train)
+        valid_loader = evaluation_loader(cfg, args.data / "valid")
         if args.resume is not None:
             trainer.restore(args.resume, train_loader)
         evaluator = stage1_evaluator(STAGE, cfg)

@@ -38,14 +38,13 @@ from satrank.jobs.config_checks import build_on_meta
 from satrank.jobs.engine.checkpoint import (check_checkpoint, check_prefixed, checkpoint_config, local_tables,
                                             propensity_run, resolve, tables_changed)
 from satrank.jobs.engine.cli import build_parser
-from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
+from satrank.jobs.engine.readers import evaluation_loader, stage_train_config, training_loader
 from satrank.jobs.engine.runtime import get_logger
 from satrank.jobs.engine.job import run_job
 from satrank.jobs.engine.trainer import Trainer
 from satrank.jobs.stage1_checks import evaluate_test, stage1_evaluator
 from satrank.models.stage1.tasks import SatisfactionModel
 from satrank.pipeline.config import ConfigError
-from satrank.pipeline.reader import BatchLoader
 
 STAGE = "satisfaction"
 logger = get_logger("satisfaction")
@@ -113,9 +112,8 @@ def run(rt, args, cfg) -> None:
                       emb=cfg.embeddings, train=train, out_dir=args.out, job=STAGE, run_config=cfg)
     try:
         row_filter = None if sat.loss == "dr" else cfg.data.labels.questionnaire_answered
-        train_loader = BatchLoader(args.data / "train", cfg.data, train_reader(cfg.reader, train),
-                                   row_filter=row_filter)
-        valid_loader = BatchLoader(args.data / "valid", cfg.data, eval_reader(cfg.reader))
+        train_loader = training_loader(cfg, args.data / "train", train, row_filter=row_filter)
+        valid_loader = evaluation_loader(cfg, args.data / "valid")
         loaded = {}
         if args.resume is not None:
             trainer.restore(args.resume, train_loader)

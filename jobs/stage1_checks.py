@@ -18,11 +18,10 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from satrank.jobs.engine.readers import eval_reader
+from satrank.jobs.engine.readers import evaluation_loader
 from satrank.jobs.engine.runtime import get_logger
 from satrank.models.metrics.calibration import auc
 from satrank.pipeline.config import ConfigError
-from satrank.pipeline.reader import BatchLoader
 from satrank.pipeline.shards import list_shards, open_parquet
 
 logger = get_logger("stage1")
@@ -134,7 +133,7 @@ def evaluate_test(trainer: Any, data_dir: Path, cfg: Any, evaluator: Any) -> Opt
     if not split.is_dir():
         logger.info("no %s: no test evaluation", split)
         return None
-    metrics = trainer.evaluate(BatchLoader(split, cfg.data, eval_reader(cfg.reader)), evaluator)
+    metrics = trainer.evaluate(evaluation_loader(cfg, split), evaluator)
     logger.info("test (%s): %s", split, ", ".join(f"{k}={v:.5g}" for k, v in metrics.items() if isinstance(v, float)))
     return metrics
 

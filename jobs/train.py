@@ -37,13 +37,12 @@ from satrank.jobs.engine.cli import build_parser
 from satrank.jobs.engine.evaluation import evaluate_all, format_table
 from satrank.jobs.engine.runs import (TEACHER_FILE, build_task, check_resumed_teacher, satisfaction_teacher,
                                      teacher_to_dict)
-from satrank.jobs.engine.readers import eval_reader, stage_train_config, train_reader
+from satrank.jobs.engine.readers import evaluation_loader, stage_train_config, training_loader
 from satrank.jobs.engine.runtime import finite_or_none, get_logger, write_json_atomic
 from satrank.jobs.engine.ranker_trainer import TEACHER_MAP, RankerTrainer
 from satrank.jobs.engine.job import run_job
 from satrank.models.metrics.ranker_eval import EvaluationConfig, RankerEvaluator
 from satrank.models.ranker.task import find_task, needs_teacher
-from satrank.pipeline.reader import BatchLoader
 
 STAGE = "ranker"  # config section ranker_train:
 JOB = "train"
@@ -81,8 +80,8 @@ def run(rt, args, cfg) -> None:
             log.info("loaded the frozen satisfaction model g from %s (%d tensors)", args.teacher_path, len(loaded))
         elif args.satisfaction is not None:
             log.warning("--satisfaction %s ignored: model.mlse and model.mtl are off, g is not used", args.satisfaction)
-        train_loader = BatchLoader(args.data / "train", cfg.data, train_reader(cfg.reader, train))
-        valid_loader = BatchLoader(args.data / "valid", cfg.data, eval_reader(cfg.reader))
+        train_loader = training_loader(cfg, args.data / "train", train)
+        valid_loader = evaluation_loader(cfg, args.data / "valid")
         if args.resume is not None:
             trainer.restore(args.resume, train_loader)
         fit = trainer.fit(train_loader, valid_loader, RankerEvaluator(cfg.loss, cfg.model))

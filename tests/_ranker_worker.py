@@ -36,12 +36,11 @@ def main(data: str, sat_run: str, out: str, overrides: list) -> None:
     from satrank.jobs.engine.runs import build_task, run_checkpoint, satisfaction_teacher
     from satrank.jobs.engine.runtime import init_runtime
     from satrank.jobs.engine.ranker_trainer import TEACHER_MAP, RankerTrainer
-    from satrank.jobs.engine.readers import eval_reader, first_batch, stage_train_config, train_reader
+    from satrank.jobs.engine.readers import evaluation_loader, first_batch, stage_train_config, training_loader
     from satrank.jobs.engine.checkpoint import load_prefixed
     from satrank.models.metrics.ranker_eval import RankerEvaluator
     from satrank.models.ranker.task import needs_teacher
     from satrank.models.stage1.tasks import SatisfactionModel
-    from satrank.pipeline.reader import BatchLoader
 
     torch.set_num_threads(1)
     calls = {"n": 0}
@@ -69,7 +68,7 @@ def main(data: str, sat_run: str, out: str, overrides: list) -> None:
         if teacher is not None:
             res["g_tensors_loaded"] = len(load_prefixed(path, trainer.dmp, TEACHER_MAP, cfg.data, teacher.emb,
                                                         what="--satisfaction", expect_job="satisfaction"))
-        valid = BatchLoader(data_dir / "valid", cfg.data, eval_reader(cfg.reader))
+        valid = evaluation_loader(cfg, data_dir / "valid")
         batch = first_batch(valid)
         trainer.dmp.eval()
         calls["n"] = 0
@@ -94,7 +93,7 @@ def main(data: str, sat_run: str, out: str, overrides: list) -> None:
             dist.all_reduce(diff, op=dist.ReduceOp.MAX)
             res["pseudo_label_max_abs_diff"] = float(diff)
             res["history_scores_shape"] = list(hist.shape)
-        train_loader = BatchLoader(data_dir / "train", cfg.data, train_reader(cfg.reader, train))
+        train_loader = training_loader(cfg, data_dir / "train", train)
         calls["n"] = 0
         fit = trainer.fit(train_loader)
         res["train_steps"] = fit["steps"]

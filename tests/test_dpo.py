@@ -20,14 +20,6 @@ from satrank.pipeline.config import from_dict
 from tests._synthetic import batch_from_rows, data_config, make_rows
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sp(x: float) -> float:
     return math.log1p(math.exp(x))  # softplus(x) = -log sigmoid(-x)
 

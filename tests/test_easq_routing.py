@@ -22,14 +22,6 @@ from tests._synthetic import batch_from_rows, data_config, emb_config, make_rows
 TOWERS = ("wt_tower.", "sat_tower.", "skip_tower.")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model_cfg(**kw) -> ModelConfig:
     raw = dict(sid=False, mlse=False, mtl=True, skip_head=True, dropout=0.0, user_features=["user_id"],
                item_attr_features=["author_id", "category_id"])

@@ -5,15 +5,6 @@ import torch
 from satrank.models.common.encoders import HistoryEncoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is faster and steadier than two on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _enc(d=8, max_len=10, dropout=0.0, layers=2, seed=0):
     torch.manual_seed(seed)
     return HistoryEncoder(d, max_len, layers=layers, heads=2, dropout=dropout, name="hist_click")
@@ -214,6 +205,37 @@ def test_fast_dropout_drops_the_configured_share_and_keeps_the_mean():
     out = fast_dropout(xs, 0.5, True)
     out.sum().backward()
     torch.testing.assert_close(xs.grad, (out.detach() != 0).float() * 2.0, atol=0, rtol=0)
+
+
+def test_attention_with_dropout_is_masked_softmax_times_the_keep_mask_at_v_in_fp32_and_under_bf16_autocast():
+    """Training attention with dropout p: softmax of the masked scores, times `keep_mask`'s draw scaled by
+    1/(1-p), at v; gradients flow as through that product; under bf16 autocast it stays in bf16 (no fp32 round
+    trip of the weights) and matches the fp32 result on the same draw to bf16 precision."""
+    from satrank.models.common.encoders import attention_with_dropout, keep_mask
+
+    torch.manual_seed(1)
+    B, H, L, dh = 3, 2, 5, 4
+    q, k, v = (torch.randn(B, H, L, dh, requires_grad=True) for _ in range(3))
+    attend = torch.arange(L) < torch.tensor([5, 2, 1]).unsqueeze(1)
+    mask = attend[:, None, None, :]
+    torch.manual_seed(7)
+    out = attention_with_dropout(q, k, v, mask, 0.3)
+    torch.manual_seed(7)
+    w = torch.softmax((q @ k.transpose(-2, -1) / dh ** 0.5).masked_fill(~mask, float("-inf")), dim=-1)
+    keep, scale = keep_mask(w, 0.3)
+    assert keep.dtype == torch.uint8 and 0 < int(keep.sum()) < keep.numel()
+    expected = (w * keep.float() * scale) @ v
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    g_out = torch.autograd.grad(out.sum(), (q, k, v))
+    g_exp = torch.autograd.grad(expected.sum(), (q, k, v))
+    for a, b in zip(g_out, g_exp):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qb, kb, vb = (t.detach().to(torch.bfloat16) for t in (q, k, v))
+        out_bf16 = attention_with_dropout(qb, kb, vb, mask, 0.3)
+    assert out_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(out_bf16.float(), expected.detach(), rtol=0.05, atol=0.05)
 
 
 def test_the_whole_ranker_gives_the_same_outputs_on_either_attention_path_from_one_state_dict():

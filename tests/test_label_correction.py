@@ -7,15 +7,6 @@ from satrank.models.ranker.label_correction import LabelCorrector, fit_beta_mixt
 from satrank.models.ranker.losses import satisfaction_loss_final
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is faster and steadier than two on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _two_clusters(n_low=7000, n_high=3000, seed=0):
     torch.manual_seed(seed)
     low = torch.distributions.Beta(torch.tensor(2.0), torch.tensor(10.0)).sample((n_low,))  # mean 1/6

@@ -8,14 +8,6 @@ from satrank.models.common.lora import (LoRABranch, LoRAEmbedding, LoRALinear, a
                          non_lora_parameters, require)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomise_B(module: nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     for m in module.modules():

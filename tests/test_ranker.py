@@ -17,15 +17,6 @@ USER = {"user_id": 8, "user_activity": 4}
 ITEM = {"author_id": 8, "category_id": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is faster and steadier than two on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(**kw) -> ModelConfig:
     kw.setdefault("dropout", 0.0)
     return from_dict(ModelConfig, kw, "model")

@@ -16,15 +16,6 @@ from satrank.models.ranker.sid_mlse import (
 E = math.e
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is faster and steadier than two on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _set_gate(gate: GateMLP, weight=None, bias=None):
     with torch.no_grad():
         gate.out.weight.copy_(torch.zeros_like(gate.out.weight) if weight is None else torch.tensor(weight))

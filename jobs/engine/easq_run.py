@@ -4,7 +4,6 @@ the final metrics (prequential AUC, backbone drift, counts, propensity report). 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from satrank.jobs.engine.checkpoint import CheckpointError, check_checkpoint
 from satrank.jobs.engine.collectives import all_gather_objects
 from satrank.jobs.engine.loop import synced_pairs
-from satrank.jobs.engine.readers import first_batch
+from satrank.jobs.engine.readers import evaluation_loader, first_batch
 from satrank.jobs.engine.checkpoint import checkpoint_config
 from satrank.jobs.engine.evaluation import evaluate_all
 from satrank.jobs.engine.runs import TEACHER_FILE, build_task, run_checkpoint, teacher_from_dict
@@ -24,7 +23,6 @@ from satrank.models.metrics.ranking import auc_or_nan
 from satrank.models.metrics.stage1_eval import auc_vs_drawn_truth, canonical_order, row_ids
 from satrank.models.ranker.task import TeacherSpec, needs_teacher
 from satrank.pipeline.errors import DataError
-from satrank.pipeline.reader import BatchLoader
 
 TRUE_P_SATISFIED = "true_p_satisfied"  # truth column of the simulator (satrank.pipeline.sim.simulate)
 INIT_MAP = {"sparse_arch.": "task.sparse_arch.", "ranker.ranker.": "task.ranker.ranker.ranker."}  # RUN_MAIN -> EasqTask
@@ -82,8 +80,7 @@ def _sat_head_columns(dmp, cfg, uri: Path, rt) -> Optional[Dict[str, torch.Tenso
     row ids of every row of the split `uri`, gathered from all ranks (collective); None without rows."""
     if not uri.exists():
         return None
-    rcfg = dataclasses.replace(cfg.reader, shuffle=False, drop_last=False)
-    loader = BatchLoader(uri, cfg.data, rcfg)
+    loader = evaluation_loader(cfg, uri)
     try:
         template = first_batch(loader)
     except DataError:

@@ -7,7 +7,6 @@ satrank.models.metrics.ranker_eval (every head of satrank.models.ranker.heads wi
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from satrank.jobs.engine import checkpoint as ckpt
 from satrank.jobs.engine.checkpoint import checkpoint_config
 from satrank.jobs.engine.loop import synced_pairs
 from satrank.jobs.engine.progress import loader_bar
-from satrank.jobs.engine.readers import first_batch
+from satrank.jobs.engine.readers import evaluation_loader, first_batch
 from satrank.jobs.engine.runs import TEACHER_FILE, build_task, run_checkpoint, teacher_from_dict
 from satrank.jobs.config import SatrankConfig
 from satrank.jobs.engine.runtime import Runtime, get_logger
@@ -28,14 +27,8 @@ from satrank.models.metrics.ranker_eval import (METRIC_KEYS, CandidateMetrics, E
                                                 LooMetrics, build_loo_plan, item_side_columns)
 from satrank.models.ranker.heads import head_specs
 from satrank.models.ranker.task import find_task, needs_teacher
-from satrank.pipeline.reader import BatchLoader
 
 log = get_logger("evaluate")
-
-
-def _eval_reader(cfg: SatrankConfig, uri: Path, with_labels: bool) -> BatchLoader:
-    rcfg = dataclasses.replace(cfg.reader, shuffle=False, drop_last=False)
-    return BatchLoader(uri, cfg.data, rcfg, with_labels=with_labels)
 
 
 @torch.no_grad()
@@ -54,7 +47,7 @@ def _run(model: nn.Module, batches, runtime: Runtime, update, template=None) -> 
 
 def evaluate_impressions(model: nn.Module, cfg: SatrankConfig, uri: Path, runtime: Runtime) -> Dict[str, Any]:
     acc = ImpressionMetrics(head_specs(cfg.model, cfg.loss))
-    loader = _eval_reader(cfg, uri, True)
+    loader = evaluation_loader(cfg, uri)
     _run(model, loader, runtime, acc.update, first_batch(loader))
     return acc.compute()
 
@@ -62,7 +55,7 @@ def evaluate_impressions(model: nn.Module, cfg: SatrankConfig, uri: Path, runtim
 def evaluate_candidates(model: nn.Module, cfg: SatrankConfig, ecfg: EvaluationConfig, uri: Path,
                         runtime: Runtime) -> Dict[str, Any]:
     acc = CandidateMetrics(ecfg)
-    loader = _eval_reader(cfg, uri, False)
+    loader = evaluation_loader(cfg, uri, with_labels=False)
     _run(model, loader, runtime, acc.update, first_batch(loader))
     return acc.compute()
 

@@ -11,7 +11,6 @@ DIR/<split>, every forward collective (padded like the other evaluation loops), 
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Dict
 
@@ -21,12 +20,11 @@ from torch import nn
 from satrank.jobs.engine.easq_step import FrozenPropensity
 from satrank.jobs.engine.loop import synced_pairs
 from satrank.jobs.engine.progress import loader_bar
-from satrank.jobs.engine.readers import first_batch
+from satrank.jobs.engine.readers import evaluation_loader, first_batch
 from satrank.jobs.engine.runtime import Runtime
 from satrank.models.metrics.offline_estimates import top_k_satisfaction_estimates, truth_top_k_satisfaction
 from satrank.models.metrics.ranker_eval import PSEUDO_KEY, EvaluationConfig, ranking_score
 from satrank.models.metrics.ranking import MetricAccumulator
-from satrank.pipeline.reader import BatchLoader
 
 
 def _imputed(out: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -42,8 +40,7 @@ def _imputed(out: Dict[str, torch.Tensor]) -> torch.Tensor:
 def evaluate_offline_top_k(model: nn.Module, propensity: FrozenPropensity, cfg, ecfg: EvaluationConfig, uri: Path,
                            runtime: Runtime, clip: float) -> Dict[str, Any]:
     """The `offline_top_k` entry of metrics.json (module docstring); collective."""
-    loader = BatchLoader(uri, cfg.data, dataclasses.replace(cfg.reader, shuffle=False, drop_last=False),
-                         with_labels=True)
+    loader = evaluation_loader(cfg, uri)
     acc = MetricAccumulator()
     group = ecfg.offline_group
     with loader_bar("offline estimate", loader, main=runtime.is_main) as bar:

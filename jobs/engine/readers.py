@@ -31,9 +31,19 @@ def train_reader(reader: ReaderConfig, train: TrainConfig) -> ReaderConfig:
                                drop_last=reader.drop_last or train.drop_last)
 
 
+def training_loader(cfg: Any, uri: Any, train: TrainConfig, **kw: Any) -> BatchLoader:
+    """The loader of a training pass over the split `uri` (the stage's batch size and drop_last)."""
+    return BatchLoader(uri, cfg.data, train_reader(cfg.reader, train), **kw)
+
+
 def eval_reader(reader: ReaderConfig) -> ReaderConfig:
-    """Evaluation reads in file order (metrics do not depend on order; this keeps runs comparable)."""
-    return dataclasses.replace(reader, shuffle=False)
+    """Evaluation reads every row in file order (metrics do not depend on order; this keeps runs comparable)."""
+    return dataclasses.replace(reader, shuffle=False, drop_last=False)
+
+
+def evaluation_loader(cfg: Any, uri: Any, with_labels: bool = True) -> BatchLoader:
+    """The loader of every evaluation, scoring-for-metrics and estimate pass over the split `uri`."""
+    return BatchLoader(uri, cfg.data, eval_reader(cfg.reader), with_labels=with_labels)
 
 
 def first_batch(loader: BatchLoader) -> Batch:
