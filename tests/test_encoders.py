@@ -107,9 +107,11 @@ def _pair(norm_first=True, layers=2, dropout=0.1, max_len=10, seed=0):
 
 
 @pytest.mark.parametrize("norm_first,layers", [(True, 2), (False, 1)])
-@pytest.mark.parametrize("lengths,width", [([10, 3, 0, 1, 7], 10), ([4, 0, 2, 1], 9), ([0, 0], 5)])
+@pytest.mark.parametrize("lengths,width", [([10, 3, 0, 1, 7], 10), ([4, 0, 2, 1], 9), ([0, 0], 5),
+                                           ([10, 3, 0, 1, 7, 10, 2, 5, 0, 9, 4, 6, 1, 8, 3, 2, 10], 10)])
 def test_fused_and_reference_paths_give_the_same_outputs_and_gradients(norm_first, layers, lengths, width):
-    """Full-length rows, variable lengths, empty histories and a width the fused path trims (9 -> 4)."""
+    """Full-length rows, variable lengths, empty histories, a width the fused path trims (9 -> 4), and a batch
+    large enough (17 rows) for the fused path's attention to run in length blocks (`token_layout`)."""
     fused, ref = _pair(norm_first=norm_first, layers=layers)
     fused.eval(), ref.eval()  # dropout 0.1 is off in eval: the two paths compute the same function
     V, mask = _batch(lengths, width, garbage=float("nan"))
@@ -132,6 +134,30 @@ def test_fused_and_reference_paths_give_the_same_outputs_and_gradients(norm_firs
     for n in gp1:
         assert torch.isfinite(gp1[n]).all(), n
         torch.testing.assert_close(gp1[n], gp2[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_token_layout_puts_every_valid_token_in_exactly_one_slot_of_blocks_sorted_by_length():
+    """Rows sorted by length, cut into 4 blocks of equal count, each padded to its longest row; src / dst are
+    inverse on the valid tokens, every other slot reads the zero row; fewer slots than B * L."""
+    from satrank.models.common.encoders import token_layout
+
+    lengths = torch.tensor([10, 3, 0, 1, 7, 10, 2, 5, 0, 9, 4, 6, 1, 8, 3, 2])
+    L = 10
+    valid = torch.arange(L) < lengths.unsqueeze(1)
+    attend = valid.clone()
+    attend[:, 0] |= lengths == 0
+    layout = token_layout(attend, valid, n_blocks=4)
+    n = int(valid.sum())
+    assert layout.blocks == [(4, 10), (4, 7), (4, 3), (4, 1)]  # sorted: 10 10 9 8 | 7 6 5 4 | 3 3 2 2 | 1 1 0 0
+    assert layout.src.numel() == 4 * (10 + 7 + 3 + 1) < 16 * L
+    assert torch.equal(layout.rows, valid.reshape(-1).nonzero().squeeze(1))
+    real = layout.src < n
+    assert int(real.sum()) == n and torch.equal(torch.sort(layout.src[real]).values, torch.arange(n))
+    assert torch.equal(layout.src[layout.dst], torch.arange(n))
+    assert [tuple(m.shape) for m in layout.masks] == [(4, 1, 1, 10), (4, 1, 1, 7), (4, 1, 1, 3), (4, 1, 1, 1)]
+    assert bool(layout.masks[-1].all())  # the two empty rows keep their dummy key
+    whole = token_layout(attend, valid, n_blocks=1)
+    assert whole.src is None and whole.blocks == [(16, L)]
 
 
 def test_a_state_dict_saved_from_either_path_loads_into_the_other(tmp_path):
