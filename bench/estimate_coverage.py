@@ -6,8 +6,9 @@ Per seed it simulates a small world (configs/sim.yaml at --users / --items / --i
 train.seed = the seed) and runs stage 1 as a user would (torchrun: the click model, the LEARNED propensity
 model, the satisfaction model g with the IPS loss and `--propensity`). The satisfaction job's own metrics.json
 carries `estimates` (satrank.models.metrics.offline_estimates): naive, IPS, SNIPS and DR estimates of g's
-loss and AUC on all impressions of the evaluation split, each with a bootstrap 95% interval, and beside them
-the truth from the simulator's true_p_satisfied. This bench counts, over the seeds, how often each interval
+loss and AUC on all impressions of the test split (the headline: held out) and of the validation split, each
+with a bootstrap 95% interval (rho clipped at satisfaction.estimate_clip), and beside them the truth from the
+simulator's true_p_satisfied. This bench counts, over the seeds, how often each interval
 covers the truth and the mean signed error (estimate - truth) with its standard error over seeds, so the
 naive estimate's bias is shown as a number. Nothing here sees the truth except the final comparison.
 
@@ -97,16 +98,18 @@ def main(argv: Optional[List[str]] = None) -> int:
              *a.overrides]
     started = time.time()
     metrics = {s: run_seed(s, a.out, a.nproc, world) for s in seeds}
-    missing = [s for s, m in metrics.items() if not m.get("estimates")]
+    splits = {"test": [metrics[s].get("test") or {} for s in seeds], "valid": [metrics[s] for s in seeds]}
+    missing = [s for s, m in zip(seeds, splits["test"]) if not m.get("estimates")]
     if missing:
-        raise SystemExit(f"bench/estimate_coverage: seeds {missing} have no `estimates` in sat_ips/metrics.json "
-                         "(the satisfaction job needs --propensity and a split with truth)")
-    est = [metrics[s]["estimates"] for s in seeds]
+        raise SystemExit(f"bench/estimate_coverage: seeds {missing} have no test `estimates` in sat_ips/metrics.json "
+                         "(the satisfaction job needs --propensity and a test split with truth)")
     out = {"bench": "estimate_coverage", "seeds": seeds, "world": world, "nproc": a.nproc,
-           "answered_rows": [metrics[s].get("answered_rows") for s in seeds],
-           "rows": [metrics[s].get("rows_all") for s in seeds],
-           "loss": summarise(est, "loss"), "auc": summarise(est, "auc"),
-           "wall_s": round(time.time() - started, 1)}
+           "clip": metrics[seeds[0]]["test"]["estimates"]["clip"]}
+    for split, ms in splits.items():  # test: the held-out split (headline); valid: the one RUN/best was chosen on
+        est = [m["estimates"] for m in ms]
+        out[split] = {"answered_rows": [m.get("answered_rows") for m in ms], "rows": [m.get("rows_all") for m in ms],
+                      "loss": summarise(est, "loss"), "auc": summarise(est, "auc")}
+    out["wall_s"] = round(time.time() - started, 1)
     print(json.dumps(out), flush=True)
     return 0
 

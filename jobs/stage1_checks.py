@@ -150,5 +150,6 @@ def stage1_evaluator(stage: str, cfg: Any, seed: int = 0) -> Any:
                                distribution=True)
     if stage == "satisfaction":
         sat = cfg.satisfaction
-        return SatisfactionEvaluator(seed=seed, clip=sat.clip, mnar_monitor=sat.mnar_monitor)
+        return SatisfactionEvaluator(seed=seed, clip=sat.clip, mnar_monitor=sat.mnar_monitor,
+                                     estimate_clip=sat.estimates_clip)
     raise KeyError(f"no stage-1 job {stage!r}")

@@ -129,11 +129,18 @@ def test_the_satisfaction_evaluator_reports_estimates_beside_the_truth():
             "id_request_id": torch.tensor(w["req"]), "id_item_id": torch.arange(4000)}
     m = SatisfactionEvaluator(seed=0, clip=0.005).metrics(cols, {})
     est = m["estimates"]
+    assert est["clip"] == 0.005  # no estimate_clip: the training clip
     assert est["truth"]["loss"] == pytest.approx(m["ideal_loss_all"], abs=1e-6)
     assert est["bootstrap"] == {"resamples": 200, "unit": "request", "level": 0.95}
     for form in ("naive", "ips", "snips", "dr"):
         assert est["loss"][form]["lo"] <= est["loss"][form]["value"] <= est["loss"][form]["hi"]
     assert est["auc"]["naive"]["value"] == pytest.approx(m["auc_answered"], abs=1e-6)
+    # satisfaction.estimate_clip: the estimates clip rho there, the training figures keep M
+    fine = SatisfactionEvaluator(seed=0, clip=0.005, estimate_clip=1e-5).metrics(cols, {})
+    assert fine["estimates"]["clip"] == 1e-5 and fine["propensity_below_clip_all"] == m["propensity_below_clip_all"] > 0
+    by_hand = E.loss_estimates(w["q"], w["o"], w["s"] * w["o"], w["rho"], clip=1e-5, groups=w["req"], seed=0)["ips"]
+    assert fine["estimates"]["loss"]["ips"]["value"] == pytest.approx(by_hand["value"], rel=1e-4)  # float32 columns
+    assert fine["estimates"]["loss"]["ips"]["value"] != est["loss"]["ips"]["value"]
     del cols["true_p"], cols["propensity"]
     no_rho = SatisfactionEvaluator(seed=0, clip=0.005).metrics(cols, {})
     assert "estimates" not in no_rho  # the naive loss has no propensity: nothing to weight with

@@ -21,8 +21,8 @@ IPS, SNIPS and DR estimates, each as {"value", "lo", "hi"} (percentile bootstrap
     snips  the same with the weights' sum in place of the counts
     dr     (1/R) sum_r (1/|T_r|) sum_{T_r} (m + o (s - m) / rho), m = g's satisfaction estimate.
 
-rho is clipped below at `clip` (satisfaction.clip, the training loss's M) so one tiny propensity cannot
-own an estimate. The bootstrap resamples requests (rows of one request together) when request ids are given,
+rho is clipped below at `clip` (satisfaction.estimate_clip, default 1e-5: not the training loss's M) so one
+tiny propensity cannot own an estimate. The bootstrap resamples requests (rows of one request together) when request ids are given,
 else rows. `truth_*` functions give the same quantities from simulator truth p = true_p_satisfied, the
 target the estimates are checked against (docs/stage1.md, tests/test_offline_estimates.py).
 """

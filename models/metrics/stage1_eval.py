@@ -155,10 +155,11 @@ class SatisfactionEvaluator:
     fallbacks["answered_logloss"] = [("loss", "min")]
 
     def __init__(self, seed: int, clip: float, truth: str = "true_p_satisfied", n_bins: int = 10,
-                 mnar_monitor: Optional[str] = None) -> None:
+                 mnar_monitor: Optional[str] = None, estimate_clip: Optional[float] = None) -> None:
         """mnar_monitor "loss" (satisfaction.mnar_monitor): on a split with unanswered rows the answered-row
         metrics are declared unfit to select on, so selection falls back to the job's (weighted) `loss`."""
         self.seed, self.clip, self.truth, self.n_bins, self.mnar_monitor = seed, clip, truth, n_bins, mnar_monitor
+        self.estimate_clip = clip if estimate_clip is None else estimate_clip  # rho clip of `estimates`
 
     def columns(self, batch, outputs: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         answered = batch.labels["questionnaire_answered"].detach().float().cpu()
@@ -200,7 +201,7 @@ class SatisfactionEvaluator:
             out["mean_propensity_answered"] = float(rho[o > 0.5].double().mean()) if answered else float("nan")
             req = c.get("id_request_id")
             out["estimates"] = satisfaction_estimates(  # unbiased offline estimates with 95% intervals
-                pred.double().numpy(), o.numpy(), s.numpy(), rho.double().numpy(), clip=self.clip,
+                pred.double().numpy(), o.numpy(), s.numpy(), rho.double().numpy(), clip=self.estimate_clip,
                 groups=None if req is None else req.numpy(), true_p=None if true_p is None else true_p.numpy(),
                 seed=self.seed)
         out["reliability_truth_all"] = reliability_table(pred, true_p, self.n_bins) if true_p is not None else None

@@ -126,6 +126,9 @@ class SatisfactionConfig:
 
     loss: SatLoss = "ips"
     clip: float = 0.005
+    # rho clip of the offline estimates (metrics `estimates`, jobs.evaluate `offline_top_k`), not of training:
+    # an estimate wants no bias, training wants low variance; null = `clip` (docs/stage1.md "Offline estimates")
+    estimate_clip: Optional[float] = 1.0e-5
     ips_normalizer: Literal["all", "answered"] = "all"  # all = |D| (unbiased, Thm 4.1); answered = |O| as printed
     hidden: List[int] = field(default_factory=lambda: [64, 32])
     dropout: float = 0.0
@@ -143,9 +146,16 @@ class SatisfactionConfig:
     # dr) instead of the answered-row metrics; null = satisfaction_train.monitor on any split (docs/stage1.md)
     mnar_monitor: Optional[Literal["loss"]] = "loss"
 
+    @property
+    def estimates_clip(self) -> float:
+        """The rho clip the offline estimates use: estimate_clip, or the training clip where it is null."""
+        return self.clip if self.estimate_clip is None else self.estimate_clip
+
     def validate(self, path: str) -> None:
         if not 0.0 < self.clip <= 1.0:
             raise ConfigError(f"{path}.clip: the propensity clip M must be in (0, 1], got {self.clip}")
+        if self.estimate_clip is not None and not 0.0 < self.estimate_clip <= 1.0:
+            raise ConfigError(f"{path}.estimate_clip: must be in (0, 1] or null (= clip), got {self.estimate_clip}")
         if self.tables not in SAT_TABLES:
             raise ConfigError(f"{path}.tables: must be one of {list(SAT_TABLES)}, got {self.tables!r}")
         _check_hidden(f"{path}.hidden", self.hidden)
