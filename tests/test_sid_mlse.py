@@ -11,6 +11,7 @@ from satrank.models.ranker.sid_mlse import (
     SatisfactionDisentangle,
     history_attention,
     mlse_groups,
+    zero_padding,
 )
 
 E = math.e
@@ -112,6 +113,21 @@ def test_mlse_padding_with_high_scores_and_garbage_changes_nothing():
     u1, w1 = mlse(H, M, S)
     torch.testing.assert_close(u1, u0, atol=0, rtol=0)
     torch.testing.assert_close(w1, w0, atol=0, rtol=0)
+
+
+def test_padding_zeroed_skips_only_a_pass_the_caller_already_made():
+    """padding_zeroed=True (the ranker: its history encoders write zeros at padding) gives exactly the default's
+    outputs on a zero-padded H, and zero_padding is what the default applies to garbage."""
+    torch.manual_seed(0)
+    sid, mlse = SatisfactionDisentangle(2), MultiLevelSatisfaction(2, num_levels=2)
+    H0 = zero_padding(H_R, M_R)
+    assert (H0[~M_R] == 0).all() and torch.equal(H0[M_R], H_R[M_R])
+    for a, b in zip(sid(H_R, M_R, H_POS, H_NEG), sid(H0, M_R, H_POS, H_NEG, padding_zeroed=True)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    scores = torch.tensor([[0.9, 0.1, 0.5, 99.0]])
+    for a, b in zip(mlse(H_R, M_R, scores), mlse(H0, M_R, scores, padding_zeroed=True)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(history_attention(H0, M_R, H_POS, padding_zeroed=True), torch.tensor([UR_POS]))
 
 
 def test_short_history_empty_groups_are_masked_out_of_the_gate():

@@ -230,7 +230,7 @@ class SAQRecRanker(nn.Module):
         if cfg.use_sid:
             _, h_pos = self.enc_sat(*self._history(x, h.satisfied))
             _, h_neg = self.enc_dis(*self._history(x, h.dissatisfied))
-            u_pos, u_neg, _, _ = self.sid(H_r, m_r, h_pos, h_neg)
+            u_pos, u_neg, _, _ = self.sid(H_r, m_r, h_pos, h_neg, padding_zeroed=True)  # encoders zero padding
             parts += [u_pos, u_neg]
         parts.append(h_r)
         if cfg.use_mlse:
@@ -239,7 +239,7 @@ class SAQRecRanker(nn.Module):
                 raise RuntimeError("ranker: model.mlse is on but no history_scorer (stage-1 satisfaction model g) is set")
             with torch.no_grad():
                 scores = scorer(x, V_r.detach(), m_r)
-            u_mlse, _ = self.mlse(H_r, m_r, scores.detach())
+            u_mlse, _ = self.mlse(H_r, m_r, scores.detach(), padding_zeroed=True)
             parts.append(u_mlse)
         parts.append(v_u)
         if cfg.use_skip_seq:

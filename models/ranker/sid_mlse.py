@@ -62,13 +62,19 @@ def weighted_sum(parts: Sequence[torch.Tensor], w: torch.Tensor) -> torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------ SID
-def history_attention(H: torch.Tensor, mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def zero_padding(H: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """H [B, L, d] with its padded rows (mask [B, L] False) set to zero, so even non-finite garbage cannot leak."""
+    return torch.where(mask.unsqueeze(-1), H, torch.zeros((), dtype=H.dtype, device=H.device))
+
+
+def history_attention(H: torch.Tensor, mask: torch.Tensor, q: torch.Tensor, padding_zeroed: bool = False) -> torch.Tensor:
     """Eq. 9: u = H^T softmax(H q) over the valid positions; [B, L, d], [B, L], [B, d] -> [B, d].
 
     No 1/sqrt(d) scaling (the paper has none). A row without valid positions gives u = 0.
-    Padded rows of H are zeroed first, so even non-finite garbage there cannot leak.
+    Padded rows of H are zeroed first (`zero_padding`) unless the caller did (`padding_zeroed`).
     """
-    H = torch.where(mask.unsqueeze(-1), H, torch.zeros((), dtype=H.dtype, device=H.device))
+    if not padding_zeroed:
+        H = zero_padding(H, mask)
     scores = torch.einsum("bld,bd->bl", H, q).masked_fill(~mask, NEG_INF)
     scores = torch.where(mask.any(-1, keepdim=True), scores, torch.zeros_like(scores))
     a = torch.softmax(scores, dim=-1) * mask
@@ -90,11 +96,15 @@ class SatisfactionDisentangle(nn.Module):
 
     @staticmethod
     def _one(gate: GateMLP, H_r, mask_r, h) -> Tuple[torch.Tensor, torch.Tensor]:
-        u_r = history_attention(H_r, mask_r, h)
+        u_r = history_attention(H_r, mask_r, h, padding_zeroed=True)
         w = gate(torch.cat([h, u_r], dim=-1))
         return weighted_sum([h, u_r], w), w
 
-    def forward(self, H_r, mask_r, h_pos, h_neg):
+    def forward(self, H_r, mask_r, h_pos, h_neg, padding_zeroed: bool = False):
+        """`padding_zeroed`: H_r is already zero at padding (a HistoryEncoder's output), so it is not zeroed again
+        (a [B, L, d] pass and its backward)."""
+        if not padding_zeroed:
+            H_r = zero_padding(H_r, mask_r)  # once for both attentions
         u_pos, w_pos = self._one(self.gate_pos, H_r, mask_r, h_pos)
         u_neg, w_neg = self._one(self.gate_neg, H_r, mask_r, h_neg)
         return u_pos, u_neg, w_pos, w_neg
@@ -157,13 +167,16 @@ class MultiLevelSatisfaction(nn.Module):
         self.d, self.num_levels, self.grouping, self.temperature = d, num_levels, grouping, temperature
         self.gate = GateMLP(num_levels * d, num_levels, hidden, activation)
 
-    def forward(self, H: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, check: bool = True):
+    def forward(self, H: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, check: bool = True,
+                padding_zeroed: bool = False):
+        """-> (u_MLSE [B, d], gate weights [B, G]); `padding_zeroed` as in SatisfactionDisentangle.forward."""
         if scores.shape != mask.shape:
             raise ValueError(f"MLSE: history scores must be [B, L] = {tuple(mask.shape)}, got {tuple(scores.shape)}")
         scores = torch.where(mask, scores.to(H.dtype), torch.zeros((), dtype=H.dtype, device=H.device))
         if check and not bool(torch.isfinite(scores).all()):
             raise FloatingPointError("MLSE: the history scorer returned non-finite scores at valid positions")
-        H = torch.where(mask.unsqueeze(-1), H, torch.zeros((), dtype=H.dtype, device=H.device))
+        if not padding_zeroed:
+            H = zero_padding(H, mask)
         G = self.num_levels
         group = mlse_groups(scores, mask, G, self.grouping)  # [B, L]
         member = group.unsqueeze(1) == torch.arange(G, device=H.device).view(1, G, 1)  # [B, G, L]
