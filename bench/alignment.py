@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
-WORLDS = {"default": ROOT / "configs" / "sim.yaml", "alt": ROOT / "configs" / "sim_alt.yaml"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stages import ROOT, WORLDS, stage  # noqa: E402  (one torchrun stage, reused when it has metrics.json)
+
 ABLATIONS = {  # paper Table 3: arm -> (satisfaction run, --set overrides of jobs.train)
     "wo_unbiased": ("sat_naive", []),
     "wo_sid": ("sat_ips", ["model.sid=false"]),
@@ -38,29 +39,6 @@ ABLATIONS = {  # paper Table 3: arm -> (satisfaction run, --set overrides of job
 ARMS = ["click_only", "saqrec", "dpo", "dpo_off", *ABLATIONS]
 METRICS = ["true_sat@10", "true_click@10", "hr@10", "click_auc", "true_sat@10_oracle_sat", "true_sat@10_oracle_click"]
 STAGE1 = ["ideal_loss_all", "auc_true_all"]
-
-
-def torchrun(nproc: int, module: str, args: List[str], log: Path) -> None:
-    """One stage as a user runs it; its output goes to `log` (the bench prints one JSON line only)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "--monitor-interval=0.5", "-m", module, *args]
-    with open(log, "w") as fh:
-        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise SystemExit(f"bench/alignment: {module} failed (exit {done.returncode}); see {log}")
-
-
-def stage(run: Path, name: str, nproc: int, module: str, args: List[str], common: List[str]) -> dict:
-    """Run one stage into run/name unless its metrics.json exists; return that metrics.json."""
-    out = run / name
-    metrics = out / "metrics.json"
-    if not metrics.is_file():
-        if out.exists():
-            shutil.rmtree(out)  # an unfinished earlier attempt of this bench (no metrics.json): redo it
-        started = time.time()
-        torchrun(nproc, module, [*args, "--out", str(out), *common], run / f"{name}.log")
-        print(f"[alignment] {run.name}/{name}: {time.time() - started:.0f}s", file=sys.stderr, flush=True)
-    return json.loads(metrics.read_text())
 
 
 def run_seed(world: str, seed: int, arms: List[str], base: Path, nproc: int, overrides: List[str]) -> Dict[str, dict]:

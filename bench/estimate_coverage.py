@@ -13,7 +13,7 @@ covers the truth and the mean signed error (estimate - truth) with its standard 
 naive estimate's bias is shown as a number. Nothing here sees the truth except the final comparison.
 
 It prints ONE JSON line. Runs live under --out/seed<k>/ and a stage whose metrics.json exists is reused
-(bench/alignment's `stage`), so an interrupted bench resumes.
+(bench/_stages.py's `stage`), so an interrupted bench resumes.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from alignment import ROOT, WORLDS, stage  # noqa: E402  (the same torchrun stage runner)
+from _stages import ROOT, WORLDS, stage  # noqa: E402  (bench/_stages.py: one torchrun stage, reused)
 
 FORMS = ("naive", "ips", "snips", "dr")
 

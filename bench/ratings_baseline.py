@@ -46,7 +46,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from alignment import stage  # noqa: E402  (bench/alignment.py: one torchrun stage, reused when it has metrics.json)
+from _stages import stage  # noqa: E402  (bench/_stages.py: one torchrun stage, reused when it has metrics.json)
 
 TRAIN_FILE, TEST_FILE = "ydata-ymusic-rating-study-v1_0_train.txt", "ydata-ymusic-rating-study-v1_0_test.txt"
 # P(rated | rating r) relative weights: self-selection on the rating (Yahoo! R3's users rate mostly what they love

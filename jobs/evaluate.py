@@ -38,7 +38,7 @@ def run(rt, args, cfg_cli) -> None:
     if args.propensity is not None:  # unbiased offline estimate of the top-k satisfaction (no truth needed)
         prop = FrozenPropensity(args.propensity, cfg.data, rt, seed=0)
         metrics["offline_top_k"] = evaluate_offline_top_k(dmp, prop, cfg, ecfg, args.data / args.split, rt,
-                                                          clip=cfg.satisfaction.estimates_clip)
+                                                          clip=cfg.satisfaction.resolved_estimate_clip)
     metrics["wall_s"] = round(time.perf_counter() - started, 2)
     metrics["world_size"] = rt.world_size
     metrics["job"] = "evaluate"  # the owner of --out (satrank.jobs.engine.run_dir)

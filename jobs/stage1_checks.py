@@ -151,5 +151,5 @@ def stage1_evaluator(stage: str, cfg: Any, seed: int = 0) -> Any:
     if stage == "satisfaction":
         sat = cfg.satisfaction
         return SatisfactionEvaluator(seed=seed, clip=sat.clip, mnar_monitor=sat.mnar_monitor,
-                                     estimate_clip=sat.estimates_clip)
+                                     estimate_clip=sat.resolved_estimate_clip)
     raise KeyError(f"no stage-1 job {stage!r}")

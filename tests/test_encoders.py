@@ -149,7 +149,7 @@ def test_token_layout_puts_every_valid_token_in_exactly_one_slot_of_blocks_sorte
     layout = token_layout(attend, valid, n_blocks=4)
     n = int(valid.sum())
     assert layout.blocks == [(4, 10), (4, 7), (4, 3), (4, 1)]  # sorted: 10 10 9 8 | 7 6 5 4 | 3 3 2 2 | 1 1 0 0
-    assert layout.src.numel() == 4 * (10 + 7 + 3 + 1) < 16 * L
+    assert layout.src.numel() == layout.slots == 4 * (10 + 7 + 3 + 1) < 16 * L
     assert torch.equal(layout.rows, valid.reshape(-1).nonzero().squeeze(1))
     real = layout.src < n
     assert int(real.sum()) == n and torch.equal(torch.sort(layout.src[real]).values, torch.arange(n))
@@ -157,7 +157,7 @@ def test_token_layout_puts_every_valid_token_in_exactly_one_slot_of_blocks_sorte
     assert [tuple(m.shape) for m in layout.masks] == [(4, 1, 1, 10), (4, 1, 1, 7), (4, 1, 1, 3), (4, 1, 1, 1)]
     assert bool(layout.masks[-1].all())  # the two empty rows keep their dummy key
     whole = token_layout(attend, valid, n_blocks=1)
-    assert whole.src is None and whole.blocks == [(16, L)]
+    assert whole.src is None and whole.blocks == [(16, L)] and whole.slots == 16 * L
 
 
 def test_a_state_dict_saved_from_either_path_loads_into_the_other(tmp_path):

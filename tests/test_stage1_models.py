@@ -355,8 +355,8 @@ def test_embedded_config_has_stage1_sections_and_validates_clip():
         load_config(overrides=["satisfaction.clip=0"])
     with pytest.raises(ConfigError, match="satisfaction.loss"):
         load_config(overrides=["satisfaction.loss=ipw"])
-    assert cfg.satisfaction.estimates_clip == cfg.satisfaction.estimate_clip < cfg.satisfaction.clip
-    assert load_config(overrides=["satisfaction.estimate_clip=null"]).satisfaction.estimates_clip == cfg.satisfaction.clip
+    assert cfg.satisfaction.resolved_estimate_clip == cfg.satisfaction.estimate_clip < cfg.satisfaction.clip
+    assert load_config(overrides=["satisfaction.estimate_clip=null"]).satisfaction.resolved_estimate_clip == cfg.satisfaction.clip
     with pytest.raises(ConfigError, match=r"satisfaction\.estimate_clip"):
         load_config(overrides=["satisfaction.estimate_clip=0"])
 

@@ -117,6 +117,11 @@ class TokenLayout:
     blocks: List[Tuple[int, int]]
     masks: List[torch.Tensor]
 
+    @property
+    def slots(self) -> int:
+        """Padded token slots over all blocks: sum of rows x width (B * L for the one full-width block)."""
+        return sum(rows * width for rows, width in self.blocks)
+
 
 def token_layout(attend: torch.Tensor, valid: Optional[torch.Tensor], n_blocks: int = 4) -> TokenLayout:
     """The TokenLayout of keys `attend` [B, L] and valid positions `valid` [B, L] (left-aligned); host syncs
@@ -167,7 +172,7 @@ def fused_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, layout: Toke
         if layout.src is not None:  # tokens -> the blocks' padded slots (slot N of the padded table is zero)
             qkv = torch.cat([qkv, qkv.new_zeros(1, 3 * d)]).index_select(0, layout.src)
         elif layout.rows is not None:  # tokens -> the [B, L] layout, zeros at the other positions
-            qkv = qkv.new_zeros(layout.blocks[0][0] * layout.blocks[0][1], 3 * d).index_copy(0, layout.rows, qkv)
+            qkv = qkv.new_zeros(layout.slots, 3 * d).index_copy(0, layout.rows, qkv)
         outs, start = [], 0
         for (rows, width), mask in zip(layout.blocks, layout.masks):
             block = qkv[start:start + rows * width]

@@ -147,7 +147,7 @@ class SatisfactionConfig:
     mnar_monitor: Optional[Literal["loss"]] = "loss"
 
     @property
-    def estimates_clip(self) -> float:
+    def resolved_estimate_clip(self) -> float:
         """The rho clip the offline estimates use: estimate_clip, or the training clip where it is null."""
         return self.clip if self.estimate_clip is None else self.estimate_clip
 
