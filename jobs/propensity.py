@@ -32,7 +32,8 @@ STAGE = "propensity"
 
 def precheck(args, cfg) -> None:
     """The leak guard, before any process group exists (the same one-line refusal on every rank)."""
-    args.leak_check = check_behaviour_leak(args.data, cfg.data, cfg.propensity.behaviour)
+    prop = cfg.propensity
+    args.leak_check = check_behaviour_leak(args.data, cfg.data, prop.behaviour, prop.duration_feature)
 
 
 def run(rt, args, cfg) -> None:

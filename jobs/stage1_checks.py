@@ -21,6 +21,7 @@ import torch
 from satrank.jobs.engine.readers import evaluation_loader
 from satrank.jobs.engine.runtime import get_logger
 from satrank.models.metrics.calibration import auc
+from satrank.models.stage1.config import BEHAVIOUR_LABEL
 from satrank.pipeline.config import ConfigError
 from satrank.pipeline.shards import list_shards, open_parquet
 
@@ -81,17 +82,25 @@ def _determines(x: np.ndarray, answered: np.ndarray) -> Optional[str]:
     return ev.verdict()
 
 
-def check_behaviour_leak(data_dir: Path, data_cfg: Any, behaviour: Any) -> Dict[str, Any]:
+def check_behaviour_leak(data_dir: Path, data_cfg: Any, behaviour: Any,
+                         duration_feature: str = "duration_s") -> Dict[str, Any]:
     """Per `propensity.behaviour` input on DIR/train: its single-input AUC for questionnaire_answered (first
     AUC_ROWS rows) and the answer rate (reported in metrics.json); raises ConfigError (one line) on an input
-    that determines the answer. Read file by file; rows with a null in these columns are left out; a missing
-    column is left to the reader's error."""
+    that determines the answer. `watch_fraction` is checked as the model sees it, clip(watch / duration, 0, 1)
+    with the duration from the dense feature `duration_feature`'s column. Read file by file; rows with a null in
+    these columns are left out; a missing column is left to the reader's error."""
     if not behaviour:
         return {}
     split = Path(data_dir) / "train"
     fs, files = list_shards(str(split))
     label = data_cfg.labels.questionnaire_answered
-    columns = {b: getattr(data_cfg.labels, b) for b in behaviour}
+    columns = {b: getattr(data_cfg.labels, BEHAVIOUR_LABEL.get(b, b)) for b in behaviour}
+    duration = next((f.column for f in data_cfg.dense if f.name == duration_feature), None)
+    if "watch_fraction" in behaviour:
+        if duration is None:
+            raise ConfigError(f"propensity.duration_feature: {duration_feature!r} is not a dense feature of data.dense "
+                              f"({[f.name for f in data_cfg.dense]}); propensity.behaviour watch_fraction needs it")
+        columns["_duration"] = duration
     evidence = {b: _Evidence() for b in behaviour}
     sample: Dict[str, list] = {b: [] for b in [*behaviour, label]}
     rows = answered_rows = sampled = 0
@@ -107,15 +116,18 @@ def check_behaviour_leak(data_dir: Path, data_cfg: Any, behaviour: Any) -> Dict[
         take = max(0, min(len(answered), AUC_ROWS - sampled))
         sampled += take
         sample[label].append(answered[:take])
-        for name, column in columns.items():
-            x = arrays[column][keep]
+        for name in behaviour:
+            x = arrays[columns[name]][keep]
+            if name == "watch_fraction":
+                x = np.clip(x / np.maximum(arrays[duration][keep], 1e-6), 0.0, 1.0)
             evidence[name].update(x, answered)
             sample[name].append(x[:take])
     report: Dict[str, Any] = {"rows": rows, "answer_rate": answered_rows / rows if rows else None, "auc": {}}
     if answered_rows in (0, rows):
         return report  # one class: nothing to leak (the propensity model cannot learn it either)
     y = torch.from_numpy(np.concatenate(sample[label]).astype(np.float64))
-    for name, column in columns.items():
+    for name in behaviour:
+        column = columns[name]
         report["auc"][name] = auc(torch.from_numpy(np.concatenate(sample[name])), y)
         how = evidence[name].verdict()
         if how is not None:

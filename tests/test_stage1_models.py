@@ -274,11 +274,29 @@ def test_behaviour_inputs_are_checked_by_config_and_by_batch():
     model = materialize(PropensityModel(data, EMB, PropensityConfig(hidden=[4], behaviour=["click", "watch_time_s"])))
     b = make_batch(data, 4, seed=3)
     b.labels["watch_time_s"] = torch.tensor([0.0, 1.0, 10.0, 100.0])
-    x = model.arch.behaviour_inputs(b.labels)
+    x = model.arch.behaviour_inputs(b.labels, b.dense)
     assert torch.equal(x[:, 0], b.labels["click"]) and torch.allclose(x[:, 1], torch.log1p(b.labels["watch_time_s"]))
     del b.labels["watch_time_s"]
     with pytest.raises(ValueError, match=r"propensity\.behaviour.*'watch_time_s'"):
         model(b)
+
+
+def test_watch_fraction_is_the_share_watched_of_the_log1p_duration_column():
+    """watch_fraction = clip(watch_time_s / duration, 0, 1), the duration read back from its log1p dense column;
+    it needs the watch_time_s label, and a duration column without log1p is refused."""
+    data = data_config()
+    model = materialize(PropensityModel(data, EMB, PropensityConfig(hidden=[4], behaviour=["watch_fraction"])))
+    b = make_batch(data, 4, seed=3)
+    b.dense[:, 0] = torch.log1p(torch.tensor([10.0, 10.0, 20.0, 50.0]))
+    b.labels["watch_time_s"] = torch.tensor([0.0, 5.0, 40.0, 25.0])
+    x = model.arch.behaviour_inputs(b.labels, b.dense)
+    assert torch.allclose(x[:, 0], torch.tensor([0.0, 0.5, 1.0, 0.5]), atol=1e-6)
+    del b.labels["watch_time_s"]
+    with pytest.raises(ValueError, match=r"propensity\.behaviour needs the batch labels \['watch_time_s'\]"):
+        model(b)
+    data.dense[0].transform = "none"
+    with pytest.raises(ValueError, match="propensity.duration_feature: 'duration_s' must have transform log1p"):
+        PropensityModel(data, EMB, PropensityConfig(hidden=[4], behaviour=["watch_fraction"]))
 
 
 def test_click_model_watch_time_head_adds_weighted_mse_on_clicked_rows_only():
@@ -426,3 +444,30 @@ def test_sharded_pipelined_training_keeps_frozen_tables_identical_across_two_ran
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+def test_the_leak_guard_checks_watch_fraction_as_the_model_sees_it(tmp_path):
+    """A share watched that splits answered from unanswered rows is refused as watch_fraction although the
+    watch time alone does not split them; a share that does not is reported with its AUC."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from satrank.jobs.stage1_checks import check_behaviour_leak
+
+    rng = np.random.default_rng(0)
+    duration = rng.uniform(5.0, 60.0, 400)
+    share = rng.uniform(0.0, 1.0, 400)
+    for name, answered in (("leak", share > 0.6), ("fine", rng.uniform(size=400) < 0.2 + 0.5 * share)):
+        (tmp_path / name / "train").mkdir(parents=True)
+        pq.write_table(pa.table({"questionnaire_answered": answered.astype(np.float32),
+                                 "watch_time_s": (share * duration).astype(np.float32),
+                                 "duration_s": duration.astype(np.float32)}), tmp_path / name / "train" / "part-0.parquet")
+    data = data_config()
+    assert check_behaviour_leak(tmp_path / "leak", data, ["watch_time_s"])["auc"]["watch_time_s"] < 0.9
+    with pytest.raises(ConfigError, match=r"propensity\.behaviour: watch_fraction \(column 'watch_time_s'.*determines"):
+        check_behaviour_leak(tmp_path / "leak", data, ["watch_time_s", "watch_fraction"])
+    report = check_behaviour_leak(tmp_path / "fine", data, ["watch_fraction"])
+    assert 0.6 < report["auc"]["watch_fraction"] < 0.95
+    with pytest.raises(ConfigError, match=r"propensity\.duration_feature: 'length_s' is not a dense feature"):
+        check_behaviour_leak(tmp_path / "fine", data, ["watch_fraction"], duration_feature="length_s")

@@ -82,7 +82,10 @@ class PretrainConfig:
 
 
 # behaviour label role -> input transform (satrank.models.stage1.tasks.PropensityArch)
-BEHAVIOUR_INPUTS = {"click": "binary", "skip": "binary", "watch_time_s": "log1p"}
+# behaviour input -> how it enters rho: binary 0/1, log1p(seconds), or `share` = clip(watch_time_s / duration, 0, 1)
+# (the share of the video watched; the duration is the log1p dense column `propensity.duration_feature`)
+BEHAVIOUR_INPUTS = {"click": "binary", "skip": "binary", "watch_time_s": "log1p", "watch_fraction": "share"}
+BEHAVIOUR_LABEL = {"watch_fraction": "watch_time_s"}  # the batch label an input is computed from (default: itself)
 
 
 @dataclass
@@ -98,6 +101,7 @@ class PropensityConfig:
     # click and skip as 0/1, watch_time_s as log1p. Answering follows viewing, so P(o | u, i, behaviour)
     # is the propensity IPS needs when behaviour drives answering (docs/stage1.md).
     behaviour: List[str] = field(default_factory=list)  # the paper's rho(u, i); configs/sim.yaml sets [click, watch_time_s]
+    duration_feature: str = "duration_s"  # dense column (log1p seconds) of the item's duration: watch_fraction only
     hidden: List[int] = field(default_factory=lambda: [64, 32])
     dropout: float = 0.0
 

@@ -32,7 +32,8 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from satrank.embeddings.config import EmbeddingConfig
 from satrank.embeddings.tables import META, TABLE_KEY, SparseArch, padded
-from satrank.models.stage1.config import BEHAVIOUR_INPUTS, PropensityConfig, SatisfactionConfig, TowerConfig
+from satrank.models.stage1.config import (BEHAVIOUR_INPUTS, BEHAVIOUR_LABEL, PropensityConfig, SatisfactionConfig,
+                                          TowerConfig)
 from satrank.models.stage1.losses import LossOut, bce_with_logits, dr_imputation_loss, satisfaction_loss
 from satrank.models.common.towers import UserItemTower, check_features, dense_index, masked_mean, mlp
 from satrank.pipeline.features import DataConfig
@@ -50,6 +51,21 @@ def _label(labels: Dict[str, torch.Tensor], name: str, training: bool, task: str
     if training:
         raise ValueError(f"{task}: training batch has no label {name!r} (labels present: {sorted(labels)})")
     return None
+
+
+def log1p_dense_index(data: DataConfig, path: str, name: str) -> int:
+    """Index of the dense column `name`, which must hold log1p(seconds) (watch_share inverts it)."""
+    index = dense_index(data, path, [name])[0]
+    if data.dense[index].transform != "log1p":
+        raise ValueError(f"{path}: {name!r} must have transform log1p (the share watched inverts it), "
+                         f"got {data.dense[index].transform!r}")
+    return index
+
+
+def watch_share(watch_s: torch.Tensor, log1p_duration: torch.Tensor) -> torch.Tensor:
+    """The share of the video watched, clip(watch / duration, 0, 1), from seconds and the log1p duration column."""
+    duration = torch.expm1(log1p_duration).clamp_min(1e-6)
+    return (watch_s.clamp_min(0.0) / duration).clamp(0.0, 1.0)
 
 
 def _stats_out(out: LossOut, prefix: str = "") -> Dict[str, torch.Tensor]:
@@ -95,8 +111,7 @@ class ClickTaskLoss(nn.Module):
         if loss is None or y is None:
             return loss, out
         if self.target == "fraction":
-            duration = torch.expm1(dense[:, self.duration_index]).clamp_min(1e-6)  # the dense column is log1p(seconds)
-            share = (y.clamp_min(0.0) / duration).clamp(0.0, 1.0)
+            share = watch_share(y, dense[:, self.duration_index])
             per = nn.functional.binary_cross_entropy_with_logits(watch, share, reduction="none")
         else:
             per = (watch - torch.log1p(y.clamp_min(0.0))) ** 2
@@ -142,10 +157,7 @@ class ClickModel(nn.Module):
         self.arch = ClickArch(data, _dims(self.sparse_arch), tower, watch_time=watch_time_weight > 0)
         duration_index = None
         if watch_time_weight > 0 and watch_time_target == "fraction":
-            duration_index = dense_index(data, "pretrain.duration_feature", [duration_feature])[0]
-            if data.dense[duration_index].transform != "log1p":
-                raise ValueError(f"pretrain.duration_feature: {duration_feature!r} must have transform log1p "
-                                 f"(the fraction target inverts it), got {data.dense[duration_index].transform!r}")
+            duration_index = log1p_dense_index(data, "pretrain.duration_feature", duration_feature)
         self.loss_fn = ClickTaskLoss(watch_time_weight, watch_time_rows, watch_time_target, duration_index)
 
     def forward(self, batch) -> Tuple[Optional[torch.Tensor], Outputs]:
@@ -175,6 +187,9 @@ class PropensityArch(nn.Module):
             self.max_len = data.feature(cfg.history).max_len
             hist_dim = dims[cfg.history]
         self.behaviour = list(cfg.behaviour)
+        self.duration_index: Optional[int] = None
+        if "watch_fraction" in self.behaviour:
+            self.duration_index = log1p_dense_index(data, "propensity.duration_feature", cfg.duration_feature)
         in_dim = sum(dims[n] for n in self.features) + hist_dim + len(self.dense_idx) + len(self.behaviour)
         self.mlp = mlp(in_dim, cfg.hidden, 1, cfg.dropout)
 
@@ -186,19 +201,25 @@ class PropensityArch(nn.Module):
         if self.dense_idx:
             parts.append(dense[:, self.dense_idx])
         if self.behaviour:
-            parts.append(self.behaviour_inputs(labels))
+            parts.append(self.behaviour_inputs(labels, dense))
         return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)
 
-    def behaviour_inputs(self, labels: Optional[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    def behaviour_inputs(self, labels: Optional[Mapping[str, torch.Tensor]], dense: torch.Tensor) -> torch.Tensor:
         """[B, len(behaviour)] float inputs from the batch's labels (BEHAVIOUR_INPUTS transforms)."""
-        missing = [b for b in self.behaviour if labels is None or b not in labels]
+        needed = [BEHAVIOUR_LABEL.get(b, b) for b in self.behaviour]
+        missing = [n for n in dict.fromkeys(needed) if labels is None or n not in labels]
         if missing:
             raise ValueError(f"propensity.behaviour needs the batch labels {missing} (present: "
                              f"{sorted(labels or {})}): rho(u, i, behaviour) cannot score rows without them")
         cols = []
-        for b in self.behaviour:
-            x = labels[b].float()
-            cols.append(torch.log1p(x.clamp_min(0.0)) if BEHAVIOUR_INPUTS[b] == "log1p" else x)
+        for b, name in zip(self.behaviour, needed):
+            x = labels[name].float()
+            how = BEHAVIOUR_INPUTS[b]
+            if how == "log1p":
+                x = torch.log1p(x.clamp_min(0.0))
+            elif how == "share":  # the dense column is log1p(seconds)
+                x = watch_share(x, dense[:, self.duration_index])
+            cols.append(x)
         return torch.stack(cols, dim=-1)
 
 
