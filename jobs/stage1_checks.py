@@ -100,15 +100,15 @@ def check_behaviour_leak(data_dir: Path, data_cfg: Any, behaviour: Any,
         if duration is None:
             raise ConfigError(f"propensity.duration_feature: {duration_feature!r} is not a dense feature of data.dense "
                               f"({[f.name for f in data_cfg.dense]}); propensity.behaviour watch_fraction needs it")
-        columns["_duration"] = duration
+    read = list(dict.fromkeys([label, *columns.values(), *([duration] if "watch_fraction" in behaviour else [])]))
     evidence = {b: _Evidence() for b in behaviour}
     sample: Dict[str, list] = {b: [] for b in [*behaviour, label]}
     rows = answered_rows = sampled = 0
     for path in files:
         pf = open_parquet(fs, path)
-        if any(c not in pf.schema_arrow.names for c in [label, *columns.values()]):
+        if any(c not in pf.schema_arrow.names for c in read):
             return {}  # the reader names the missing column
-        table = pf.read(columns=list({label, *columns.values()}))
+        table = pf.read(columns=read)
         arrays = {c: table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in table.column_names}
         keep = np.all([~np.isnan(a) for a in arrays.values()], axis=0)
         answered = arrays[label][keep] > 0.5
