@@ -8,7 +8,8 @@ model, the satisfaction model g with the IPS loss and `--propensity`). The satis
 carries `estimates` (satrank.models.metrics.offline_estimates): naive, IPS, SNIPS and DR estimates of g's
 loss and AUC on all impressions of the test split (the headline: held out) and of the validation split, each
 with a bootstrap 95% interval (rho clipped at satisfaction.estimate_clip), and beside them the truth from the
-simulator's true_p_satisfied. This bench counts, over the seeds, how often each interval
+simulator's true_p_satisfied; and (b) of the module with g as the ranker (`top_k`: the mean satisfaction of each
+user's top evaluate.offline_k logged rows by g). This bench counts, over the seeds, how often each interval
 covers the truth and the mean signed error (estimate - truth) with its standard error over seeds, so the
 naive estimate's bias is shown as a number. Nothing here sees the truth except the final comparison.
 
@@ -108,7 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for split, ms in splits.items():  # test: the held-out split (headline); valid: the one RUN/best was chosen on
         est = [m["estimates"] for m in ms]
         out[split] = {"answered_rows": [m.get("answered_rows") for m in ms], "rows": [m.get("rows_all") for m in ms],
-                      "loss": summarise(est, "loss"), "auc": summarise(est, "auc")}
+                      "loss": summarise(est, "loss"), "auc": summarise(est, "auc"), "top_k": summarise(est, "top_k")}
     out["wall_s"] = round(time.time() - started, 1)
     print(json.dumps(out), flush=True)
     return 0

@@ -22,6 +22,7 @@ from satrank.jobs.engine.readers import evaluation_loader
 from satrank.jobs.engine.runtime import get_logger
 from satrank.models.metrics.calibration import auc
 from satrank.models.stage1.config import BEHAVIOUR_LABEL
+from satrank.models.stage1.tasks import share_watched
 from satrank.pipeline.config import ConfigError
 from satrank.pipeline.shards import list_shards, open_parquet
 
@@ -119,7 +120,7 @@ def check_behaviour_leak(data_dir: Path, data_cfg: Any, behaviour: Any,
         for name in behaviour:
             x = arrays[columns[name]][keep]
             if name == "watch_fraction":
-                x = np.clip(x / np.maximum(arrays[duration][keep], 1e-6), 0.0, 1.0)
+                x = share_watched(torch.from_numpy(x), torch.from_numpy(arrays[duration][keep])).numpy()
             evidence[name].update(x, answered)
             sample[name].append(x[:take])
     report: Dict[str, Any] = {"rows": rows, "answer_rate": answered_rows / rows if rows else None, "auc": {}}
@@ -163,5 +164,6 @@ def stage1_evaluator(stage: str, cfg: Any, seed: int = 0) -> Any:
     if stage == "satisfaction":
         sat = cfg.satisfaction
         return SatisfactionEvaluator(seed=seed, clip=sat.clip, mnar_monitor=sat.mnar_monitor,
-                                     estimate_clip=sat.resolved_estimate_clip)
+                                     estimate_clip=sat.resolved_estimate_clip, top_k=cfg.evaluate.offline_k,
+                                     top_k_group=cfg.evaluate.offline_group)
     raise KeyError(f"no stage-1 job {stage!r}")

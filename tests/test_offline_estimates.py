@@ -144,3 +144,29 @@ def test_the_satisfaction_evaluator_reports_estimates_beside_the_truth():
     del cols["true_p"], cols["propensity"]
     no_rho = SatisfactionEvaluator(seed=0, clip=0.005).metrics(cols, {})
     assert "estimates" not in no_rho  # the naive loss has no propensity: nothing to weight with
+
+
+def test_the_satisfaction_evaluator_estimates_the_top_k_of_g_as_a_ranker():
+    """estimates.top_k: each group's top k logged rows by g (the score and DR's imputation), the same figures as
+    top_k_satisfaction_estimates / truth_top_k_satisfaction on the sorted columns; absent without the group id."""
+    import torch
+    from satrank.models.metrics.stage1_eval import SatisfactionEvaluator
+
+    w = _mnar_world(1, n=4000)
+    users = np.arange(4000) // 10  # 10 logged rows per user
+    cols = {"sat_prob": torch.tensor(w["q"], dtype=torch.float32), "answered": torch.tensor(w["o"], dtype=torch.float32),
+            "satisfied": torch.tensor(w["s"] * w["o"], dtype=torch.float32),
+            "propensity": torch.tensor(w["rho"], dtype=torch.float32), "true_p": torch.tensor(w["p"], dtype=torch.float32),
+            "id_user_id": torch.tensor(users), "id_item_id": torch.arange(4000)}
+    est = SatisfactionEvaluator(seed=0, clip=0.005, estimate_clip=1e-5, top_k=2).metrics(cols, {})["estimates"]
+    q = torch.tensor(w["q"], dtype=torch.float32).double().numpy()  # the evaluator's float32 columns
+    by_hand = E.top_k_satisfaction_estimates(q, users, w["o"], w["s"] * w["o"], torch.tensor(w["rho"], dtype=torch.float32)
+                                             .double().numpy(), q, k=2, clip=1e-5, seed=0)
+    assert est["top_k_setup"] == {"k": 2, "group": "user_id"}
+    for form in ("naive", "ips", "snips", "dr"):
+        assert est["top_k"][form]["value"] == pytest.approx(by_hand[form]["value"], rel=1e-9)
+    truth = E.truth_top_k_satisfaction(q, users, torch.tensor(w["p"], dtype=torch.float32).double().numpy(), 2)
+    assert est["truth"]["top_k"] == pytest.approx(truth, rel=1e-9)
+    assert est["top_k"]["answered_rows_in_top_k"] == by_hand["answered_rows_in_top_k"] > 0
+    del cols["id_user_id"]
+    assert "top_k" not in SatisfactionEvaluator(seed=0, clip=0.005).metrics(cols, {})["estimates"]

@@ -100,7 +100,8 @@ def test_propensity_reports_rho_spread_and_each_behaviour_inputs_auc(propensity)
     assert m["rho_collapsed"] is False and m["test"]["rho_collapsed"] is False
     leak = m["leak_check"]
     assert leak["rows"] == 12000 and 0.05 < leak["answer_rate"] < 0.3
-    assert set(leak["auc"]) == {"click", "watch_time_s"} and all(0.5 < a < 1.0 for a in leak["auc"].values())
+    assert set(leak["auc"]) == {"click", "watch_time_s", "watch_fraction"}  # configs/sim.yaml's propensity.behaviour
+    assert all(0.5 < a < 1.0 for a in leak["auc"].values()), leak["auc"]
 
 
 def test_the_leak_guard_refuses_a_click_column_equal_to_answered(tmp_path):
@@ -109,7 +110,7 @@ def test_the_leak_guard_refuses_a_click_column_equal_to_answered(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     (line,) = [ln for ln in proc.stderr.splitlines() if "error" in ln]
     assert "propensity.behaviour: click (column 'click'" in line and "determines questionnaire_answered" in line
-    assert "--set propensity.behaviour=[watch_time_s]" in line
+    assert "--set propensity.behaviour=[watch_time_s,watch_fraction]" in line  # the rest of the configured list
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 

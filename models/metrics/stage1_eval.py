@@ -10,7 +10,8 @@
                         only observed labels: a biased sample), and the counts that make edge cases visible.
                         With a propensity (IPS / SNIPS / DR losses) also `estimates`: naive, IPS, SNIPS and DR
                         estimates of g's loss and AUC on all impressions with bootstrap 95% intervals
-                        (satrank.models.metrics.offline_estimates), which real data gets without truth.
+                        (satrank.models.metrics.offline_estimates), which real data gets without truth, and
+                        `top_k`: the mean satisfaction of each user's top `evaluate.offline_k` logged rows by g.
 
 Model selection (satrank.jobs.engine.selection): each evaluator's metrics carry `undefined` ({metric: why}: the
 metrics the split cannot define, e.g. an AUC whose label has one class on a missing-at-random split where every
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 
 from satrank.models.metrics.calibration import auc, binary_metrics, log_loss, reliability_table, satisfaction_metrics
-from satrank.models.metrics.offline_estimates import satisfaction_estimates
+from satrank.models.metrics.offline_estimates import (satisfaction_estimates, top_k_satisfaction_estimates,
+                                                       truth_top_k_satisfaction)
 
 ID_ORDER = ("request_id", "user_id", "item_id", "timestamp")
 
@@ -155,11 +157,15 @@ class SatisfactionEvaluator:
     fallbacks["answered_logloss"] = [("loss", "min")]
 
     def __init__(self, seed: int, clip: float, truth: str = "true_p_satisfied", n_bins: int = 10,
-                 mnar_monitor: Optional[str] = None, estimate_clip: Optional[float] = None) -> None:
+                 mnar_monitor: Optional[str] = None, estimate_clip: Optional[float] = None,
+                 top_k: int = 3, top_k_group: str = "user_id") -> None:
         """mnar_monitor "loss" (satisfaction.mnar_monitor): on a split with unanswered rows the answered-row
-        metrics are declared unfit to select on, so selection falls back to the job's (weighted) `loss`."""
+        metrics are declared unfit to select on, so selection falls back to the job's (weighted) `loss`.
+        top_k / top_k_group (evaluate.offline_k / offline_group): `estimates.top_k` ranks each group's logged
+        rows by g itself, the estimate (b) of offline_estimates checked where a ranker is cheapest to have."""
         self.seed, self.clip, self.truth, self.n_bins, self.mnar_monitor = seed, clip, truth, n_bins, mnar_monitor
         self.estimate_clip = clip if estimate_clip is None else estimate_clip  # rho clip of `estimates`
+        self.top_k, self.top_k_group = top_k, top_k_group
 
     def columns(self, batch, outputs: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         answered = batch.labels["questionnaire_answered"].detach().float().cpu()
@@ -204,6 +210,14 @@ class SatisfactionEvaluator:
                 pred.double().numpy(), o.numpy(), s.numpy(), rho.double().numpy(), clip=self.estimate_clip,
                 groups=None if req is None else req.numpy(), true_p=None if true_p is None else true_p.numpy(),
                 seed=self.seed)
+            group = c.get(f"id_{self.top_k_group}")
+            if group is not None:  # (b) with g as the ranker (and as DR's imputation): each group's top k by g
+                est, q, g = out["estimates"], pred.double().numpy(), group.numpy()
+                est["top_k"] = top_k_satisfaction_estimates(q, g, o.numpy(), s.numpy(), rho.double().numpy(), q,
+                                                            k=self.top_k, clip=self.estimate_clip, seed=self.seed)
+                est["top_k_setup"] = {"k": self.top_k, "group": self.top_k_group}
+                if est["truth"] is not None:
+                    est["truth"]["top_k"] = truth_top_k_satisfaction(q, g, true_p.numpy(), self.top_k)
         out["reliability_truth_all"] = reliability_table(pred, true_p, self.n_bins) if true_p is not None else None
         out["undefined"] = self.undefined(s[o > 0.5], int(o.numel()), true_p is not None)
         out["undefined_by_config"] = sorted(m for m, why in out["undefined"].items() if why.endswith(self.MNAR_POLICY))

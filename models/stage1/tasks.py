@@ -62,10 +62,15 @@ def log1p_dense_index(data: DataConfig, path: str, name: str) -> int:
     return index
 
 
+def share_watched(watch_s: torch.Tensor, duration_s: torch.Tensor) -> torch.Tensor:
+    """The share of the video watched, clip(watch / duration, 0, 1), from seconds (the one definition the models,
+    their targets and the propensity leak check use; the simulator's world keeps its own, pipeline/sim/world.py)."""
+    return (watch_s.clamp_min(0.0) / duration_s.clamp_min(1e-6)).clamp(0.0, 1.0)
+
+
 def watch_share(watch_s: torch.Tensor, log1p_duration: torch.Tensor) -> torch.Tensor:
-    """The share of the video watched, clip(watch / duration, 0, 1), from seconds and the log1p duration column."""
-    duration = torch.expm1(log1p_duration).clamp_min(1e-6)
-    return (watch_s.clamp_min(0.0) / duration).clamp(0.0, 1.0)
+    """share_watched with the duration given as its log1p dense column (what a batch carries)."""
+    return share_watched(watch_s, torch.expm1(log1p_duration))
 
 
 def _stats_out(out: LossOut, prefix: str = "") -> Dict[str, torch.Tensor]:
