@@ -62,8 +62,7 @@ def run_seed(world: str, seed: int, arms: List[str], base: Path, nproc: int, ove
                            [*common, "--set=satisfaction.loss=naive"])
     train = "satrank.jobs.train"
     if "click_only" in arms:
-        res["click_only"] = stage(run, "click_only", nproc, train, [*d, "--satisfaction", str(run / "sat_ips")],
-                                  [*common, "--set=model.variant=click_only"])
+        res["click_only"] = stage(run, "click_only", nproc, train, d, [*common, "--set=model.variant=click_only"])
     if any(a in arms for a in ("saqrec", "dpo", "dpo_off")):
         res["saqrec"] = stage(run, "saqrec", nproc, train, [*d, "--satisfaction", str(run / "sat_ips")], common)
     for arm, (sat, sets) in ABLATIONS.items():

@@ -44,8 +44,8 @@ def stages(out: Path, nproc: int, common: List[str]) -> List[tuple]:
         ("train", "satrank.jobs.train", ["--data", data, "--satisfaction", str(out / "satisfaction"),
                                  "--out", str(out / "train"), *common]),
         # the baseline the alignment is measured against: the same ranker trained on clicks only
-        ("click-only", "satrank.jobs.train", ["--data", data, "--satisfaction", str(out / "satisfaction"),
-                                      "--out", str(out / "click_only"), *common, "--set=model.variant=click_only"]),
+        ("click-only", "satrank.jobs.train", ["--data", data, "--out", str(out / "click_only"), *common,
+                                              "--set=model.variant=click_only"]),  # no g: no --satisfaction
     ]
     # stage 3 (EASQ, satrank.jobs.dpo): online alignment of the stage-2 ranker; runs once the `train` stage is listed
     names = [name for name, _, _ in run]

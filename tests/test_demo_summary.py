@@ -6,6 +6,7 @@ def test_demo_trains_the_click_only_baseline_beside_saqrec(tmp_path):
     names = {name: args for name, _, args in stages(tmp_path, 2, [])}
     assert "--set=model.variant=click_only" in names["click-only"]
     assert names["click-only"][names["click-only"].index("--out") + 1] == str(tmp_path / "click_only")
+    assert "--satisfaction" not in names["click-only"]  # click-only uses no g (jobs.train would warn it ignores it)
 
 
 def test_alignment_table_rows_and_oracle_values():
