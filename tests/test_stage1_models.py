@@ -471,3 +471,20 @@ def test_the_leak_guard_checks_watch_fraction_as_the_model_sees_it(tmp_path):
     assert 0.6 < report["auc"]["watch_fraction"] < 0.95
     with pytest.raises(ConfigError, match=r"propensity\.duration_feature: 'length_s' is not a dense feature"):
         check_behaviour_leak(tmp_path / "fine", data, ["watch_fraction"], duration_feature="length_s")
+
+
+def test_repeated_history_items_share_the_score_of_their_first_occurrence():
+    """MLSE ranks history items by g's score: repeats of one item (bitwise-equal embedding rows) must get one
+    score, else last-bit noise that differs between batch shapes reorders them (model.pt vs model_request.pt)."""
+    from satrank.models.stage1.tasks import repeated_items_share_a_score
+
+    V = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [1.0, 2.0], [0.0, 0.0]],
+                      [[5.0, 6.0], [5.0, 6.0], [5.0, 6.0], [7.0, 8.0]]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    eps = 1e-7  # last-bit noise on the repeats
+    scores = torch.tensor([[0.5, 0.7, 0.5 + eps, 0.9], [0.2, 0.2 - eps, 0.2 + eps, 0.4]])
+    out = repeated_items_share_a_score(scores, V, mask)
+    assert out.tolist() == [[scores[0, 0].item(), scores[0, 1].item(), scores[0, 0].item(), scores[0, 3].item()],
+                            [scores[1, 0].item()] * 3 + [scores[1, 3].item()]]
+    # padding (row 0, position 3) matches nothing, not even another padding row or an all-zero item
+    assert out[0, 3] == scores[0, 3]

@@ -49,6 +49,11 @@ class ExportConfig:
     eval_rows: int = 20000  # rows of it (file order) scored by both artifacts
     trace_batch_size: int = 64  # rows of the synthetic example batch the module is traced with
     check_atol: float = 1.0e-5  # traced fp32 artifact vs eager model: max abs difference allowed
+    # request-level vs model.pt on DIR/candidates: MLSE ranks history items by g's float score, and two items within
+    # an ulp can swap levels between the two batch shapes (docs/serving.md); at most this share of the requests may
+    # exceed check_atol, each by no more than check_flip_atol, and every one is listed in the manifest
+    check_flip_share: float = 0.01
+    check_flip_atol: float = 0.01
 
     def validate(self, path: str) -> None:
         if not self.eval_split or "/" in self.eval_split:
@@ -58,6 +63,9 @@ class ExportConfig:
                 raise ConfigError(f"{path}.{key}: must be > 0, got {getattr(self, key)}")
         if self.check_atol <= 0:
             raise ConfigError(f"{path}.check_atol: must be > 0, got {self.check_atol}")
+        if not 0 <= self.check_flip_share < 1 or self.check_flip_atol < self.check_atol:
+            raise ConfigError(f"{path}: check_flip_share must be in [0, 1) and check_flip_atol >= check_atol, got "
+                              f"{self.check_flip_share} and {self.check_flip_atol}")
 
 
 @dataclass

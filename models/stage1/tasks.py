@@ -73,6 +73,26 @@ def watch_share(watch_s: torch.Tensor, log1p_duration: torch.Tensor) -> torch.Te
     return share_watched(watch_s, torch.expm1(log1p_duration))
 
 
+def repeated_items_share_a_score(scores: torch.Tensor, V: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """scores [B, L] with every repeat of an item in a row set to the score of its first occurrence.
+
+    Why: MLSE (eq. 11) ranks history items by g's score, and a history often holds one item several times. Their
+    scores are equal in exact arithmetic but the matmul computes them in different tiles, so they can differ in the
+    last bit, and differently for a batch of candidates than for one request: the rank of the repeats (and with it
+    the MLSE levels) flipped between model.pt and model_request.pt (the export check caught it on 3 of 500 demo
+    requests). Repeats are found by their embedding rows (V [B, L, d]: one table row each, bitwise equal): the
+    first and last coordinates and the row sum (the same reduction for every row) must all be equal; padding
+    matches nothing. A stable sort then keeps repeats in history order in every batch shape."""
+    v = V.detach()
+    keys = (v[..., 0], v[..., -1], v.sum(-1))
+    same = mask.unsqueeze(2) & mask.unsqueeze(1)
+    for k in keys:
+        same = same & (k.unsqueeze(2) == k.unsqueeze(1))
+    first = same.to(torch.uint8).argmax(-1)  # the first equal position (itself when the item is not repeated)
+    first = torch.where(mask, first, torch.arange(mask.shape[1], device=mask.device).expand_as(first))
+    return scores.gather(1, first)
+
+
 def _stats_out(out: LossOut, prefix: str = "") -> Dict[str, torch.Tensor]:
     return {f"{prefix}{k}": v for k, v in out.stats.items()}
 
@@ -423,7 +443,7 @@ class SatisfactionModel(nn.Module):
             dense = torch.zeros(n, len(data.dense), device=sp.sequences[feature].values().device)
         V, mask = padded(sp.sequences[feature], seq.max_len)
         logits = self.arch.history_logits(sp.pooled, sp.sequences, dense, V)
-        return torch.where(mask, torch.sigmoid(logits), torch.zeros_like(logits))
+        return torch.where(mask, torch.sigmoid(repeated_items_share_a_score(logits, V, mask)), torch.zeros_like(logits))
 
     def frozen_table_keys(self) -> List[str]:
         """state_dict keys of the frozen tables (for tests and checkpoint sanity checks)."""
