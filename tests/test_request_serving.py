@@ -70,6 +70,7 @@ def test_export_check_and_serve_check_report_the_request_level_equality(world, a
     report = check(artifact, world["data"] / "candidates", atol=ATOL)
     assert report["ok"] and report["request_level"]["requests"] == 60 and report["request_level"]["rows"] == 1200
     assert max(report["request_level"]["max_abs_diff"].values()) <= ATOL
+    assert rl["over_atol"] == [] and report["request_level"]["over_atol"] == []  # no request used the MLSE allowance
 
 
 def test_the_user_side_runs_once_per_request(world, modules):
