@@ -212,12 +212,12 @@ class SatisfactionEvaluator:
                 seed=self.seed)
             group = c.get(f"id_{self.top_k_group}")
             if group is not None:  # (b) with g as the ranker (and as DR's imputation): each group's top k by g
-                est, q, g = out["estimates"], pred.double().numpy(), group.numpy()
-                est["top_k"] = top_k_satisfaction_estimates(q, g, o.numpy(), s.numpy(), rho.double().numpy(), q,
+                est, q, groups = out["estimates"], pred.double().numpy(), group.numpy()
+                est["top_k"] = top_k_satisfaction_estimates(q, groups, o.numpy(), s.numpy(), rho.double().numpy(), q,
                                                             k=self.top_k, clip=self.estimate_clip, seed=self.seed)
                 est["top_k_setup"] = {"k": self.top_k, "group": self.top_k_group}
                 if est["truth"] is not None:
-                    est["truth"]["top_k"] = truth_top_k_satisfaction(q, g, true_p.numpy(), self.top_k)
+                    est["truth"]["top_k"] = truth_top_k_satisfaction(q, groups, true_p.numpy(), self.top_k)
         out["reliability_truth_all"] = reliability_table(pred, true_p, self.n_bins) if true_p is not None else None
         out["undefined"] = self.undefined(s[o > 0.5], int(o.numel()), true_p is not None)
         out["undefined_by_config"] = sorted(m for m, why in out["undefined"].items() if why.endswith(self.MNAR_POLICY))
