@@ -53,8 +53,10 @@ SETS = ["data.sparse.user_id.vocab_size=300", "data.sparse.item_id.vocab_size=40
         "evaluate.loo_negatives=20"]
 MAIN_SETS = ["model.mlse=false", "model.mtl=false", "ranker_train.epochs=2"]  # a click/watch ranker, no stage-1 chain
 # every arm: DPO off (the comparison is where L_sat's gradient goes), the backbone at the configured dense lr
-# the ranker has no g (MAIN_SETS), so the pathway learns from the answers alone: no distillation from g
-COMMON = ["easq.dpo_weight=0", "easq.distill_weight=0", "train.dense_lr=0.001"]
+# the ranker has no g (MAIN_SETS), so the pathway learns from the answers alone: no distillation from g, and DPO's
+# pairs are the answered ones alone (no online pairs ordered by g), at the beta these arms were measured with
+COMMON = ["easq.dpo_weight=0", "easq.distill_weight=0", "train.dense_lr=0.001", "easq.reward_pairs=none",
+          "easq.beta=1.0"]
 ARMS: Dict[str, List[str]] = {
     # EASQ's pathway at the default settings: LoRA + head behind stop-gradients, its own Adam at easq.lr
     "isolated": ["easq.pathway=isolated", "easq.lr=0.001"],

@@ -112,6 +112,10 @@ def check_easq_run(cfg: Any, teacher: Any, init: str) -> None:
         raise ConfigError(f"easq.distill_weight {cfg.easq.distill_weight} distils g's pseudo-labels, but --init "
                           f"{init} has no satisfaction teacher (model.mtl false or variant click_only); "
                           f"set easq.distill_weight=0")
+    if cfg.easq.reward_pairs == "teacher" and not cfg.model.use_satisfaction:
+        raise ConfigError(f"easq.reward_pairs teacher orders the online pairs by g, but --init {init} has no "
+                          f"satisfaction teacher (model.mtl false or variant click_only); set easq.reward_pairs=sat_head "
+                          f"(the pathway's own head) or none")
     _build_easq(cfg, teacher, f"easq (on the ranker of --init {init})")
 
 

@@ -119,7 +119,13 @@ def test_dpo_checks_its_own_model_rebuilt_from_the_init_run():
                                           r"has no satisfaction teacher \(model\.mtl false or variant click_only\); "
                                           r"set easq\.distill_weight=0$"):
         check_easq_run(click_only, None, "RUN_MAIN")
-    check_easq_run(load_config(overrides=["model.variant=click_only", "easq.distill_weight=0"]), None, "RUN_MAIN")
+    no_distill = load_config(overrides=["model.variant=click_only", "easq.distill_weight=0"])
+    with pytest.raises(ConfigError, match=r"^easq\.reward_pairs teacher orders the online pairs by g, but --init RUN_MAIN "
+                                          r"has no satisfaction teacher .*; set easq\.reward_pairs=sat_head \(the "
+                                          r"pathway's own head\) or none$"):
+        check_easq_run(no_distill, None, "RUN_MAIN")
+    check_easq_run(load_config(overrides=["model.variant=click_only", "easq.distill_weight=0",
+                                          "easq.reward_pairs=sat_head"]), None, "RUN_MAIN")
     no_skip = load_config(overrides=["easq.dpo_head=skip", "model.skip_head=true"])
     check_config(no_skip)
     no_skip.model.skip_head = False  # RUN_MAIN trained without the head this run's easq.dpo_head names

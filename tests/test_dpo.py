@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from satrank.models.easq.dpo import DpoRamp, EasqLoss, dpo_loss, logprob_margin, pair_accuracy, pairwise_sat_loss
+from satrank.models.easq.dpo import (DpoRamp, EasqLoss, dpo_loss, logprob_margin, pair_accuracy, pairwise_sat_loss,
+                                     reward_pairs)
 from satrank.models.easq.pathway import SAT_HEAD, EasqRanker
 from satrank.models.easq.config import EasqConfig
 from satrank.models.easq.pair_buffer import KIND_DISSATISFIED, KIND_SATISFIED, PairBuffer, fields_to_batch, row_fields
@@ -22,6 +23,44 @@ from tests._synthetic import batch_from_rows, data_config, make_rows
 
 def sp(x: float) -> float:
     return math.log1p(math.exp(x))  # softplus(x) = -log sigmoid(-x)
+
+
+# ------------------------------------------------------------------------------------------ online (reward) pairs
+def test_reward_pairs_are_within_user_ordered_by_the_reward_with_bradley_terry_confidence():
+    users = torch.tensor([5, 3, 5, 7, 3, 5])
+    reward = torch.tensor([0.1, 2.0, 0.5, 1.0, -1.0, 0.5])
+    w, l, conf = reward_pairs(users, reward, max_offset=4)
+    got = sorted(zip(w.tolist(), l.tolist(), [round(c, 6) for c in conf.tolist()]))
+    # user 3: rows 1 (r 2.0) over 4 (r -1.0); user 5: rows 2 and 5 (r 0.5) over 0 (r 0.1), 2 vs 5 tie: no pair;
+    # user 7 has one row: no pair. Confidence 2 sigmoid(|dr|) - 1
+    c3, c5 = 2 / (1 + math.exp(-3.0)) - 1, 2 / (1 + math.exp(-0.4)) - 1
+    assert got == sorted([(1, 4, round(c3, 6)), (2, 0, round(c5, 6)), (5, 0, round(c5, 6))])
+    w1, l1, _ = reward_pairs(users, reward, max_offset=1)  # user 5's first and third rows are 2 apart
+    assert sorted(zip(w1.tolist(), l1.tolist())) == [(1, 4), (2, 0)]
+    with pytest.raises(ValueError, match="max_offset must be >= 1"):
+        reward_pairs(users, reward, max_offset=0)
+
+
+def test_reward_pairs_add_a_dpo_term_on_the_batch_rows_that_moves_the_policy_only():
+    users = torch.tensor([1, 1, 2, 2, 3])
+    click = torch.tensor([0.0, 1.0, 0.5, -0.5, 0.3], requires_grad=True)
+    sat = torch.tensor([1.0, 0.0, -1.0, 1.0, 0.0], requires_grad=True)
+    labels = {"questionnaire_answered": torch.zeros(5), "satisfied": torch.zeros(5)}
+    cfg = EasqConfig(distill_weight=0.0, reward_pairs="sat_head", reward_pair_weight=2.0, ramp_updates=0,
+                     sat_weight=0.0, beta=1.0)
+    loss_fn = EasqLoss(cfg)
+    loss_fn.ramp.started = True  # gate open: the DPO weight is cfg.dpo_weight
+    res = loss_fn({"click": click, SAT_HEAD: sat}, labels, torch.ones(5), user_id=users)
+    # pairs (0 over 1): policy margin 0 - 1 = -1, reference 1 - 0 = 1; (3 over 2): -0.5 - 0.5 = -1, ref 2
+    c1, c2 = 2 / (1 + math.exp(-1.0)) - 1, 2 / (1 + math.exp(-2.0)) - 1
+    expect = (c1 * sp(2.0) + c2 * sp(3.0)) / (c1 + c2)
+    assert float(res["reward_pairs"]) == 2.0
+    assert abs(float(res["dpo"]) - 2.0 * expect) < 1e-5
+    res["loss"].backward()
+    assert click.grad[0] < 0 < click.grad[1] and click.grad[3] < 0 < click.grad[2] and click.grad[4] == 0
+    assert sat.grad is None or float(sat.grad.abs().sum()) == 0.0  # the reference is detached
+    off = EasqLoss(EasqConfig(distill_weight=0.0, ramp_updates=0, sat_weight=0.0))
+    assert "reward_pairs" not in off({"click": click, SAT_HEAD: sat}, labels, torch.ones(5), user_id=users)
 
 
 # ------------------------------------------------------------------------------------------ DPO loss

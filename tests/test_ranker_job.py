@@ -37,6 +37,7 @@ COMMON = ["reader.num_workers=0", "propensity.behaviour=[]", "reader.batch_size=
           "satisfaction_train.dense_lr=0.003", "satisfaction_train.batch_size=256",
           "ranker_train.epochs=3", "ranker_train.patience=0"]
 MARGIN = 0.02  # true_sat@10: full SAQRec must beat click-only by at least this (measured 0.042-0.056)
+DPO_MARGIN = 0.0  # true_sat@10: EASQ with DPO over its DPO-off control (measured: see the test)
 
 
 def torchrun(target, *args, module=True, timeout=240):
@@ -146,6 +147,32 @@ def test_evaluate_reloads_the_two_rank_checkpoint_in_one_process_with_the_same_f
         est = off["estimates"][form]
         assert 0 < est["value"] < 1.5 and est["lo"] <= est["value"] <= est["hi"], (form, est)
     assert 0 < off["truth"] < 1 and off["estimates"]["answered_rows_in_top_k"] > 0
+
+
+# ------------------------------------------------------------------------------------------ stage 3 on top
+@pytest.fixture(scope="module")
+def easq_runs(stage1, runs):
+    """satrank.jobs.dpo on the full SAQRec run at the embedded defaults (DPO with the online pairs ordered by g,
+    easq.reward_pairs teacher) and its DPO-off control (easq.dpo_weight 0), the same run otherwise."""
+    out = {}
+    for name, extra in (("dpo", []), ("dpo_off", ["easq.dpo_weight=0.0"])):
+        run = stage1["root"] / name
+        torchrun("satrank.jobs.dpo", "--data", stage1["data"], "--init", runs["full"]["run"], "--propensity",
+                 stage1["root"] / "propensity", "--out", run, *sets(*extra))
+        out[name] = json.loads((run / "metrics.json").read_text())
+    return out
+
+
+def test_dpo_raises_true_satisfaction_of_the_top_10_over_its_control_at_a_bounded_click_cost(easq_runs):
+    on, off = easq_runs["dpo"], easq_runs["dpo_off"]
+    assert on["before"]["true_sat@10"] == off["before"]["true_sat@10"]  # the same start
+    assert on["dpo_ramp"] == 1.0  # the gate opened by itself (the satisfaction head's prequential AUC)
+    gain = on["after"]["true_sat@10"] - off["after"]["true_sat@10"]
+    cost = off["after"]["click_auc"] - on["after"]["click_auc"]
+    print(f"DPO vs its control: true_sat@10 {on['after']['true_sat@10']:.4f} vs {off['after']['true_sat@10']:.4f}, "
+          f"click AUC {on['after']['click_auc']:.4f} vs {off['after']['click_auc']:.4f}")
+    assert gain > DPO_MARGIN, gain
+    assert cost < 0.005, cost
 
 
 # ------------------------------------------------------------------------------------------ ablations

@@ -219,3 +219,16 @@ def test_serve_check_refuses_zero_rows_with_exit_2_and_one_line(world, artifact,
     assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout, proc.stderr)
     last = proc.stderr.strip().splitlines()[-1]
     assert "empty.parquet: 0 candidate rows in 1 file(s); nothing to check" in last and "Traceback" not in proc.stderr
+
+
+def test_the_mlse_flip_allowance_counts_requests_and_bounds_each_difference():
+    """export.check_flip_*: at most int(share x requests) requests over check_atol, each <= flip_atol; one rule for
+    the export and serve_check (satrank.models.serving.check.within_flip_allowance)."""
+    from satrank.models.serving.check import within_flip_allowance
+
+    over = [{"request_id": 1, "max_abs_diff": 0.004}, {"request_id": 2, "max_abs_diff": 0.009}]
+    assert within_flip_allowance([], 10, 0.0, 0.01)  # nothing over: always within
+    assert within_flip_allowance(over, 200, 0.01, 0.01)  # int(0.01 x 200) = 2 allowed
+    assert not within_flip_allowance(over, 199, 0.01, 0.01)  # int(1.99) = 1 allowed, 2 over
+    assert not within_flip_allowance(over, 500, 0.01, 0.005)  # request 2 differs by more than flip_atol
+    assert not within_flip_allowance(over[:1], 500, 0.0, 0.01)  # no share: synthetic-strict

@@ -17,6 +17,7 @@ DpoMode = Literal["easq", "adapter_policy"]
 SatLossKind = Literal["ips", "snips", "pairwise"]
 LogProb = Literal["logit", "log_sigmoid"]
 PairWeight = Literal["product", "mean"]
+RewardPairs = Literal["none", "sat_head", "teacher"]
 Pathway = Literal["isolated", "shared"]
 
 
@@ -50,7 +51,7 @@ class EasqConfig:
     # ---- DPO (satrank.models.easq.dpo.dpo_loss)
     dpo_mode: DpoMode = "easq"  # easq: policy = main head, reference = sg(sat head); adapter_policy: ablation
     dpo_head: str = "click"  # main-head output whose logit is the policy's log-probability
-    beta: float = 1.0
+    beta: float = 1.0  # configs/sim.yaml: 0.3 with the online pairs (more satisfaction per unit of click AUC)
     logprob: LogProb = "logit"  # logit: z (per-user softmax, normaliser cancels) | log_sigmoid: log sigma(z)
     dpo_weight: float = 0.03  # weight of L_DPO once the ramp is at 1 (docs/easq.md: 1.0 wrecks the click model)
     ramp_threshold: float = 0.6  # satisfaction head's running answered-AUC that starts the ramp
@@ -66,6 +67,12 @@ class EasqConfig:
     buffer_per_user: int = 32  # answered rows kept per user (and skipped rows, with weak_pairs)
     buffer_total: int = 50000  # rows kept in all (per rank); ~0.85 kB per row with the sim contract
     seed: int = 0  # pair sampling
+    # online pairs (satrank.models.easq.dpo.reward_pairs): each batch's rows of one user, ordered by a reward logit,
+    # weighted by the Bradley-Terry confidence; none | sat_head (the satisfaction head: the pathway's in-model reward)
+    # | teacher (stage 1's g). Added to the answered pairs' DPO loss with weight reward_pair_weight.
+    # (none / 1.0 here, EASQ's answered pairs alone; configs/sim.yaml, the embedded default, turns them on)
+    reward_pairs: RewardPairs = "none"
+    reward_pair_weight: float = 1.0
 
     def validate(self, path: str) -> None:
         def bad(key: str, msg: str) -> ConfigError:
@@ -94,7 +101,10 @@ class EasqConfig:
             raise bad("sat_head_hidden", f"hidden widths must be >= 1, got {self.sat_head_hidden}")
         if self.lr <= 0:
             raise bad("lr", f"must be > 0, got {self.lr}")
-        for key in ("weight_decay", "sat_weight", "dpo_weight", "weak_pair_weight", "distill_weight"):
+        if self.reward_pairs not in ("none", "sat_head", "teacher"):
+            raise bad("reward_pairs", f"must be none, sat_head or teacher, got {self.reward_pairs!r}")
+        for key in ("weight_decay", "sat_weight", "dpo_weight", "weak_pair_weight", "distill_weight",
+                    "reward_pair_weight"):
             if getattr(self, key) < 0:
                 raise bad(key, f"must be >= 0, got {getattr(self, key)}")
         if not 0.0 < self.clip <= 1.0:

@@ -89,6 +89,42 @@ def dpo_loss(
     return LossOut(loss, stats)
 
 
+def reward_pairs(user_id: torch.Tensor, reward: torch.Tensor, max_offset: int = 4):
+    """Within-user pairs of ONE batch's rows, oriented by a reward logit r: (w_index, l_index, confidence) with
+    r[w] > r[l] and confidence = |2 sigmoid(r_a - r_b) - 1| = P(w > l) - P(l > w) under Bradley-Terry on r.
+
+    Rows are grouped by user (stable sort); row k of a user's group is paired with the next `max_offset` rows of the
+    same group, so a user with m rows gives min(m - 1, max_offset) pairs per row (C(m, 2) when m <= max_offset + 1).
+    Ties (equal rewards) give no pair. This is the online-DPO pair source (`easq.reward_pairs`): the policy's own
+    logged impressions, labelled by the in-model reward, many per step where the questionnaire gives a few.
+    """
+    if user_id.dim() != 1 or reward.shape != user_id.shape:
+        raise ValueError(f"reward pairs: user_id and reward must be two 1-D [B] tensors, "
+                         f"got {tuple(user_id.shape)}, {tuple(reward.shape)}")
+    if max_offset < 1:
+        raise ValueError(f"reward pairs: max_offset must be >= 1, got {max_offset}")
+    order = torch.argsort(user_id, stable=True)
+    u = user_id[order]
+    a_parts, b_parts = [], []
+    for k in range(1, min(max_offset, u.numel() - 1) + 1):
+        same = u[k:] == u[:-k]
+        if not bool(same.any()):
+            break  # no group has k + 1 rows, so none has more
+        a_parts.append(order[:-k][same])
+        b_parts.append(order[k:][same])
+    empty = torch.zeros(0, dtype=torch.long, device=user_id.device)
+    a = torch.cat(a_parts) if a_parts else empty
+    b = torch.cat(b_parts) if b_parts else empty
+    r = reward.detach()
+    d = r[a] - r[b]
+    keep = d != 0
+    a, b, d = a[keep], b[keep], d[keep]
+    first = d > 0
+    w = torch.where(first, a, b)
+    l = torch.where(first, b, a)
+    return w, l, (2 * torch.sigmoid(d.abs()) - 1).to(reward.dtype)
+
+
 def pairwise_sat_loss(s_w: torch.Tensor, s_l: torch.Tensor, weights: Optional[torch.Tensor] = None) -> LossOut:
     """sum_p w_p softplus(-(s_w - s_l)) / sum_p w_p: BPR on the satisfaction head (`sat_loss: pairwise`)."""
     if s_w.shape != s_l.shape or s_w.dim() != 1:
@@ -212,9 +248,19 @@ class EasqLoss:
     def update(self) -> float:
         return self.ramp.update()
 
+    def _reward(self, out: Dict[str, torch.Tensor], pseudo: Optional[torch.Tensor]) -> torch.Tensor:
+        """The logit that orders `reward_pairs`: the satisfaction head's (sat_head) or g's (teacher), detached."""
+        if self.cfg.reward_pairs == "sat_head":
+            return out[SAT_HEAD].detach()
+        if pseudo is None:
+            raise ValueError("easq loss: easq.reward_pairs 'teacher' needs g's pseudo-labels (stage-2 model.mtl on)")
+        p = pseudo.detach().double().clamp(1e-12, 1 - 1e-12)
+        return torch.log(p / (1 - p))
+
     def __call__(self, out: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor],
                  propensity: Optional[torch.Tensor] = None, pair_scores: Optional[Dict[str, torch.Tensor]] = None,
-                 pairs=None, observe: bool = True, pseudo: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                 pairs=None, observe: bool = True, pseudo: Optional[torch.Tensor] = None,
+                 user_id: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         cfg = self.cfg
         if SAT_HEAD not in out:
             raise KeyError(f"easq loss: outputs have no {SAT_HEAD!r} (is the ranker an EasqRanker?); have {sorted(out)}")
@@ -237,6 +283,20 @@ class EasqLoss:
                            pair_scores["reference"][l_i], cfg.beta, pw, cfg.logprob)
             if cfg.sat_loss == "pairwise":
                 l_sat = pairwise_sat_loss(pair_scores[SAT_HEAD][w_i], pair_scores[SAT_HEAD][l_i], pw).loss
+        if cfg.reward_pairs != "none":  # online pairs: this batch's rows of one user, ordered by the reward
+            rw = self._reward(out, pseudo)
+            if user_id is None:
+                raise ValueError(f"easq loss: easq.reward_pairs {cfg.reward_pairs!r} needs the batch's user ids")
+            w_i, l_i, conf = reward_pairs(user_id.to(s.device), rw, cfg.pairs_per_row)
+            head = cfg.dpo_head
+            if head not in out:
+                raise KeyError(f"easq.dpo_head {head!r} is not an output of the ranker (have {sorted(out)})")
+            rdpo = dpo_loss(out[head][w_i], out[head][l_i], s[w_i].detach(), s[l_i].detach(), cfg.beta, conf,
+                            cfg.logprob)
+            r_loss = cfg.reward_pair_weight * rdpo.loss
+            dpo = LossOut(r_loss, rdpo.stats) if dpo is None else LossOut(dpo.loss + r_loss, dpo.stats)
+            res["reward_pairs"] = rdpo.stats["pairs"]
+            res["reward_pair_accuracy"] = rdpo.stats["accuracy"]
         if cfg.sat_loss != "pairwise":
             l_sat = self.sat(s, labels, propensity).loss
         if l_sat is None:  # pairwise without pairs this step
@@ -276,4 +336,4 @@ def pair_accuracy(policy: torch.Tensor, w_index: torch.Tensor, l_index: torch.Te
     return float(((d > 0).double() + 0.5 * (d == 0).double()).mean()) if d.numel() else float("nan")
 
 
-__all__: List[str] = ["dpo_loss", "pairwise_sat_loss", "logprob_margin", "auc", "DpoRamp", "EasqLoss", "pair_accuracy"]
+__all__: List[str] = ["dpo_loss", "reward_pairs", "pairwise_sat_loss", "logprob_margin", "auc", "DpoRamp", "EasqLoss", "pair_accuracy"]

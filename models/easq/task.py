@@ -113,7 +113,7 @@ class EasqTask(nn.Module):
             rho = torch.ones(n, dtype=outs[SAT_HEAD].dtype, device=outs[SAT_HEAD].device)
         real_pairs = sample is not None and sample.num_pairs > 0
         e = self.loss(outs, labels, rho[:n], scores if real_pairs else None, sample if real_pairs else None,
-                      observe=step_weight > 0, pseudo=sig.get(PSEUDO))
+                      observe=step_weight > 0, pseudo=sig.get(PSEUDO), user_id=batch.ids["user_id"][:n])
         keep = sum(v.sum() for v in scores.values() if v.requires_grad) * 0.0  # every parameter in the graph
         total = step_weight * (behaviour_weight * b_loss + e["loss"]) + keep
         res.update({f"easq/{k}": v for k, v in e.items() if k != "loss"})

@@ -324,6 +324,12 @@ def max_diffs(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], outputs: Seq
     return worst
 
 
+def within_flip_allowance(over: Sequence[Dict[str, Any]], requests: int, flip_share: float, flip_atol: float) -> bool:
+    """The export's allowance for MLSE level swaps (export.check_flip_*): at most int(flip_share x requests) of the
+    requests over check_atol, none of them by more than flip_atol. One rule for the export and serve_check."""
+    return len(over) <= int(flip_share * requests) and all(o["max_abs_diff"] <= flip_atol for o in over)
+
+
 def request_level_report(module, feats: Features, ours: Dict[str, np.ndarray], iface: Dict[str, Any],
                          outputs: Sequence[str], atol: float) -> Dict[str, Any]:
     """Score every request of `feats` with the request-level module; max |diff| against the per-candidate
@@ -435,7 +441,7 @@ def check(export_dir: str | Path, candidates: str | Path, scored: Optional[str |
         request_level = {"file": iface["file"], "requests": requests, "rows": sum(p["rows"] for p in parts),
                          "atol": atol, "over_atol": over, "flip_share": share, "flip_atol": flip_atol,
                          "max_abs_diff": {n: max(p["max_abs_diff_within"].get(n, 0.0) for p in parts) for n in outputs},
-                         "ok": len(over) <= int(share * requests) and all(o["max_abs_diff"] <= flip_atol for o in over)}
+                         "ok": within_flip_allowance(over, requests, share, flip_atol)}
     ours = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
     report: Dict[str, Any] = {
         "artifact": str(export_dir), "model_file": model_file or manifest["model_file"],

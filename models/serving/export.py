@@ -222,7 +222,7 @@ def check_request_level(request, traced, data: DataConfig, data_dir: Optional[Pa
                 break
     flip_atol = atol if flip_atol is None else flip_atol
     allowed = int(flip_share * requests)
-    if len(over) > allowed or any(o["max_abs_diff"] > flip_atol for o in over):
+    if not chk.within_flip_allowance(over, requests, flip_share, flip_atol):
         raise DataError(f"export check: the request-level module differs from model.pt by more than export.check_atol "
                         f"{atol} on {len(over)} of {requests} candidate requests (allowed: {allowed}, each <= "
                         f"export.check_flip_atol {flip_atol}; largest {max(o['max_abs_diff'] for o in over):.3g}, "
