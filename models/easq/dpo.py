@@ -12,6 +12,8 @@ Log-probabilities (`easq.logprob`): `logit` reads pi as a softmax over the user'
 p(i) = exp(z_i) / sum_j exp(z_j); both items of a pair share the user's normaliser, so
 log p(w) - log p(l) = z_w - z_l exactly. `log_sigmoid` reads each logit as a pointwise probability.
 Pairs are combined as sum_p w_p L_p / sum_p w_p (self-normalised weights, see satrank.models.easq.pair_buffer).
+Online pairs (`easq.reward_pairs`, `reward_pairs`): the batch's own rows of one user, ordered by g or the satisfaction
+head, weighted by the Bradley-Terry confidence; their DPO loss is added with weight `easq.reward_pair_weight`.
 The DPO weight is 0 until the satisfaction head's running answered-AUC clears `ramp_threshold`,
 then rises linearly to 1 over `ramp_updates` optimizer updates (`DpoRamp`).
 """
@@ -222,6 +224,8 @@ def _label(labels: Dict[str, torch.Tensor], name: str, like: torch.Tensor) -> to
 
 class EasqLoss:
     """sat_weight * L_sat + distill_weight * BCE(sat head, g) + dpo_weight * ramp * L_DPO; settings from `EasqConfig`.
+    L_DPO = the answered pairs' loss + reward_pair_weight x the online pairs' loss (with easq.reward_pairs, which needs
+    the batch's `user_id`; `teacher` also needs g's `pseudo`).
 
     __call__(out, labels, propensity, pair_scores=None, pairs=None) -> {"loss": total with graph, and
     detached parts: "sat", "dpo", "dpo_ramp", "sat_auc", "pairs", "pair_accuracy", "dpo_margin"}.
