@@ -244,7 +244,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--tables", default="frozen,fine_tune",
                    help=f"satisfaction.tables variants to run, from {','.join(TABLES)}; the last one gives "
                         "satrank_naive_auc / satrank_ips_auc (each variant also reports satrank_<loss>_auc_<variant>)")
+    p.add_argument("--mf-weight-decays", default="", help="comma-separated extra L2 settings of the MF, each "
+                   "reported as mf_auc_wd<x> (mf_auc stays at the bench's 1e-4)")
+    p.add_argument("--mf-bias-only", action="store_true",
+                   help="also report mf_bias_only_auc: the MF with dim 0 (user, item and feature biases only)")
+    p.add_argument("--mf-only", action="store_true", help="skip satrank's jobs (the MF lines only)")
     a = p.parse_args(argv)
+    a.mf_weight_decays = [float(x) for x in a.mf_weight_decays.split(",") if x]
     tables = [t for t in a.tables.split(",") if t]
     if not tables or any(t not in TABLES for t in tables):
         p.error(f"--tables: choose from {list(TABLES)}, got {a.tables!r}")
@@ -274,6 +280,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         mf = logistic_mf(data, seed)
         mf["wall_s"] = round(time.time() - t0, 1)
         res["mf"] = mf
+        for wd in a.mf_weight_decays:  # the MF's sensitivity to its L2 (docs/benchmarks.md "Ratings baseline")
+            res[f"mf_wd{wd:g}"] = logistic_mf(data, seed, weight_decay=wd)
+        if a.mf_bias_only:  # user + item biases only: what a model that learns no interaction reaches
+            res["mf_bias_only"] = logistic_mf(data, seed, dim=0, weight_decay=0.0)
+        if a.mf_only:
+            per_seed[seed] = res
+            continue
         t0 = time.time()
         sat = run_stage1(data, run, seed, a.nproc, a.overrides, tables)
         res["satrank_wall_s"] = round(time.time() - t0, 1)
@@ -289,12 +302,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             + f", mf {mf['test_auc']}", file=sys.stderr, flush=True)
 
     def mean_of(key: str) -> Optional[float]:
-        return _mean([r[key]["test_auc"] for r in per_seed.values()])
+        return _mean([r[key]["test_auc"] for r in per_seed.values() if key in r])
 
     head = tables[-1]
     out = {"bench": "ratings_baseline",
            "satrank_naive_auc": mean_of(f"satrank_naive_{head}"), "satrank_ips_auc": mean_of(f"satrank_ips_{head}"),
            "mf_auc": mean_of("mf"), "satrank_tables": head,
+           **{f"mf_auc_wd{wd:g}": mean_of(f"mf_wd{wd:g}") for wd in a.mf_weight_decays},
+           **({"mf_bias_only_auc": mean_of("mf_bias_only")} if a.mf_bias_only else {}),
            **{f"satrank_{loss}_auc_{t}": mean_of(f"satrank_{loss}_{t}") for t in tables for loss in ("naive", "ips")},
            "data": str(a.data) if a.data else "simulated",
            "seeds": seeds, "overrides": a.overrides, "nproc": a.nproc,

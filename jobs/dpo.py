@@ -25,7 +25,7 @@ from satrank.jobs.engine.checkpoint import CheckpointError, load_prefixed, prope
 from satrank.jobs.engine.cli import build_parser
 from satrank.jobs.engine.easq_run import (TEACHER_FILE, build_easq, check_continuation, easq_run_config, evaluate_run,
                                           prequential, read_teacher)
-from satrank.jobs.engine.easq_step import EasqOptimizers, EasqStep, FrozenPropensity
+from satrank.jobs.engine.easq_step import EasqOptimizers, EasqStep, FrozenPropensity, pair_summary
 from satrank.jobs.engine.readers import stage_train_config
 from satrank.jobs.engine.runtime import finite_or_none, get_logger, write_json_atomic
 from satrank.jobs.engine.stream import ShardStream, timestamp_ordered
@@ -76,12 +76,13 @@ def run(rt, args, cfg_cli) -> None:
                    "prequential_sat_auc": preq_auc, "prequential_answered_rows": preq_rows, "backbone_drift": drift,
                    "rows": sum(p["rows"] for p in parts), "steps": trainer.state.step, "shards": source.done,
                    "timestamp_ordered": timestamp_ordered(source.consumed_files()) if rt.is_main else None,
-                   "dpo_ramp": module.loss.ramp.weight, "sat_only": bool(args.sat_only), "pathway": e.pathway,
+                   "dpo_ramp": module.loss.ramp.weight, "dpo_pairs": pair_summary(parts), "sat_only": bool(args.sat_only), "pathway": e.pathway,
                    "propensity": prop_report, "total_s": round(time.perf_counter() - started, 2)}
         trainer.writer.write_final(finite_or_none(metrics))
         if rt.is_main:
             for name, m in (("before:", before), ("after:", after)):
                 log.info("%-7s %s", name, {k: m.get(k) for k in ("true_sat@10", "click_auc", "sat_auc_answered")})
+            log.info("DPO pairs scored: %s", metrics["dpo_pairs"])
             log.info("satisfaction head (%s pathway), answered-row AUC before %s, after %s", e.pathway,
                      {k: v["auc"] for k, v in before.get("sat_head", {}).items()},
                      {k: v["auc"] for k, v in after["sat_head"].items()})

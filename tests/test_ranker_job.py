@@ -39,6 +39,7 @@ COMMON = ["reader.num_workers=0", "propensity.behaviour=[]", "reader.batch_size=
           "satisfaction_train.dense_lr=0.003", "satisfaction_train.batch_size=256",
           "ranker_train.epochs=3", "ranker_train.patience=0"]
 MARGIN = 0.02  # true_sat@10: full SAQRec must beat click-only by at least this (measured 0.042-0.056)
+AGREEMENT_MARGIN = 0.004  # online pairs ordered as g does, DPO over its control (measured +0.0116 at train.seed 0)
 DPO_MARGIN = 0.008  # true_sat@10, EASQ's DPO over its DPO-off control (measured +0.0166, +0.0160, +0.0173, train.seed 0-2)
 DPO_CLICK_COST = 0.015  # click AUC, the control's minus DPO's (measured 0.0066, 0.0056, 0.0095)
 
@@ -175,6 +176,13 @@ def test_dpo_raises_true_satisfaction_of_the_top_10_over_its_control_at_a_bounde
     print(f"DPO vs its control: true_sat@10 {on['after']['true_sat@10']:.4f} vs {off['after']['true_sat@10']:.4f}, "
           f"click AUC {on['after']['click_auc']:.4f} vs {off['after']['click_auc']:.4f}")
     assert gain > DPO_MARGIN, gain
+    # the pairs each run scored (RUN/metrics.json dpo_pairs): the same batches, so the same online pairs; DPO acted
+    # only in the DPO run, and its policy came to order the online pairs as g does more often than the control's
+    p_on, p_off = on["dpo_pairs"], off["dpo_pairs"]
+    print(f"DPO pairs: {p_on} vs control {p_off}")
+    assert p_on["online"] == p_off["online"] > 0 and p_on["answered"] == p_off["answered"]
+    assert p_on["dpo_steps"] > 0 and p_off["dpo_steps"] == 0
+    assert p_on["online_agreement"] > p_off["online_agreement"] + AGREEMENT_MARGIN
     # measured at train.seed 0, 1, 2: cost 0.0066, 0.0056, 0.0095 (above the issue's 0.005 on this click-bait-heavy
     # world: docs/alignment.md); a DPO that wrecked the click head (weight 10 x this: -0.03 on the default world) fails
     assert cost < DPO_CLICK_COST, cost

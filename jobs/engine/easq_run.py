@@ -136,6 +136,6 @@ def evaluate_run(dmp, cfg, ecfg, data_dir: Path, rt) -> Dict[str, Any]:
 def prequential(step) -> Tuple[List[Dict[str, Any]], Optional[float], int]:
     """Collective: (every rank's columns + rows, the prequential satisfaction AUC on the answered rows of all ranks
     (None without any), their number). The logits come from the forward that trained on each batch."""
-    parts = all_gather_objects({**step.columns(), "rows": step.rows})
+    parts = all_gather_objects({**step.columns(), "rows": step.rows, "pair_sums": step.pair_sums.cpu()})
     lg, lb = torch.cat([p["logits"] for p in parts]), torch.cat([p["labels"] for p in parts])
     return parts, (auc_or_nan(lg, lb) if lg.numel() else None), int(lg.numel())

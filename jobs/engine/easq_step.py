@@ -113,6 +113,28 @@ class FrozenPropensity:
                 "clipped_share_answered": sum(p["clipped"] for p in parts) / n if n else None}
 
 
+PAIR_SUMS = ("answered", "online", "online_agreeing", "dpo_steps")
+
+
+def _pair_sums(out: Dict[str, Any], sample: Any, dpo_on: bool, like: torch.Tensor) -> torch.Tensor:
+    """This step's addend to EasqStep.pair_sums (PAIR_SUMS order), from EasqTask's outputs and the pair sample."""
+    zero = torch.zeros((), dtype=like.dtype, device=like.device)
+    online = out.get("easq/reward_pairs", zero).to(like)
+    agree = out.get("easq/reward_pair_accuracy", zero).to(like) * online
+    answered = float(sample.num_pairs) if sample is not None else 0.0
+    return torch.stack([zero + answered, online, agree, zero + float(dpo_on)])
+
+
+def pair_summary(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """RUN/metrics.json `dpo_pairs` from every rank's EasqStep.pair_sums: pairs scored (answered, online), the
+    online pairs' weighted share the policy already ordered as the reward does, and the steps with DPO on (rank 0's)."""
+    total = torch.stack([p["pair_sums"].cpu() for p in parts]).sum(0)
+    answered, online, agreeing, _ = (float(x) for x in total)
+    return {"answered": int(answered), "online": int(online),
+            "online_agreement": agreeing / online if online > 0 else None,
+            "dpo_steps": int(parts[0]["pair_sums"][3])}
+
+
 def _cat(ts: List[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
     return torch.cat(ts) if ts else empty
 
@@ -135,6 +157,9 @@ class EasqStep:
         self.labels: List[torch.Tensor] = []
         self.keys: List[torch.Tensor] = []
         self.rows = 0
+        # answered pairs, online (reward) pairs, online pairs the policy already orders as the reward does (weighted
+        # share x pairs), steps with the DPO term on (weight x ramp > 0): summed over real steps, on the device (no sync)
+        self.pair_sums = torch.zeros(len(PAIR_SUMS), dtype=torch.float64, device=device)
 
     def __call__(self, batch: Batch, real: bool) -> None:
         e, n, g = self.easq, batch.size, self.opts.groups
@@ -159,6 +184,7 @@ class EasqStep:
                 g["dp_tables"].step()
         self.opts.combined.zero_grad()
         if real:
+            self.pair_sums += _pair_sums(out, sample, e.dpo_weight * self.module.loss.ramp.weight > 0, self.pair_sums)
             self.module.loss.update()
             self.buf.add_batch(batch, self.data, buf_rho)
             ans = batch.labels["questionnaire_answered"] > 0.5
@@ -178,12 +204,14 @@ class EasqStep:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"buffer": self.buf.state_dict(), "loss": self.module.loss.state_dict(), "theta0": self.theta0,
-                "rows": self.rows, **self.columns()}
+                "rows": self.rows, "pair_sums": self.pair_sums.cpu(), **self.columns()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.buf.load_state_dict(state["buffer"])
         self.module.loss.load_state_dict(state["loss"])
         self.theta0, self.rows = state["theta0"], int(state["rows"])
+        if "pair_sums" in state:  # absent from checkpoints written before the pair counts existed: they restart at 0
+            self.pair_sums = state["pair_sums"].to(device=self.device, dtype=torch.float64)
         self.logits, self.labels, self.keys = [state["logits"]], [state["labels"]], [state["keys"]]
 
     def drift(self) -> Optional[float]:

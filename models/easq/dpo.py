@@ -225,7 +225,7 @@ def _label(labels: Dict[str, torch.Tensor], name: str, like: torch.Tensor) -> to
 class EasqLoss:
     """sat_weight * L_sat + distill_weight * BCE(sat head, g) + dpo_weight * ramp * L_DPO; settings from `EasqConfig`.
     L_DPO = the answered pairs' loss + reward_pair_weight x the online pairs' loss (with easq.reward_pairs, which needs
-    the batch's `user_id`; `teacher` also needs g's `pseudo`).
+    the batch's `user_id`; `teacher` also needs g's logit `teacher_logit`).
 
     __call__(out, labels, propensity, pair_scores=None, pairs=None) -> {"loss": total with graph, and
     detached parts: "sat", "dpo", "dpo_ramp", "sat_auc", "pairs", "pair_accuracy", "dpo_margin"}.
@@ -252,19 +252,19 @@ class EasqLoss:
     def update(self) -> float:
         return self.ramp.update()
 
-    def _reward(self, out: Dict[str, torch.Tensor], pseudo: Optional[torch.Tensor]) -> torch.Tensor:
+    def _reward(self, out: Dict[str, torch.Tensor], teacher_logit: Optional[torch.Tensor]) -> torch.Tensor:
         """The logit that orders `reward_pairs`: the satisfaction head's (sat_head) or g's (teacher), detached."""
         if self.cfg.reward_pairs == "sat_head":
             return out[SAT_HEAD].detach()
-        if pseudo is None:
-            raise ValueError("easq loss: easq.reward_pairs 'teacher' needs g's pseudo-labels (stage-2 model.mtl on)")
-        p = pseudo.detach().double().clamp(1e-12, 1 - 1e-12)
-        return torch.log(p / (1 - p))
+        if teacher_logit is None:
+            raise ValueError("easq loss: easq.reward_pairs 'teacher' needs g's logit g(u, i) (stage-2 model.mtl on)")
+        return teacher_logit.detach()
 
     def __call__(self, out: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor],
                  propensity: Optional[torch.Tensor] = None, pair_scores: Optional[Dict[str, torch.Tensor]] = None,
                  pairs=None, observe: bool = True, pseudo: Optional[torch.Tensor] = None,
-                 user_id: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                 user_id: Optional[torch.Tensor] = None,
+                 teacher_logit: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         cfg = self.cfg
         if SAT_HEAD not in out:
             raise KeyError(f"easq loss: outputs have no {SAT_HEAD!r} (is the ranker an EasqRanker?); have {sorted(out)}")
@@ -288,7 +288,7 @@ class EasqLoss:
             if cfg.sat_loss == "pairwise":
                 l_sat = pairwise_sat_loss(pair_scores[SAT_HEAD][w_i], pair_scores[SAT_HEAD][l_i], pw).loss
         if cfg.reward_pairs != "none":  # online pairs: this batch's rows of one user, ordered by the reward
-            rw = self._reward(out, pseudo)
+            rw = self._reward(out, teacher_logit)
             if user_id is None:
                 raise ValueError(f"easq loss: easq.reward_pairs {cfg.reward_pairs!r} needs the batch's user ids")
             w_i, l_i, conf = reward_pairs(user_id.to(s.device), rw, cfg.pairs_per_row)

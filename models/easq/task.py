@@ -23,7 +23,7 @@ from satrank.models.easq.dpo import EasqLoss
 from satrank.models.easq.pathway import SAT_HEAD, EasqRanker, id_extras, install_easq
 from satrank.models.easq.config import EasqConfig
 from satrank.models.easq.pair_buffer import PairSample, fields_to_batch, row_fields
-from satrank.models.ranker.task import PSEUDO, RankerTask
+from satrank.models.ranker.task import HISTORY_SCORES, PSEUDO, PSEUDO_LOGIT, RankerTask
 from satrank.models.ranker.saqrec import ranker_inputs
 from satrank.pipeline.batch import Batch
 
@@ -103,7 +103,6 @@ class EasqTask(nn.Module):
         psp = t.sparse_arch(pairs.sparse)
         pextras = id_extras(pairs.sparse, self.easq.id_features)
         psig = self._signals(pairs)
-        from satrank.models.ranker.task import HISTORY_SCORES
         if HISTORY_SCORES in psig:
             pextras[HISTORY_SCORES] = psig[HISTORY_SCORES]
         scores = self.easq.dpo_scores(ranker_inputs(psp, pairs.dense, self.easq.cfg, t.data, pextras))
@@ -113,7 +112,8 @@ class EasqTask(nn.Module):
             rho = torch.ones(n, dtype=outs[SAT_HEAD].dtype, device=outs[SAT_HEAD].device)
         real_pairs = sample is not None and sample.num_pairs > 0
         e = self.loss(outs, labels, rho[:n], scores if real_pairs else None, sample if real_pairs else None,
-                      observe=step_weight > 0, pseudo=sig.get(PSEUDO), user_id=batch.ids["user_id"][:n])
+                      observe=step_weight > 0, pseudo=sig.get(PSEUDO), user_id=batch.ids["user_id"][:n],
+                      teacher_logit=sig.get(PSEUDO_LOGIT))
         keep = sum(v.sum() for v in scores.values() if v.requires_grad) * 0.0  # every parameter in the graph
         total = step_weight * (behaviour_weight * b_loss + e["loss"]) + keep
         res.update({f"easq/{k}": v for k, v in e.items() if k != "loss"})
