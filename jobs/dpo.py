@@ -76,7 +76,8 @@ def run(rt, args, cfg_cli) -> None:
                    "prequential_sat_auc": preq_auc, "prequential_answered_rows": preq_rows, "backbone_drift": drift,
                    "rows": sum(p["rows"] for p in parts), "steps": trainer.state.step, "shards": source.done,
                    "timestamp_ordered": timestamp_ordered(source.consumed_files()) if rt.is_main else None,
-                   "dpo_ramp": module.loss.ramp.weight, "dpo_pairs": pair_summary(parts), "sat_only": bool(args.sat_only), "pathway": e.pathway,
+                   "dpo_ramp": module.loss.ramp.weight, "dpo_pairs": pair_summary(parts),
+                   "sat_only": bool(args.sat_only), "pathway": e.pathway,
                    "propensity": prop_report, "total_s": round(time.perf_counter() - started, 2)}
         trainer.writer.write_final(finite_or_none(metrics))
         if rt.is_main:
