@@ -39,8 +39,11 @@ COMMON = ["reader.num_workers=0", "propensity.behaviour=[]", "reader.batch_size=
           "satisfaction_train.dense_lr=0.003", "satisfaction_train.batch_size=256",
           "ranker_train.epochs=3", "ranker_train.patience=0"]
 MARGIN = 0.02  # true_sat@10: full SAQRec must beat click-only by at least this (measured 0.042-0.056)
-AGREEMENT_MARGIN = 0.004  # online pairs ordered as g does, DPO over its control (measured +0.0116 at train.seed 0)
-DPO_MARGIN = 0.008  # true_sat@10, EASQ's DPO over its DPO-off control (measured +0.0166, +0.0160, +0.0173, train.seed 0-2)
+# EASQ's DPO over its DPO-off control, measured with train.seed 0, 1, 2 set for every stage of the fixtures:
+# true_sat@10 +0.0166, +0.0081, +0.0183 (an earlier measurement, varying the seed otherwise: +0.0160, +0.0173 at 1, 2);
+# click AUC cost 0.0066, 0.0042, 0.0070; share of online pairs the click head orders as g does +0.0116, +0.0274, +0.0226
+AGREEMENT_MARGIN = 0.004
+DPO_MARGIN = 0.006
 DPO_CLICK_COST = 0.015  # click AUC, the control's minus DPO's (measured 0.0066, 0.0056, 0.0095)
 
 
@@ -183,8 +186,8 @@ def test_dpo_raises_true_satisfaction_of_the_top_10_over_its_control_at_a_bounde
     assert p_on["online"] == p_off["online"] > 0 and p_on["answered"] == p_off["answered"]
     assert p_on["dpo_steps"] > 0 and p_off["dpo_steps"] == 0
     assert p_on["online_agreement"] > p_off["online_agreement"] + AGREEMENT_MARGIN
-    # measured at train.seed 0, 1, 2: cost 0.0066, 0.0056, 0.0095 (above the issue's 0.005 on this click-bait-heavy
-    # world: docs/alignment.md); a DPO that wrecked the click head (weight 10 x this: -0.03 on the default world) fails
+    # the click cost as measured (above; earlier 0.0066, 0.0056, 0.0095) is above the issue's 0.005 on this click-bait-
+    # heavy world (docs/alignment.md); a DPO that wrecked the click head (weight 10 x this: -0.03 on the default world) fails
     assert cost < DPO_CLICK_COST, cost
 
 
