@@ -380,3 +380,16 @@ def test_dpo_aligns_the_serving_head_with_satisfaction_on_held_out_pairs():
     assert acc_a < 0.65 and before[0] < 0.65  # clicks alone do not rank by satisfaction
     assert acc_b > 0.85 and acc_b > acc_a + 0.25, (acc_a, acc_b)
     assert sat_b >= sat_a and sat_b >= before[1], (before, sat_a, sat_b)  # satisfied items' main score does not fall
+
+
+def test_pair_summary_sums_ranks_by_name_and_takes_dpo_steps_from_rank_0():
+    from satrank.jobs.engine.easq_step import PAIR_SUMS, pair_summary
+
+    def part(**v):
+        return {"pair_sums": torch.tensor([float(v[k]) for k in PAIR_SUMS], dtype=torch.float64)}
+
+    parts = [part(answered=3, online=10, online_agreeing=6.5, dpo_steps=4),
+             part(answered=2, online=30, online_agreeing=13.5, dpo_steps=4)]
+    assert pair_summary(parts) == {"answered": 5, "online": 40, "online_agreement": 20.0 / 40, "dpo_steps": 4}
+    none = [part(answered=1, online=0, online_agreeing=0, dpo_steps=0)]
+    assert pair_summary(none) == {"answered": 1, "online": 0, "online_agreement": None, "dpo_steps": 0}
