@@ -324,10 +324,15 @@ def max_diffs(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], outputs: Seq
     return worst
 
 
+def flip_allowance(requests: int, flip_share: float) -> int:
+    """How many of `requests` may exceed check_atol (export.check_flip_share): int(flip_share x requests)."""
+    return int(flip_share * requests)
+
+
 def within_flip_allowance(over: Sequence[Dict[str, Any]], requests: int, flip_share: float, flip_atol: float) -> bool:
-    """The export's allowance for MLSE level swaps (export.check_flip_*): at most int(flip_share x requests) of the
+    """The export's allowance for MLSE level swaps (export.check_flip_*): at most flip_allowance(requests) of the
     requests over check_atol, none of them by more than flip_atol. One rule for the export and serve_check."""
-    return len(over) <= int(flip_share * requests) and all(o["max_abs_diff"] <= flip_atol for o in over)
+    return len(over) <= flip_allowance(requests, flip_share) and all(o["max_abs_diff"] <= flip_atol for o in over)
 
 
 def request_level_report(module, feats: Features, ours: Dict[str, np.ndarray], iface: Dict[str, Any],

@@ -221,7 +221,7 @@ def check_request_level(request, traced, data: DataConfig, data_dir: Optional[Pa
             if rows >= max_rows:
                 break
     flip_atol = atol if flip_atol is None else flip_atol
-    allowed = int(flip_share * requests)
+    allowed = chk.flip_allowance(requests, flip_share)
     if not chk.within_flip_allowance(over, requests, flip_share, flip_atol):
         raise DataError(f"export check: the request-level module differs from model.pt by more than export.check_atol "
                         f"{atol} on {len(over)} of {requests} candidate requests (allowed: {allowed}, each <= "
