@@ -14,6 +14,9 @@ exists and before anything is written to --out, not an epoch (or a stage) later 
 `check_easq_run(cfg, teacher, init)`: satrank.jobs.dpo's own model (RUN_MAIN's config with this config's `easq:`)
 builds, and `easq.distill_weight` > 0 has the teacher g to distil (not part of `check_config`: a click-only
 ablation of stage 2 is a valid use of a config whose `easq:` distils g).
+`check_easq_overrides(overrides, cli, run_cfg, init)`: a satrank.jobs.dpo `--set` on a section that RUN_MAIN's
+checkpoint supplies (`data:`, `embeddings:`, `model:`, `loss:`) must agree with RUN_MAIN, since the job would
+otherwise ignore it silently.
 `build_on_meta(what, build)`: a model built on the meta device (no memory, global RNG untouched), its build error
 as one ConfigError; satrank.jobs.satisfaction checks its --init / --propensity runs' keys and shapes against one.
 """
@@ -117,6 +120,50 @@ def check_easq_run(cfg: Any, teacher: Any, init: str) -> None:
                           f"satisfaction teacher (model.mtl false or variant click_only); set easq.reward_pairs=sat_head "
                           f"(the pathway's own head) or none")
     _build_easq(cfg, teacher, f"easq (on the ranker of --init {init})")
+
+
+RUN_MAIN_SECTIONS = ("data", "embeddings", "model", "loss")  # satrank.jobs.dpo builds these as RUN_MAIN trained them
+
+
+def _value_at(cfg: Any, path: str) -> Any:
+    """The config value at a dotted key path (attributes of dataclasses, keys of mappings, list items by position
+    or by their `name`, as --set addresses them: data.sparse.user_id.vocab_size); KeyError if absent."""
+    node = cfg
+    for part in path.split("."):
+        if isinstance(node, dict):
+            node = node[part]
+        elif isinstance(node, (list, tuple)):
+            named = [x for x in node if (x.get("name") if isinstance(x, dict) else getattr(x, "name", None)) == part]
+            if part.isdigit() and int(part) < len(node):  # by position first, as pipeline.config._list_index
+                named = [node[int(part)]]
+            if not named:
+                raise KeyError(path)
+            node = named[0]
+        elif hasattr(node, part):
+            node = getattr(node, part)
+        else:
+            raise KeyError(path)
+    return node
+
+
+def check_easq_overrides(overrides: Iterable[str], cli: Any, run_cfg: Any, init: str) -> None:
+    """ConfigError for a `--set` of satrank.jobs.dpo on RUN_MAIN's sections (RUN_MAIN_SECTIONS) whose value differs
+    from RUN_MAIN's: the job builds RUN_MAIN's ranker from its checkpoint's config, so such a --set would be ignored.
+    The same value passes (a demo or bench hands every stage the same --set)."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key.split(".", 1)[0] not in RUN_MAIN_SECTIONS:
+            continue
+        mine = _value_at(cli, key)
+        try:
+            theirs = _value_at(run_cfg, key)
+        except KeyError:
+            theirs = "<absent>"
+        if mine != theirs:
+            raise ConfigError(
+                f"--set {key}={mine!r}: satrank.jobs.dpo builds the ranker of --init {init} as it was trained "
+                f"({key}: {theirs!r} there); only reader.*, easq.*, train.*, dpo_train.* and evaluate.* apply to "
+                f"this job: train a stage-2 run with that setting and pass it as --init")
 
 
 # ------------------------------------------------------------------------------------------ monitors

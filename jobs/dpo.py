@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from satrank.jobs.config_checks import check_easq_run
+from satrank.jobs.config_checks import check_easq_overrides, check_easq_run
 from satrank.jobs.engine.checkpoint import CheckpointError, load_prefixed, propensity_run
 from satrank.jobs.engine.cli import build_parser
 from satrank.jobs.engine.easq_run import (TEACHER_FILE, build_easq, check_continuation, easq_run_config, evaluate_run,
@@ -101,6 +101,7 @@ def precheck(args, cfg) -> None:
     if args.checkpoint_every < 0:
         raise CheckpointError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     run_cfg, _, teacher = easq_run_config(args.init, cfg)
+    check_easq_overrides(args.overrides, cfg, run_cfg, str(args.init))
     if args.propensity is not None:
         propensity_run(args.propensity, run_cfg.data)
     check_easq_run(run_cfg, teacher, str(args.init))

@@ -244,6 +244,33 @@ def test_dpo_refuses_an_easq_section_the_init_run_cannot_take_before_writing(tmp
     assert not out.exists()
 
 
+def test_dpo_refuses_a_set_on_the_init_rankers_sections_that_it_would_ignore(tmp_path, capsys):
+    """jobs.dpo builds RUN_MAIN's ranker from its checkpoint: a --set on model:/loss:/data:/embeddings: that differs
+    from RUN_MAIN is refused in one line before anything is written (it was silently ignored); the same value passes."""
+    from satrank.jobs.config_checks import check_easq_overrides, config_teacher
+    from satrank.jobs.engine.runs import teacher_to_dict
+
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    run_main = fake_checkpoint(tmp_path / "main", "train", load_config())
+    (run_main / "teacher.json").write_text(json.dumps(teacher_to_dict(config_teacher(load_config()), "RUN_S")))
+    out = tmp_path / "dpo"
+    line = refused(main_of("dpo", capsys, "--data", tmp_path / "data", "--init", run_main, "--out", out,
+                           "--set", "model.served_satisfaction=tower"))
+    assert line == (f"satrank dpo: error: --set model.served_satisfaction='tower': satrank.jobs.dpo builds the ranker "
+                    f"of --init {run_main} as it was trained (model.served_satisfaction: 'teacher' there); only "
+                    f"reader.*, easq.*, train.*, dpo_train.* and evaluate.* apply to this job: train a stage-2 run with "
+                    f"that setting and pass it as --init"), line
+    assert not out.exists()
+    main_cfg = load_config(overrides=["model.sid=false"])
+    same = ["model.sid=false", "simulate.seed=3", "easq.beta=0.5", "embeddings.tables.item.sharding=row_wise",
+            "data.sparse.user_id.vocab_size=20000", "data.sparse.0.vocab_size=20000"]
+    cli = load_config(overrides=same)
+    check_easq_overrides(same, cli, main_cfg, "RUN_MAIN")  # equal to RUN_MAIN's, or not RUN_MAIN's sections: pass
+    with pytest.raises(ConfigError, match=r"^--set loss\.watch_time_weight=2\.0: .* \(loss\.watch_time_weight: 0\.1 there\)"):
+        check_easq_overrides(["loss.watch_time_weight=2"], load_config(overrides=["loss.watch_time_weight=2"]),
+                             main_cfg, "RUN_MAIN")
+
+
 def fake_pretrain_run(run: Path, cfg) -> Path:
     """A satrank.jobs.pretrain run of `cfg` whose DCP state holds every ClickModel tensor (zeros, the model's
     shapes): enough for the key and shape checks of satrank.jobs.satisfaction's --init."""
