@@ -329,6 +329,25 @@ def test_sat_w_attractiveness_lowers_satisfaction_only_when_set():
         assert (ps1 < ps0).all() if moves else np.array_equal(ps1, ps0)
 
 
+def test_sat_taste_own_gives_satisfaction_its_own_topic_affinity_and_leaves_everything_else_bit_identical():
+    shared_cfg, own_cfg = small(), small(sat_taste="own")
+    shared, own = build_world(shared_cfg), build_world(own_cfg)
+    assert shared.sat_affinity is shared.affinity  # the default world reads the click affinity itself
+    for f in dataclasses.fields(shared):
+        if f.name != "sat_affinity":
+            assert np.array_equal(getattr(shared, f.name), getattr(own, f.name)), f.name
+    assert np.array_equal(own.sat_affinity, build_world(small(sat_taste="own")).sat_affinity)  # seeded
+    # an independent draw: per user, the two tastes' topic affinities are uncorrelated on average
+    corr = np.mean([np.corrcoef(own.affinity[u], own.sat_affinity[u])[0, 1] for u in range(own_cfg.users)])
+    assert abs(corr) < 0.1, corr
+    users, items = np.arange(own_cfg.users).repeat(3), np.tile(np.arange(3), own_cfg.users)
+    pc_s, ps_s, _, _ = true_probs(shared, shared_cfg, users, items)
+    pc_o, ps_o, _, _ = true_probs(own, own_cfg, users, items)
+    assert np.array_equal(pc_s, pc_o) and not np.allclose(ps_s, ps_o)  # clicks unchanged, satisfaction moved
+    with pytest.raises(ConfigError, match=r"simulate\.sat_taste: must be 'shared' or 'own', got 'mine'"):
+        small(sat_taste="mine").validate()
+
+
 def _monte_carlo_answer_rate(cfg: SimulateConfig, world, user: int, item: int, n: int, rng) -> float:
     """P(answered) of one (user, item) by drawing click, satisfaction and watch time as docs/simulator.md says."""
     u, i = np.array([user]), np.array([item])

@@ -58,6 +58,9 @@ class SimulateConfig:
     sat_w_interest: float = 1.0
     sat_w_activity: float = 0.4  # + sat_w_activity * (activity - 2): active users are the satisfied ones
     sat_w_attractiveness: float = 0.0  # + w * attractiveness; < 0: click-bait disappoints (configs/sim_alt.yaml)
+    # whose topic affinity the satisfaction logit reads: shared = the click affinity (one taste drives both) | own = a
+    #   second Dirichlet draw per user, independent of the click taste (a diagnostic world, docs/simulator.md)
+    sat_taste: str = "shared"
     # questionnaire answered: logit = answer_bias + w_act*(activity-2) + w_pop*pop_z + w_click*click
     #   + w_watch*(watch_time_s / duration_s) + w_sat*sat
     answer_bias: float = -6.5
@@ -126,6 +129,8 @@ class SimulateConfig:
             raise bad("split_fractions", f"needs three non-negative fractions summing to 1, got {f}")
         if self.row_group_rows > self.shard_rows:
             raise bad("row_group_rows", f"must be <= shard_rows ({self.shard_rows})")
+        if self.sat_taste not in ("shared", "own"):
+            raise bad("sat_taste", f"must be 'shared' or 'own', got {self.sat_taste!r}")
         if self.candidates_per_request > self.items:
             raise bad("candidates_per_request", f"{self.candidates_per_request} exceeds items ({self.items})")
 
@@ -159,6 +164,7 @@ class World:
     topic_start: np.ndarray  # [T] index range of each topic in topic_items
     topic_end: np.ndarray  # [T]
     topic_mass: np.ndarray  # [T] sum of pop_weight per topic
+    sat_affinity: np.ndarray  # [U, T] the topic affinity satisfaction reads: `affinity` itself unless sat_taste: own
 
 
 def build_world(cfg: SimulateConfig) -> World:
@@ -202,9 +208,13 @@ def build_world(cfg: SimulateConfig) -> World:
     topic_end = np.searchsorted(item_topic[topic_items], np.arange(T), side="right")
     topic_start = np.concatenate([[0], topic_end[:-1]])
     topic_mass = np.bincount(item_topic, weights=pop_weight, minlength=T)
+    sat_affinity = affinity
+    if cfg.sat_taste == "own":  # its own RNG stream (k=3): every other latent stays bit-identical to the shared world
+        own = np.random.default_rng(np.random.SeedSequence([cfg.seed, 3]))
+        sat_affinity = np.log1p(T * own.dirichlet(np.full(T, cfg.interest_concentration), size=U)) - np.log(2.0)
     return World(theta, theta_cdf, affinity, activity, participation, user_sat_offset, author_topic,
                  author_quality, item_topic, item_author, quality, attractiveness, duration, pop_weight,
-                 pop_z, global_cdf, topic_items, topic_cdf, topic_start, topic_end, topic_mass)
+                 pop_z, global_cdf, topic_items, topic_cdf, topic_start, topic_end, topic_mass, sat_affinity)
 
 
 def sample_exposures(world: World, cfg: SimulateConfig, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -243,8 +253,8 @@ def click_logit(world: World, cfg: SimulateConfig, users: np.ndarray, items: np.
 def satisfaction_logit(world: World, cfg: SimulateConfig, users: np.ndarray, items: np.ndarray) -> np.ndarray:
     """Attractiveness enters only through `sat_w_attractiveness` (0 by default: click-bait draws clicks but
     does not satisfy; < 0 in configs/sim_alt.yaml: it disappoints). The term is skipped at 0 so the default
-    world stays bit-identical."""
-    aff = world.affinity[users, world.item_topic[items]]
+    world stays bit-identical. The topic affinity is `world.sat_affinity` (the click affinity unless sat_taste: own)."""
+    aff = world.sat_affinity[users, world.item_topic[items]]
     logit = (cfg.sat_bias + cfg.sat_w_quality * world.quality[items] + cfg.sat_w_interest * aff
              + cfg.sat_w_activity * (world.activity[users] - 2.0) + world.user_sat_offset[users])
     if cfg.sat_w_attractiveness != 0.0:
