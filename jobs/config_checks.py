@@ -146,6 +146,13 @@ def _value_at(cfg: Any, path: str) -> Any:
     return node
 
 
+def _value_or_absent(cfg: Any, path: str) -> Any:
+    try:
+        return _value_at(cfg, path)
+    except KeyError:
+        return "<absent>"
+
+
 def check_easq_overrides(overrides: Iterable[str], cli: Any, run_cfg: Any, init: str) -> None:
     """ConfigError for a `--set` of satrank.jobs.dpo on RUN_MAIN's sections (RUN_MAIN_SECTIONS) whose value differs
     from RUN_MAIN's: the job builds RUN_MAIN's ranker from its checkpoint's config, so such a --set would be ignored.
@@ -154,11 +161,7 @@ def check_easq_overrides(overrides: Iterable[str], cli: Any, run_cfg: Any, init:
         key = item.split("=", 1)[0].strip()
         if key.split(".", 1)[0] not in RUN_MAIN_SECTIONS:
             continue
-        mine = _value_at(cli, key)
-        try:
-            theirs = _value_at(run_cfg, key)
-        except KeyError:
-            theirs = "<absent>"
+        mine, theirs = (_value_or_absent(c, key) for c in (cli, run_cfg))
         if mine != theirs:
             raise ConfigError(
                 f"--set {key}={mine!r}: satrank.jobs.dpo builds the ranker of --init {init} as it was trained "
