@@ -14,7 +14,8 @@ assigned uniformly at random (MAR), as in the public sets.
 Per seed it runs, as a user would (torchrun, `--nproc` gloo ranks, `--config DIR/satrank.yaml`, train.seed = the
 seed): jobs.pretrain -> jobs.propensity -> jobs.satisfaction with satisfaction.loss=naive and =ips, once per
 `--tables` variant (satisfaction.tables: frozen = the paper's g on the click model's frozen tables, as the written
-config has it; fine_tune / own = g trains its tables; TABLES holds each variant's settings); and the
+config has it; fine_tune / own = g trains its tables; mf = g as a logistic MF on its own tables with Adam on the
+user table; TABLES holds each variant's settings); and the
 baseline `logistic_mf` (plain torch, one process): on the answered training rows (label = satisfied),
 logit = <p_u, q_i> + b_u + b_i + b, where p_u / q_i also sum an embedding of each of the converter's side features
 (user_* / item_* columns, Coat), Adam with L2, early-stopped on the valid split's AUC. Every figure is the MAR-test
@@ -187,13 +188,21 @@ def logistic_mf(data: Path, seed: int = 0, dim: int = 16, weight_decay: float = 
 # satisfaction.tables variants (models/stage1/config.py) -> the satisfaction job's extra settings. frozen is the
 # paper's g (and the converter's config as written); trained tables need drop_last (gloo, row-wise tables) and, as
 # they overfit within a few epochs on a few thousand ratings, a validation every epoch over 10 epochs instead of
-# every 5 over 30 (docs/benchmarks.md "Ratings baseline").
+# every 5 over 30 (docs/benchmarks.md "Ratings baseline"). mf is the variant that matches the MF (docs/stage1.md).
 TABLES = {
     "frozen": [],
     "fine_tune": ["satisfaction.tables=fine_tune", "satisfaction_train.drop_last=true", "satisfaction_train.epochs=10",
                   "satisfaction_train.eval_every=1"],
     "own": ["satisfaction.tables=own", "satisfaction_train.drop_last=true", "satisfaction_train.epochs=10",
             "satisfaction_train.eval_every=1"],
+    # g as a logistic MF straight off its own tables (satisfaction.form: mf), with the optimisers the MF needs on CPU:
+    # Adam + L2 on the user table (data_parallel, so torch's Adam updates it), element-wise Adagrad + L2 on the item
+    # table (fused; it also serves the histories); slower to peak, so 40 epochs with early stopping (patience 5)
+    "mf": ["satisfaction.tables=own", "satisfaction.form=mf", "satisfaction_train.drop_last=true",
+           "satisfaction_train.epochs=40", "satisfaction_train.eval_every=1", "satisfaction_train.patience=5",
+           "embeddings.tables.user.sharding=data_parallel",
+           "embeddings.data_parallel_optimizer={type: adam, lr: 0.01, weight_decay: 3.0e-4}",
+           "embeddings.optimizer.type=exact_adagrad", "embeddings.optimizer.weight_decay=3.0e-4"],
 }
 
 

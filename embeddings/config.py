@@ -58,10 +58,15 @@ class EmbeddingConfig:
     sharding: ShardingKind = "table_wise"  # default sharding type of tables not listed in `tables`
     tables: Dict[str, TableSettings] = field(default_factory=dict)
     optimizer: FusedOptimizerConfig = field(default_factory=FusedOptimizerConfig)
+    # data_parallel tables (TorchRec's DENSE kernel, updated in torch after DDP's all-reduce) use this optimizer
+    # instead of `optimizer` when set: e.g. adam, which FBGEMM's CPU kernels lack, beside fused Adagrad tables
+    data_parallel_optimizer: Optional[FusedOptimizerConfig] = None
 
     def validate(self, path: str) -> None:
         if self.dim <= 0:
             raise ConfigError(f"{path}.dim: must be > 0, got {self.dim}")
+        if self.data_parallel_optimizer is not None:
+            self.data_parallel_optimizer.validate(f"{path}.data_parallel_optimizer")
         for name, t in self.tables.items():
             if t.dim is not None and t.dim <= 0:
                 raise ConfigError(f"{path}.tables.{name}.dim: must be > 0, got {t.dim}")
@@ -69,6 +74,10 @@ class EmbeddingConfig:
     def table_dim(self, table: str) -> int:
         t = self.tables.get(table)
         return t.dim if t is not None and t.dim is not None else self.dim
+
+    def dp_optimizer(self) -> FusedOptimizerConfig:
+        """The optimizer of data_parallel tables: `data_parallel_optimizer`, else `optimizer`."""
+        return self.data_parallel_optimizer if self.data_parallel_optimizer is not None else self.optimizer
 
     def table_sharding(self, table: str) -> str:
         t = self.tables.get(table)

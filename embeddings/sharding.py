@@ -10,7 +10,8 @@ One code path for CPU/gloo and CUDA/nccl (compute kernel `fused` runs on CPU via
 
 Deviations from stock TorchRec, each checked against an unsharded model in tests/test_sharding.py:
 - data_parallel tables use TorchRec's DENSE kernel, which has no fused optimizer; they get the
-  configured embedding optimizer in its torch form (after DDP's all-reduce) at optimizer.step().
+  configured embedding optimizer (`embeddings.data_parallel_optimizer` if set, else `embeddings.optimizer`)
+  in its torch form (after DDP's all-reduce) at optimizer.step().
   FBGEMM warns on every backward through that kernel (no autograd kernel registered), so the default
   config shards even tiny tables table_wise, where the fused kernel serves them;
 - TorchRec 1.8 lists row_wise for pooled (EBC) tables on CUDA only; it runs on CPU/gloo as well,
@@ -219,14 +220,14 @@ def shard_model(
     init_embedding_weights(dmp, seed)
     if runtime.rank == 0:
         logger.info("sharding plan (%d ranks, %s):\n%s", runtime.world_size, device.type, plan_summary(plan))
-    # Data-parallel tables use TorchRec's DENSE kernel (no fused optimizer): their DDP-reduced
-    # gradients get the same embedding optimizer, in its torch implementation, at optimizer.step().
+    # Data-parallel tables use TorchRec's DENSE kernel (no fused optimizer): their DDP-reduced gradients get the
+    # embedding optimizer (`embeddings.data_parallel_optimizer` if set), in its torch implementation, at step().
     plain = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     dp_tables = {k: p for k, p in plain.items() if TABLE_KEY.match(k)}
     dense_params = {k: p for k, p in plain.items() if k not in dp_tables}
     parts: List[Any] = [dmp.fused_optimizer]
     if dp_tables:
-        parts.append(KeyedOptimizerWrapper(dp_tables, embedding_optimizer_factory(cfg.optimizer)))
+        parts.append(KeyedOptimizerWrapper(dp_tables, embedding_optimizer_factory(cfg.dp_optimizer())))
     if dense_params:
         parts.append(KeyedOptimizerWrapper(dense_params, dense_optimizer_factory(dense_optimizer, dense_lr, dense_weight_decay)))
     return dmp, CombinedOptimizer(parts)

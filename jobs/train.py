@@ -39,7 +39,7 @@ from satrank.jobs.engine.runs import (TEACHER_FILE, build_task, check_resumed_te
                                      teacher_to_dict)
 from satrank.jobs.engine.readers import evaluation_loader, stage_train_config, training_loader
 from satrank.jobs.engine.runtime import finite_or_none, get_logger, write_json_atomic
-from satrank.jobs.engine.ranker_trainer import TEACHER_MAP, RankerTrainer
+from satrank.jobs.engine.ranker_trainer import RankerTrainer, teacher_map
 from satrank.jobs.engine.job import run_job
 from satrank.models.metrics.ranker_eval import EvaluationConfig, RankerEvaluator
 from satrank.models.ranker.task import find_task, needs_teacher
@@ -75,7 +75,7 @@ def run(rt, args, cfg) -> None:
             write_json_atomic(args.out / TEACHER_FILE, teacher_to_dict(args.teacher, args.teacher_path and str(args.teacher_path)))
         loaded: List[str] = []
         if args.teacher is not None:
-            loaded = load_prefixed(args.teacher_path, trainer.dmp, TEACHER_MAP, cfg.data, args.teacher.emb,
+            loaded = load_prefixed(args.teacher_path, trainer.dmp, teacher_map(args.teacher), cfg.data, args.teacher.emb,
                                    what="--satisfaction", expect_job="satisfaction")
             log.info("loaded the frozen satisfaction model g from %s (%d tensors)", args.teacher_path, len(loaded))
         elif args.satisfaction is not None:

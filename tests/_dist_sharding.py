@@ -3,7 +3,8 @@ item EC table, table-wise and data-parallel EBC tables, fused rowwise_adagrad) o
 of fixed global batches; rank 0 also trains the same model unsharded (plain modules, torchrec's
 RowWiseAdagrad, same seeds) on the whole global batches. Writes OUT/result.json on rank 0.
 
-usage: torchrun --standalone --nproc_per_node=2 tests/_dist_sharding.py OUT [--pipeline]
+usage: torchrun --standalone --nproc_per_node=2 tests/_dist_sharding.py OUT [--pipeline] [--dp-adam]
+(--dp-adam: embeddings.data_parallel_optimizer = Adam, so the data_parallel table follows its own rule)
 """
 from __future__ import annotations
 
@@ -55,16 +56,18 @@ def unsharded_run(data, emb, batches):
     model = ToyModel(data, emb)
     model.sparse_arch.materialize(SEED)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    emb_opt = torch_embedding_optimizer(model.sparse_arch.parameters(), emb.optimizer)
+    dp = [p for n, p in model.sparse_arch.named_parameters()
+          if emb.table_sharding(n.split(".")[-2]) == "data_parallel"]  # <coll>.<embeddings>.<table>.weight
+    fused = [p for p in model.sparse_arch.parameters() if all(p is not q for q in dp)]
+    emb_opts = [torch_embedding_optimizer(fused, emb.optimizer), torch_embedding_optimizer(dp, emb.dp_optimizer())]
     dense_opt = torch.optim.SGD(model.over.parameters(), lr=DENSE_LR)
     losses = []
     for rows in batches:
         loss, _ = model(batch_from_rows(data, rows))
         loss.backward()
-        emb_opt.step()
-        dense_opt.step()
-        emb_opt.zero_grad()
-        dense_opt.zero_grad()
+        for opt in (*emb_opts, dense_opt):
+            opt.step()
+            opt.zero_grad()
         losses.append(loss.item())
     return init, {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
 
@@ -73,8 +76,10 @@ def max_diff(a, b):
     return {k: float((a[k] - b[k]).abs().max()) for k in sorted(a)}
 
 
-def run(rt, out: Path, use_pipeline: bool) -> None:
-    data, emb = data_config(), emb_config()
+def run(rt, out: Path, use_pipeline: bool, dp_adam: bool = False) -> None:
+    data = data_config()
+    emb = emb_config(data_parallel_optimizer={"type": "adam", "lr": 0.01, "weight_decay": 1.0e-3}) if dp_adam \
+        else emb_config()
     batches = global_batches(data, STEPS, GLOBAL_B, SEED)
     dmp, s_init, s_final, s_losses, pipelined = sharded_run(rt, data, emb, batches, use_pipeline)
     if rt.is_main:
@@ -95,7 +100,7 @@ def run(rt, out: Path, use_pipeline: bool) -> None:
 def main() -> None:
     rt = init_runtime(seed=SEED, device="cpu")
     try:
-        run(rt, Path(sys.argv[1]), "--pipeline" in sys.argv)
+        run(rt, Path(sys.argv[1]), "--pipeline" in sys.argv, "--dp-adam" in sys.argv)
     finally:
         rt.close()
 

@@ -35,7 +35,7 @@ def main(data: str, sat_run: str, out: str, overrides: list) -> None:
     from satrank.jobs.engine.checkpoint import checkpoint_config
     from satrank.jobs.engine.runs import build_task, run_checkpoint, satisfaction_teacher
     from satrank.jobs.engine.runtime import init_runtime
-    from satrank.jobs.engine.ranker_trainer import TEACHER_MAP, RankerTrainer
+    from satrank.jobs.engine.ranker_trainer import RankerTrainer, teacher_map
     from satrank.jobs.engine.readers import evaluation_loader, first_batch, stage_train_config, training_loader
     from satrank.jobs.engine.checkpoint import load_prefixed
     from satrank.models.metrics.ranker_eval import RankerEvaluator
@@ -66,7 +66,7 @@ def main(data: str, sat_run: str, out: str, overrides: list) -> None:
                "ranker_children": sorted(n for n, _ in task.ranker.ranker.named_children()),
                "fusion_names": task.ranker.ranker.fusion_names}
         if teacher is not None:
-            res["g_tensors_loaded"] = len(load_prefixed(path, trainer.dmp, TEACHER_MAP, cfg.data, teacher.emb,
+            res["g_tensors_loaded"] = len(load_prefixed(path, trainer.dmp, teacher_map(teacher), cfg.data, teacher.emb,
                                                         what="--satisfaction", expect_job="satisfaction"))
         valid = evaluation_loader(cfg, data_dir / "valid")
         batch = first_batch(valid)

@@ -129,6 +129,19 @@ def test_two_rank_sharded_training_matches_unsharded_per_step(dist_results):
     assert len(tables) == 4 and min(tables.values()) > 0.05, tables
 
 
+def test_data_parallel_optimizer_gives_data_parallel_tables_their_own_rule(tmp_path):
+    """embeddings.data_parallel_optimizer: Adam on the data_parallel table beside fused row-wise Adagrad tables;
+    the 2-rank sharded run matches an unsharded model stepped with those two rules, per step."""
+    torchrun("_dist_sharding.py", str(tmp_path), "--dp-adam")
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["plan"]["sparse_arch.ebc"]["category"]["sharding_type"] == "data_parallel"
+    for step, (a, b) in enumerate(zip(r["sharded_losses"], r["unsharded_losses"])):
+        assert abs(a - b) < 1e-5, (step, a, b)
+    for key, d in r["final_max_diff"].items():
+        assert d < 1e-5, (key, d)
+    assert r["final_change"]["sparse_arch.ebc.embedding_bags.category.weight"] > 0.005  # Adam moved it
+
+
 def test_plan_uses_the_configured_sharding_types(dist_results):
     r, _ = dist_results
     plan = r["plan"]

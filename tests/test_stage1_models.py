@@ -181,6 +181,40 @@ def test_dot_product_adds_u_dot_v_to_the_logit_and_table_weight_decay_builds():
     assert kwargs["weight_decay"] == 0.001 and kwargs["weight_decay_mode"].name == "L2"
 
 
+def test_mf_form_is_a_logistic_mf_on_the_table_rows_with_folded_biases_and_scores_history_items_the_same_way():
+    from satrank.models.stage1.tasks import mf_logit
+
+    torch.manual_seed(0)
+    cfg = SatisfactionConfig(loss="dr", clip=0.05, tables="own", form="mf")
+    model = materialize(SatisfactionModel(data_config(), EMB, TowerConfig(dim=8), cfg, PropensityConfig()))
+    with torch.no_grad():
+        model.arch.mf_bias.fill_(0.25)
+    assert mf_logit(torch.tensor([1.0, 2.0, 0.5]), torch.tensor([3.0, -1.0, 0.125]), torch.tensor(0.25)) == 1.875
+    model.eval()
+    b = make_batch(data_config(), 8, seed=3)
+    sp = model.sparse_arch(b.sparse)
+    e_u, e_i = sp.pooled["user_id"], sp.pooled["item_id"]  # TowerConfig's first user and item features
+    want = (e_u[:, :-1] * e_i[:, :-1]).sum(-1) + e_u[:, -1] + e_i[:, -1] + 0.25
+    torch.testing.assert_close(model.predict(b)["sat_logit"], want)
+    # history scoring (MLSE): the candidate's own row as a one-item history gives the same logit
+    hist = model.arch.history_logits(sp.pooled, sp.sequences, b.dense, e_i.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(hist, want)
+    # the towers and head stay in the state dict (g's layout) but are frozen; the tables, bias and imputation train
+    model.train()
+    loss, _ = model(b)
+    loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and torch.count_nonzero(p.grad)}
+    assert {"sparse_arch.ebc.embedding_bags.user.weight", "sparse_arch.ec.embeddings.item.weight",
+            "arch.mf_bias"} <= trained, trained
+    assert not any(n.startswith(("arch.tower.", "arch.head.")) for n in trained), trained
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith(("arch.tower.", "arch.head.")))
+    for bad, match in ((dict(tables="frozen"), r"satisfaction\.form: mf learns in the tables themselves"),
+                       (dict(tables="own", dot_product=True), r"satisfaction\.dot_product: .* with form mf set it false"),
+                       (dict(form="gmf"), r"satisfaction\.form: must be one of \['mlp', 'mf'\], got 'gmf'")):
+        with pytest.raises(ConfigError, match=match):
+            SatisfactionConfig(**{"form": "mf", **bad}).validate("satisfaction")
+
+
 def test_satisfaction_model_starts_from_click_tables_and_propensity_weights():
     data = data_config()
     torch.manual_seed(1)

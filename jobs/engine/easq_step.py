@@ -56,7 +56,7 @@ class EasqOptimizers:
                                                                                  t.dense_weight_decay))}
         parts = [("fused", dmp.fused_optimizer), ("lora", g[GROUP_LORA]), ("backbone", g["backbone"])]
         if dp_tables:
-            g["dp_tables"] = KeyedOptimizerWrapper(dp_tables, embedding_optimizer_factory(self.emb.optimizer))
+            g["dp_tables"] = KeyedOptimizerWrapper(dp_tables, embedding_optimizer_factory(self.emb.dp_optimizer()))
             parts.append(("dp_tables", g["dp_tables"]))
         self.groups, self.combined = g, CombinedOptimizer(parts)
         self.backbone = {k: backbone[k] for k in sorted(backbone) if k.startswith(BACKBONE_PREFIX)}

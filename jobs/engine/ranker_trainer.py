@@ -12,6 +12,12 @@ from satrank.jobs.engine.trainer import Trainer
 from satrank.models.ranker.task import find_task
 
 TEACHER_MAP = {"sparse_arch.": "g.sparse_arch.", "arch.tower.": "g.arch.tower.", "arch.head.": "g.arch.head."}  # RUN_S -> g
+
+
+def teacher_map(teacher: Any) -> Dict[str, str]:
+    """RUN_S -> g key prefixes for this TeacherSpec: TEACHER_MAP, plus the MF bias of a `satisfaction.form: mf` g."""
+    extra = {"arch.mf_bias": "g.arch.mf_bias"} if teacher.satisfaction.form == "mf" else {}
+    return {**TEACHER_MAP, **extra}
 log = get_logger("train")
 
 

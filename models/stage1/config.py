@@ -15,6 +15,8 @@ from satrank.pipeline.config import ConfigError
 SatLoss = Literal["naive", "ips", "snips", "dr"]
 SatTables = Literal["frozen", "fine_tune", "own"]
 SAT_TABLES = ("frozen", "fine_tune", "own")
+SatForm = Literal["mlp", "mf"]
+SAT_FORMS = ("mlp", "mf")
 
 
 def _check_hidden(path: str, hidden: List[int]) -> None:
@@ -142,6 +144,12 @@ class SatisfactionConfig:
     # add <u, v> to g's logit (the MLP of eq. 1 plus a generalised-MF term, as NeuMF): an MLP over [u, v, u*v] learns
     # a dot product slowly and poorly from a few thousand answers (docs/stage1.md "g's own tables on rating data")
     dot_product: bool = False
+    # mlp: eq. 1, MLP([u, v, u*v]) over the towers | mf: a logistic MF read straight off the tables, logit =
+    # <e_u[:-1], e_i[:-1]> + e_u[-1] + e_i[-1] + b (the last coordinate of each row is its bias) with e_u, e_i the rows
+    # of pretrain.tower's FIRST user and item feature; the towers and head are kept but frozen and unused. Any learned
+    # map between the tables and the product lets g fit the answers before the factors learn the users' tastes
+    # (docs/benchmarks.md "Ratings baseline"); mf needs trained tables (tables: own | fine_tune)
+    form: SatForm = "mlp"
     init_tower_from_pretrain: bool = True  # copy the click model's tower MLPs too (tables copied unless tables=own)
     freeze_tower: bool = False  # also freeze the tower MLPs
     check_finite: bool = True  # raise FloatingPointError on a non-finite loss (one host sync per batch)
@@ -162,6 +170,13 @@ class SatisfactionConfig:
             raise ConfigError(f"{path}.estimate_clip: must be in (0, 1] or null (= clip), got {self.estimate_clip}")
         if self.tables not in SAT_TABLES:
             raise ConfigError(f"{path}.tables: must be one of {list(SAT_TABLES)}, got {self.tables!r}")
+        if self.form not in SAT_FORMS:
+            raise ConfigError(f"{path}.form: must be one of {list(SAT_FORMS)}, got {self.form!r}")
+        if self.form == "mf" and self.tables == "frozen":
+            raise ConfigError(f"{path}.form: mf learns in the tables themselves; it needs {path}.tables own or "
+                              f"fine_tune, got frozen")
+        if self.form == "mf" and self.dot_product:
+            raise ConfigError(f"{path}.dot_product: adds the towers' <u, v> to the mlp form; with form mf set it false")
         _check_hidden(f"{path}.hidden", self.hidden)
         _check_hidden(f"{path}.imputation_hidden", self.imputation_hidden)
         _check_dropout(f"{path}.dropout", self.dropout)

@@ -34,6 +34,7 @@ from satrank.embeddings.config import EmbeddingConfig
 from satrank.embeddings.tables import META, TABLE_KEY, SparseArch, padded
 from satrank.models.stage1.config import (BEHAVIOUR_INPUTS, BEHAVIOUR_LABEL, PropensityConfig, SatisfactionConfig,
                                           TowerConfig)
+from satrank.pipeline.config import ConfigError
 from satrank.models.stage1.losses import LossOut, bce_with_logits, dr_imputation_loss, satisfaction_loss
 from satrank.models.common.towers import UserItemTower, check_features, dense_index, masked_mean, mlp
 from satrank.pipeline.features import DataConfig
@@ -266,17 +267,37 @@ class PropensityModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- satisfaction
-class SatisfactionArch(nn.Module):
-    """s_hat logit = MLP([u, v, u*v]) (eq. 1); for `dr` also e_hat = softplus(MLP_e([u, v, u*v].detach())).
+def mf_logit(e_u: torch.Tensor, e_i: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Logistic MF with the biases folded into the rows: <e_u[..., :-1], e_i[..., :-1]> + e_u[..., -1] + e_i[..., -1]
+    + bias (satisfaction.form: mf). No learned map between the tables and the product (docs/stage1.md)."""
+    return (e_u[..., :-1] * e_i[..., :-1]).sum(-1) + e_u[..., -1] + e_i[..., -1] + bias
 
-    The imputation head sees detached features, so its loss trains only the head itself.
+
+class SatisfactionArch(nn.Module):
+    """s_hat logit = MLP([u, v, u*v]) (eq. 1), or with `form: mf` mf_logit of the first user and item features'
+    table rows; for `dr` also e_hat = softplus(MLP_e([u, v, u*v].detach())) (u, v: the rows with form mf).
+
+    The imputation head sees detached features, so its loss trains only the head itself. With form mf the tower and
+    head are built (the checkpoint layout stays g's) but frozen and never called.
     """
 
     def __init__(self, data: DataConfig, dims: Dict[str, int], tower: TowerConfig, cfg: SatisfactionConfig):
         super().__init__()
         self.tower = UserItemTower(data, dims, tower, "pretrain.tower")
         self.head = mlp(3 * tower.dim, cfg.hidden, 1, cfg.dropout)
-        self.imputation = mlp(3 * tower.dim, cfg.imputation_hidden, 1) if cfg.loss == "dr" else None
+        self.form = cfg.form
+        feat_dim = tower.dim
+        if self.form == "mf":
+            self.mf_user, self.mf_item = tower.user_features[0], tower.item_features[0]
+            if dims[self.mf_user] != dims[self.mf_item]:
+                raise ConfigError(f"satisfaction.form: mf takes the dot product of {self.mf_user!r} ({dims[self.mf_user]}"
+                                  f" dims) and {self.mf_item!r} ({dims[self.mf_item]} dims), the first user and item "
+                                  f"features of pretrain.tower: their tables need one dim (embeddings.tables.*.dim)")
+            feat_dim = dims[self.mf_user]
+            self.mf_bias = nn.Parameter(torch.zeros(()))
+            self.tower.requires_grad_(False)  # unused with mf: no gradient, so DDP must not wait for one
+            self.head.requires_grad_(False)
+        self.imputation = mlp(3 * feat_dim, cfg.imputation_hidden, 1) if cfg.loss == "dr" else None
         self.frozen_tables = cfg.tables == "frozen"
         self.dot_product = cfg.dot_product
 
@@ -284,9 +305,13 @@ class SatisfactionArch(nn.Module):
         if self.frozen_tables:
             # Frozen tables: inputs come from no_grad lookups; detach anyway so no graph can reach a table.
             pooled, sequences = {k: t.detach() for k, t in pooled.items()}, _detach_sequences(sequences)
-        u, v = self.tower(pooled, sequences, dense)
+        if self.form == "mf":
+            u, v = pooled[self.mf_user], pooled[self.mf_item]
+            logit = mf_logit(u, v, self.mf_bias)
+        else:
+            u, v = self.tower(pooled, sequences, dense)
+            logit = self.head(torch.cat([u, v, u * v], dim=-1)).squeeze(-1)
         h = torch.cat([u, v, u * v], dim=-1)
-        logit = self.head(h).squeeze(-1)
         if self.dot_product:
             logit = logit + (u * v).sum(-1)
         e_hat = None
@@ -300,6 +325,9 @@ class SatisfactionArch(nn.Module):
         (the item tower must take exactly one sparse feature and no dense column): [B, L]. `rows` [B'] (optional)
         gives the user row of each of B' item sets instead (items [B', L, d_e] -> [B', L]): batch scoring computes
         each request's user half once and scores every candidate row of the request against it."""
+        if self.form == "mf":
+            e_u = pooled[self.mf_user] if rows is None else pooled[self.mf_user][rows]
+            return mf_logit(e_u.unsqueeze(1), items, self.mf_bias)
         u, _ = self.tower(pooled, sequences, dense)  # the item half is recomputed below, per history item
         if rows is not None:
             u = u[rows]
