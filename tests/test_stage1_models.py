@@ -215,6 +215,22 @@ def test_mf_form_is_a_logistic_mf_on_the_table_rows_with_folded_biases_and_score
             SatisfactionConfig(**{"form": "mf", **bad}).validate("satisfaction")
 
 
+def test_stage_2_loads_an_mf_g_with_its_bias_and_an_mlp_g_as_before():
+    from satrank.jobs.engine.ranker_trainer import TEACHER_MAP, teacher_map
+    from satrank.models.ranker.task import TeacherSpec
+
+    def spec(form):
+        return TeacherSpec(EMB, TowerConfig(dim=8), SatisfactionConfig(tables="own" if form == "mf" else "frozen",
+                                                                       form=form))
+
+    assert teacher_map(spec("mlp")) == TEACHER_MAP
+    mf_map = teacher_map(spec("mf"))
+    assert mf_map == {**TEACHER_MAP, "arch.mf_bias": "g.arch.mf_bias"}
+    g = SatisfactionModel(data_config(), EMB, TowerConfig(dim=8), spec("mf").satisfaction, PropensityConfig())
+    keys = [k for k in g.state_dict() if not k.startswith("propensity.")]
+    assert all(any(k.startswith(src) for src in mf_map) for k in keys), keys  # every g weight has a mapping
+
+
 def test_satisfaction_model_starts_from_click_tables_and_propensity_weights():
     data = data_config()
     torch.manual_seed(1)
