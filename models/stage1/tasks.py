@@ -305,13 +305,10 @@ class SatisfactionArch(nn.Module):
         if self.frozen_tables:
             # Frozen tables: inputs come from no_grad lookups; detach anyway so no graph can reach a table.
             pooled, sequences = {k: t.detach() for k, t in pooled.items()}, _detach_sequences(sequences)
-        if self.form == "mf":
-            u, v = pooled[self.mf_user], pooled[self.mf_item]
-            logit = mf_logit(u, v, self.mf_bias)
-        else:
-            u, v = self.tower(pooled, sequences, dense)
-            logit = self.head(torch.cat([u, v, u * v], dim=-1)).squeeze(-1)
+        mf = self.form == "mf"
+        u, v = (pooled[self.mf_user], pooled[self.mf_item]) if mf else self.tower(pooled, sequences, dense)
         h = torch.cat([u, v, u * v], dim=-1)
+        logit = mf_logit(u, v, self.mf_bias) if mf else self.head(h).squeeze(-1)
         if self.dot_product:
             logit = logit + (u * v).sum(-1)
         e_hat = None
