@@ -133,9 +133,10 @@ def _value_at(cfg: Any, path: str) -> Any:
         if isinstance(node, dict):
             node = node[part]
         elif isinstance(node, (list, tuple)):
-            named = [x for x in node if (x.get("name") if isinstance(x, dict) else getattr(x, "name", None)) == part]
             if part.isdigit() and int(part) < len(node):  # by position first, as pipeline.config._list_index
                 named = [node[int(part)]]
+            else:
+                named = [x for x in node if (x.get("name") if isinstance(x, dict) else getattr(x, "name", None)) == part]
             if not named:
                 raise KeyError(path)
             node = named[0]

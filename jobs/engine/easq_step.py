@@ -129,11 +129,10 @@ def pair_summary(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
     """RUN/metrics.json `dpo_pairs` from every rank's EasqStep.pair_sums: pairs scored (answered, online), the
     online pairs' weighted share the policy already ordered as the reward does, and the steps with DPO on (rank 0's)."""
     total = dict(zip(PAIR_SUMS, (float(x) for x in torch.stack([p["pair_sums"].cpu() for p in parts]).sum(0))))
-    first = dict(zip(PAIR_SUMS, (float(x) for x in parts[0]["pair_sums"].cpu())))
     online = total["online"]
     return {"answered": int(total["answered"]), "online": int(online),
             "online_agreement": total["online_agreeing"] / online if online > 0 else None,
-            "dpo_steps": int(first["dpo_steps"])}
+            "dpo_steps": int(parts[0]["pair_sums"][PAIR_SUMS.index("dpo_steps")])}
 
 
 def _cat(ts: List[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:

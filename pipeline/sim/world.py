@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Dict, List, Tuple
+from typing import Dict, List, Literal, Tuple
 
 import numpy as np
 
@@ -60,7 +60,7 @@ class SimulateConfig:
     sat_w_attractiveness: float = 0.0  # + w * attractiveness; < 0: click-bait disappoints (configs/sim_alt.yaml)
     # whose topic affinity the satisfaction logit reads: shared = the click affinity (one taste drives both) | own = a
     #   second Dirichlet draw per user, independent of the click taste (a diagnostic world, docs/simulator.md)
-    sat_taste: str = "shared"
+    sat_taste: Literal["shared", "own"] = "shared"
     # questionnaire answered: logit = answer_bias + w_act*(activity-2) + w_pop*pop_z + w_click*click
     #   + w_watch*(watch_time_s / duration_s) + w_sat*sat
     answer_bias: float = -6.5
@@ -167,6 +167,11 @@ class World:
     sat_affinity: np.ndarray  # [U, T] the topic affinity satisfaction reads: `affinity` itself unless sat_taste: own
 
 
+def _affinity(theta: np.ndarray) -> np.ndarray:
+    """Topic affinity a(u, t) = log(1 + T theta_ut) - log 2 of [U, T] interests (0 for a uniform user)."""
+    return np.log1p(theta.shape[1] * theta) - np.log(2.0)
+
+
 def build_world(cfg: SimulateConfig) -> World:
     """Draw the latent world from `cfg.seed` (its own RNG stream, independent of the log)."""
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0]))
@@ -174,7 +179,7 @@ def build_world(cfg: SimulateConfig) -> World:
     theta = rng.dirichlet(np.full(T, cfg.interest_concentration), size=U)
     theta_cdf = np.cumsum(theta, axis=1)
     theta_cdf[:, -1] = 1.0
-    affinity = np.log1p(T * theta) - np.log(2.0)
+    affinity = _affinity(theta)
     probs = np.asarray(cfg.activity_bucket_probs, dtype=np.float64)
     activity = rng.choice(N_ACTIVITY, size=U, p=probs / probs.sum()).astype(np.int64)
     participation = np.asarray(cfg.activity_participation, dtype=np.float64)[activity]
@@ -211,7 +216,7 @@ def build_world(cfg: SimulateConfig) -> World:
     sat_affinity = affinity
     if cfg.sat_taste == "own":  # its own RNG stream (k=3): every other latent stays bit-identical to the shared world
         own = np.random.default_rng(np.random.SeedSequence([cfg.seed, 3]))
-        sat_affinity = np.log1p(T * own.dirichlet(np.full(T, cfg.interest_concentration), size=U)) - np.log(2.0)
+        sat_affinity = _affinity(own.dirichlet(np.full(T, cfg.interest_concentration), size=U))
     return World(theta, theta_cdf, affinity, activity, participation, user_sat_offset, author_topic,
                  author_quality, item_topic, item_author, quality, attractiveness, duration, pop_weight,
                  pop_z, global_cdf, topic_items, topic_cdf, topic_start, topic_end, topic_mass, sat_affinity)
