@@ -14,6 +14,7 @@ from satrank.models.easq.dpo import (DpoRamp, EasqLoss, dpo_loss, logprob_margin
                                      reward_pairs)
 from satrank.models.easq.pathway import SAT_HEAD, EasqRanker
 from satrank.models.easq.config import EasqConfig
+from satrank.pipeline.config import ConfigError
 from satrank.models.easq.pair_buffer import KIND_DISSATISFIED, KIND_SATISFIED, PairBuffer, fields_to_batch, row_fields
 from satrank.models.ranker.config import ModelConfig
 from satrank.models.ranker.saqrec import RankerInputs, SAQRecRanker
@@ -61,6 +62,24 @@ def test_reward_pairs_add_a_dpo_term_on_the_batch_rows_that_moves_the_policy_onl
     assert sat.grad is None or float(sat.grad.abs().sum()) == 0.0  # the reference is detached
     off = EasqLoss(EasqConfig(distill_weight=0.0, ramp_updates=0, sat_weight=0.0))
     assert "reward_pairs" not in off({"click": click, SAT_HEAD: sat}, labels, torch.ones(5), user_id=users)
+
+
+def test_reward_pairs_within_user_click_never_pair_a_clicked_row_with_an_unclicked_one():
+    users = torch.tensor([1, 1, 1, 1, 2, 2])
+    clicked = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+    sat = torch.tensor([0.0, 3.0, 1.0, 2.0, 0.0, 1.0])
+    click = torch.zeros(6, requires_grad=True)
+    labels = {"questionnaire_answered": torch.zeros(6), "satisfied": torch.zeros(6), "click": clicked}
+    kw = dict(distill_weight=0.0, reward_pairs="sat_head", ramp_updates=0, sat_weight=0.0, beta=1.0)
+    by_user = EasqLoss(EasqConfig(**kw))({"click": click, SAT_HEAD: sat}, labels, torch.ones(6), user_id=users)
+    by_click = EasqLoss(EasqConfig(**kw, reward_pair_within="user_click"))
+    res = by_click({"click": click, SAT_HEAD: sat}, labels, torch.ones(6), user_id=users)
+    # user 1: C(4, 2) = 6 pairs by user; by (user, click) only (2 over 0) and (1 over 3); user 2's rows differ in click
+    assert float(by_user["reward_pairs"]) == 7.0 and float(res["reward_pairs"]) == 2.0
+    # both pairs: policy margin 0, reference margin 1: softplus(1) each, equal confidences
+    assert abs(float(res["dpo"]) - sp(1.0)) < 1e-6
+    with pytest.raises(ConfigError, match="reward_pair_within: must be user or user_click"):
+        EasqConfig(reward_pair_within="click").validate("easq")
 
 
 # ------------------------------------------------------------------------------------------ DPO loss

@@ -18,6 +18,7 @@ SatLossKind = Literal["ips", "snips", "pairwise"]
 LogProb = Literal["logit", "log_sigmoid"]
 PairWeight = Literal["product", "mean"]
 RewardPairs = Literal["none", "sat_head", "teacher"]
+RewardPairWithin = Literal["user", "user_click"]
 Pathway = Literal["isolated", "shared"]
 
 
@@ -73,6 +74,9 @@ class EasqConfig:
     # (none / 1.0 here, EASQ's answered pairs alone; configs/sim.yaml, the embedded default, turns them on)
     reward_pairs: RewardPairs = "none"
     reward_pair_weight: float = 1.0
+    # which rows an online pair may join: user (any two rows of one user) | user_click (two rows of one user with the
+    # same click label: the pair never asks the click head to rank an unclicked row over a clicked one)
+    reward_pair_within: RewardPairWithin = "user"
 
     def validate(self, path: str) -> None:
         def bad(key: str, msg: str) -> ConfigError:
@@ -103,6 +107,8 @@ class EasqConfig:
             raise bad("lr", f"must be > 0, got {self.lr}")
         if self.reward_pairs not in ("none", "sat_head", "teacher"):
             raise bad("reward_pairs", f"must be none, sat_head or teacher, got {self.reward_pairs!r}")
+        if self.reward_pair_within not in ("user", "user_click"):
+            raise bad("reward_pair_within", f"must be user or user_click, got {self.reward_pair_within!r}")
         for key in ("weight_decay", "sat_weight", "dpo_weight", "weak_pair_weight", "distill_weight",
                     "reward_pair_weight"):
             if getattr(self, key) < 0:

@@ -14,6 +14,7 @@ log p(w) - log p(l) = z_w - z_l exactly. `log_sigmoid` reads each logit as a poi
 Pairs are combined as sum_p w_p L_p / sum_p w_p (self-normalised weights, see satrank.models.easq.pair_buffer).
 Online pairs (`easq.reward_pairs`, `reward_pairs`): the batch's own rows of one user, ordered by g or the satisfaction
 head, weighted by the Bradley-Terry confidence; their DPO loss is added with weight `easq.reward_pair_weight`.
+`easq.reward_pair_within: user_click` pairs only rows of one user with the same click label.
 The DPO weight is 0 until the satisfaction head's running answered-AUC clears `ramp_threshold`,
 then rises linearly to 1 over `ramp_updates` optimizer updates (`DpoRamp`).
 """
@@ -291,7 +292,10 @@ class EasqLoss:
             rw = self._reward(out, teacher_logit)
             if user_id is None:
                 raise ValueError(f"easq loss: easq.reward_pairs {cfg.reward_pairs!r} needs the batch's user ids")
-            w_i, l_i, conf = reward_pairs(user_id.to(s.device), rw, cfg.pairs_per_row)
+            group = user_id.to(s.device).long()
+            if cfg.reward_pair_within == "user_click":  # one group per (user, click label): 2 u + click
+                group = 2 * group + (_label(labels, "click", s) > 0.5).long()
+            w_i, l_i, conf = reward_pairs(group, rw, cfg.pairs_per_row)
             head = cfg.dpo_head
             if head not in out:
                 raise KeyError(f"easq.dpo_head {head!r} is not an output of the ranker (have {sorted(out)})")
