@@ -14,11 +14,10 @@ from satrank.models.easq.dpo import (DpoRamp, EasqLoss, dpo_loss, logprob_margin
                                      reward_pairs)
 from satrank.models.easq.pathway import SAT_HEAD, EasqRanker
 from satrank.models.easq.config import EasqConfig
-from satrank.pipeline.config import ConfigError
 from satrank.models.easq.pair_buffer import KIND_DISSATISFIED, KIND_SATISFIED, PairBuffer, fields_to_batch, row_fields
 from satrank.models.ranker.config import ModelConfig
 from satrank.models.ranker.saqrec import RankerInputs, SAQRecRanker
-from satrank.pipeline.config import from_dict
+from satrank.pipeline.config import ConfigError, from_dict
 from tests._synthetic import batch_from_rows, data_config, make_rows
 
 
