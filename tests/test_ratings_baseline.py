@@ -3,22 +3,16 @@ self-selected (the MNAR training ratings are higher than the MAR test's), and it
 MAR test ratings above chance on a small set (a few seconds)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+from _bench_module import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("ratings_baseline", ROOT / "bench" / "ratings_baseline.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("ratings_baseline", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("ratings_baseline")
 
 
 def _triplets(path: Path) -> np.ndarray:
