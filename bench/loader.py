@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing.forkserver as forkserver
 import os
 import platform
 import resource
@@ -41,8 +42,8 @@ def _forkserver_children_cpu() -> float:
     """CPU seconds of the forkserver's reaped children. The DataLoader workers are forked by the
     multiprocessing forkserver (satrank.pipeline.lifeline), not by this process, so its RUSAGE_CHILDREN
     never sees them; the forkserver reaps them, and /proc/<forkserver>/stat counts their CPU (fields
-    cutime, cstime). 0 before the forkserver exists (the reader's first pass starts it)."""
-    import multiprocessing.forkserver as forkserver
+    cutime, cstime). 0 before the forkserver exists (the reader's first pass starts it). Reads the
+    module's private `_forkserver._forkserver_pid` (CPython exposes no public accessor), tolerating its absence."""
     pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
     if pid is None:
         return 0.0

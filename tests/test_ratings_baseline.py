@@ -11,16 +11,12 @@ import numpy as np
 from _bench_module import load_bench
 
 
-def _bench():
-    return load_bench("ratings_baseline")
-
-
 def _triplets(path: Path) -> np.ndarray:
     return np.array([[int(x) for x in line.split("\t")] for line in path.read_text().splitlines()])
 
 
 def test_simulated_ratings_convert_and_mf_learns(tmp_path):
-    rb = _bench()
+    rb = load_bench("ratings_baseline")
     world = rb.simulate_triplets(tmp_path / "raw", seed=0, users=120, items=100, train_per_user=20, test_per_user=10)
     train, test = _triplets(tmp_path / "raw" / rb.TRAIN_FILE), _triplets(tmp_path / "raw" / rb.TEST_FILE)
     assert train.shape[1] == test.shape[1] == 3 and set(np.unique(train[:, 2])) <= {1, 2, 3, 4, 5}
