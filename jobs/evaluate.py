@@ -2,10 +2,11 @@
 
     torchrun --nproc_per_node=N -m satrank.jobs.evaluate --config CFG --data DIR --model RUN --out OUT
 
-RUN is a satrank.jobs.train run directory: its checkpoint (RUN/best when kept, else RUN/checkpoint; written
-by any world size, resharded on load) and RUN/teacher.json (how its frozen satisfaction model g was
-built). The model's architecture and features come from the checkpoint's config.yaml, so every
-ablation evaluates as it was trained; --config/--set supply the reader and `evaluate:` settings.
+RUN is a satrank.jobs.train or satrank.jobs.dpo run directory: its checkpoint (RUN/best when kept, else
+RUN/checkpoint; written by any world size, resharded on load) and RUN/teacher.json (how its frozen satisfaction
+model g was built); a dpo run is rebuilt with its EASQ pathway, as its own `after` figures were measured.
+The model's architecture and features come from the checkpoint's config.yaml, so every ablation evaluates as it
+was trained; --config/--set supply the reader and `evaluate:` settings.
 With --propensity RUN_P also `offline_top_k` (satrank.jobs.engine.offline_eval: the top-k satisfaction among logged
 impressions estimated from the answers, with intervals; the truth beside it where it exists).
 Writes OUT/metrics.json (satrank.models.metrics.ranker_eval.METRIC_KEYS, <head>_auc of every other binary head,
@@ -50,7 +51,8 @@ def run(rt, args, cfg_cli) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser("satrank evaluate", __doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="satrank.jobs.train run directory (or a checkpoint)")
+    parser.add_argument("--model", type=Path, required=True,
+                        help="satrank.jobs.train or satrank.jobs.dpo run directory (or a checkpoint)")
     parser.add_argument("--propensity", type=Path, default=None,
                         help="satrank.jobs.propensity run: adds `offline_top_k`, naive / IPS / SNIPS / DR estimates of "
                              "the top-k's satisfaction among logged impressions (satrank.jobs.engine.offline_eval)")

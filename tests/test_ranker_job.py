@@ -191,6 +191,19 @@ def test_dpo_raises_true_satisfaction_of_the_top_10_over_its_control_at_a_bounde
     assert cost < DPO_CLICK_COST, cost
 
 
+def test_evaluate_takes_a_dpo_run_and_reproduces_its_after_figures_in_one_process(stage1, easq_runs, tmp_path):
+    """satrank.jobs.evaluate rebuilds a dpo run as it trained (the ranker with its EASQ pathway), so a user can
+    re-read a DPO run under other `evaluate:` settings; at the run's own settings it gives the run's `after`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "satrank.jobs.evaluate", "--data", str(stage1["data"]), "--model",
+                           str(stage1["root"] / "dpo"), "--out", str(tmp_path), *sets()],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    again, after = json.loads((tmp_path / "metrics.json").read_text()), easq_runs["dpo"]["after"]
+    for key in ("click_auc", "true_sat@10", "true_click@10", "hr@10", "ndcg@10"):
+        assert again[key] == pytest.approx(after[key], abs=2e-4), key
+
+
 # ------------------------------------------------------------------------------------------ ablations
 def test_each_ablation_switch_removes_its_part(worker):
     full, no_sid, no_mlse, no_mtl = worker["full"], worker["no_sid"], worker["no_mlse"], worker["no_mtl"]

@@ -117,18 +117,29 @@ def format_table(rows: Dict[str, Dict[str, Any]], keys: Sequence[str] = METRIC_K
 
 
 def load_trained(run: Path, runtime: Runtime, cfg_cli: SatrankConfig):
-    """(sharded model, its config) of a satrank.jobs.train run, weights loaded from its best/last checkpoint."""
+    """(sharded model, its config) of a satrank.jobs.train or satrank.jobs.dpo run, weights loaded from its best/last
+    checkpoint. A dpo run (meta.json's job) is rebuilt as it trained, the stage-2 ranker with its EASQ pathway
+    (satrank.models.easq.task.EasqTask): the main heads serve with the adapters' sg(h_lora) injected, as in its
+    own `after` figures."""
     from satrank.embeddings.sharding import shard_model
+    from satrank.jobs.engine.runs import kind_of
+    from satrank.models.easq.task import EasqTask
 
     path = run_checkpoint(run)
     cfg = checkpoint_config(path)
     cfg.reader = cfg_cli.reader
+    kind = kind_of(ckpt.read_meta(path), path)
+    if kind not in ("ranker", "easq"):
+        raise ckpt.CheckpointError(f"{path}: a {kind} model (stage 1) is not a stage-2 ranker; evaluate a train or "
+                                   "dpo run (stage-1 models report their figures in their own metrics.json)")
     teacher_file = Path(run) / TEACHER_FILE
     teacher = teacher_from_dict(json.loads(teacher_file.read_text())) if teacher_file.is_file() else None
     if needs_teacher(cfg.model) and teacher is None:
         raise ckpt.CheckpointError(f"{run}: the model needs its satisfaction model g but {teacher_file} is missing")
     task = build_task(cfg, teacher, seed=0)
+    if kind == "easq":
+        task = EasqTask(task, cfg.easq)
     dmp, _ = shard_model(task, cfg.embeddings, runtime)
     meta = ckpt.load_checkpoint(path, dmp)
-    log.info("loaded %s (written by %d rank(s))", path, meta["world_size"])
+    log.info("loaded %s (%s, written by %d rank(s))", path, meta["extra"].get("job"), meta["world_size"])
     return dmp, cfg
