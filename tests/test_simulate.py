@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from satrank.pipeline.config import ConfigError, from_dict, load_yaml, to_dict
-from satrank.pipeline.sim.world import HistoryBuffers, build_world, true_probs
+from satrank.pipeline.sim.world import HistoryBuffers, build_world, feed_back, true_probs
 from satrank.pipeline.sim.simulate import (CANDIDATE_SCHEMA, IMPRESSION_SCHEMA, ITEM_SCHEMA, SimulateConfig, main,
                                            simulate)
 
@@ -421,3 +421,45 @@ def test_cli_writes_a_world_with_flags_and_set_overrides(tmp_path, capsys):
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err  # never mixes two runs' shards
     with pytest.raises(ConfigError, match="simulate.topics"):
         simulate(tmp_path / "bad", small(topics=0))
+
+
+def test_sat_feedback_moves_the_users_later_click_logit_for_the_topic_by_its_satisfaction_exactly():
+    """sat_feedback > 0: a clicked view moves the user's click offset for the item's topic by +w (satisfied) or -w
+    (not), clipped to +-cap; unclicked views move nothing; satisfaction itself is untouched. 0 = stationary."""
+    assert build_world(small()).click_drift is None
+    cfg = small(sat_feedback=0.5, sat_feedback_cap=0.8)
+    world = build_world(cfg)
+    items = np.array([0, 1, 2])
+    users = np.array([0, 1, 2])
+    t = world.item_topic[items]
+    pc0, ps0, _, _ = true_probs(world, cfg, users, items)
+    click, sat = np.array([True, True, False]), np.array([True, False, True])
+    feed_back(world, cfg, users, items, click, sat)
+    assert world.click_drift[users, t].tolist() == [0.5, -0.5, 0.0]
+    assert np.count_nonzero(world.click_drift) == 2
+    feed_back(world, cfg, users, items, click, sat)
+    assert world.click_drift[users, t].tolist() == [0.8, -0.8, 0.0]  # clipped at the cap
+    pc1, ps1, _, _ = true_probs(world, cfg, users, items)
+    logit = lambda p: np.log(p / (1 - p))
+    assert np.allclose(logit(pc1) - logit(pc0), [0.8, -0.8, 0.0])
+    assert np.array_equal(ps1, ps0)
+    with pytest.raises(ConfigError, match=r"simulate\.sat_feedback: must be >= 0"):
+        small(sat_feedback=-0.1).validate()
+
+
+def test_a_feedback_world_keeps_the_premise_and_the_stationary_world_is_bit_identical(tmp_path):
+    """The default (sat_feedback 0) writes the same bytes as before the option existed (feed_back is a no-op), and a
+    feedback world still logs sparse answers with clicked-but-dissatisfied views (the premise)."""
+    base = simulate(tmp_path / "a", small(seed=5))
+    again = simulate(tmp_path / "b", small(seed=5, sat_feedback=0.0))
+    fb = simulate(tmp_path / "c", small(seed=5, sat_feedback=0.25))
+    for split in ("train", "test", "candidates"):
+        a, b = (pq.read_table(d / split).to_pydict() for d in (tmp_path / "a", tmp_path / "b"))
+        assert a == b, split
+    # the feedback draws no random numbers: the same impressions and candidates, other click probabilities
+    for split in ("train", "candidates"):
+        a, c = (pq.read_table(d / split) for d in (tmp_path / "a", tmp_path / "c"))
+        assert a.column("item_id").equals(c.column("item_id")) and a.column("user_id").equals(c.column("user_id"))
+        assert not np.allclose(a.column("true_p_click").to_numpy(), c.column("true_p_click").to_numpy())
+        assert np.array_equal(a.column("true_p_satisfied").to_numpy(), c.column("true_p_satisfied").to_numpy())
+    assert 0.005 < fb["stats"]["answer_rate"] < 0.05 and fb["stats"]["clicked_dissatisfied_share"] > 0.1

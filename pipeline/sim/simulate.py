@@ -29,7 +29,7 @@ from tqdm import tqdm
 from satrank.pipeline.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from satrank.pipeline.features import DataConfig
 from satrank.pipeline.sim.world import (HISTORY_CAPS, N_ACTIVITY, HistoryBuffers, SimulateConfig, World, _sigmoid,
-                                build_world, exposure_probs, sample_exposures, true_probs, watch_fraction)
+                                build_world, exposure_probs, feed_back, sample_exposures, true_probs, watch_fraction)
 
 __all__ = ["SimulateConfig", "simulate", "main", "IMPRESSION_SCHEMA", "CANDIDATE_SCHEMA", "ITEM_SCHEMA", "ITEMS_PATH",
            "check_vocab"]
@@ -180,6 +180,7 @@ def _round(world: World, cfg: SimulateConfig, hist: HistoryBuffers, rng: np.rand
         answer_logit = answer_logit + cfg.answer_w_watch * watch_fraction(watch.astype(np.float64), dur)
     answered = u_ans < _sigmoid(answer_logit)
     skip = watch < cfg.skip_threshold_s
+    feed_back(world, cfg, users, items, click, sat)  # sat_feedback > 0: later rounds' clicks (not this one's)
     hcols = _hist_columns(hist, users)  # histories strictly before this round
     for name, mask in (("hist_click", click), ("hist_satisfied", answered & sat),
                        ("hist_dissatisfied", answered & ~sat), ("hist_skip", skip)):

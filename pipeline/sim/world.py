@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Dict, List, Literal, Tuple
+from typing import Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 
@@ -61,6 +61,11 @@ class SimulateConfig:
     # whose topic affinity the satisfaction logit reads: shared = the click affinity (one taste drives both) | own = a
     #   second Dirichlet draw per user, independent of the click taste (a diagnostic world, docs/simulator.md)
     sat_taste: Literal["shared", "own"] = "shared"
+    # satisfaction feeds back into later clicks: every clicked view moves the user's click logit for that topic by
+    #   +sat_feedback (satisfied) or -sat_feedback (not), the running offset clipped to +-sat_feedback_cap. 0 (the
+    #   default) = a stationary world: past satisfaction says nothing about the next click (docs/simulator.md)
+    sat_feedback: float = 0.0
+    sat_feedback_cap: float = 1.0
     # questionnaire answered: logit = answer_bias + w_act*(activity-2) + w_pop*pop_z + w_click*click
     #   + w_watch*(watch_time_s / duration_s) + w_sat*sat
     answer_bias: float = -6.5
@@ -131,6 +136,8 @@ class SimulateConfig:
             raise bad("row_group_rows", f"must be <= shard_rows ({self.shard_rows})")
         if self.sat_taste not in ("shared", "own"):
             raise bad("sat_taste", f"must be 'shared' or 'own', got {self.sat_taste!r}")
+        if self.sat_feedback < 0 or self.sat_feedback_cap < 0:
+            raise bad("sat_feedback" if self.sat_feedback < 0 else "sat_feedback_cap", "must be >= 0")
         if self.candidates_per_request > self.items:
             raise bad("candidates_per_request", f"{self.candidates_per_request} exceeds items ({self.items})")
 
@@ -165,6 +172,9 @@ class World:
     topic_end: np.ndarray  # [T]
     topic_mass: np.ndarray  # [T] sum of pop_weight per topic
     sat_affinity: np.ndarray  # [U, T] the topic affinity satisfaction reads: `affinity` itself unless sat_taste: own
+    # [U, T] the running click offset from past satisfaction (sat_feedback > 0; None = stationary). The only state
+    # that changes while the log is written (satrank.pipeline.sim.simulate); build_world starts it at 0
+    click_drift: Optional[np.ndarray] = None
 
 
 def _affinity(theta: np.ndarray) -> np.ndarray:
@@ -219,7 +229,8 @@ def build_world(cfg: SimulateConfig) -> World:
         sat_affinity = _affinity(own.dirichlet(np.full(T, cfg.interest_concentration), size=U))
     return World(theta, theta_cdf, affinity, activity, participation, user_sat_offset, author_topic,
                  author_quality, item_topic, item_author, quality, attractiveness, duration, pop_weight,
-                 pop_z, global_cdf, topic_items, topic_cdf, topic_start, topic_end, topic_mass, sat_affinity)
+                 pop_z, global_cdf, topic_items, topic_cdf, topic_start, topic_end, topic_mass, sat_affinity,
+                 np.zeros((U, T)) if cfg.sat_feedback > 0 else None)
 
 
 def sample_exposures(world: World, cfg: SimulateConfig, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -251,8 +262,24 @@ def exposure_probs(world: World, cfg: SimulateConfig, users: np.ndarray) -> np.n
 
 
 def click_logit(world: World, cfg: SimulateConfig, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    aff = world.affinity[users, world.item_topic[items]]
-    return cfg.click_bias + cfg.click_w_attractiveness * world.attractiveness[items] + cfg.click_w_interest * aff
+    topic = world.item_topic[items]
+    logit = (cfg.click_bias + cfg.click_w_attractiveness * world.attractiveness[items]
+             + cfg.click_w_interest * world.affinity[users, topic])
+    if world.click_drift is not None:  # sat_feedback > 0: what the user's past views of the topic left behind
+        logit = logit + world.click_drift[users, topic]
+    return logit
+
+
+def feed_back(world: World, cfg: SimulateConfig, users: np.ndarray, items: np.ndarray, click: np.ndarray,
+              sat: np.ndarray) -> None:
+    """After a round (sat_feedback > 0): each clicked view moves its user's click offset for the item's topic by
+    +sat_feedback if the user was satisfied, -sat_feedback if not, clipped to +-sat_feedback_cap. `users` are
+    distinct within a round, so the update is one vectorised step."""
+    if world.click_drift is None:
+        return
+    u, t = users[click], world.item_topic[items[click]]
+    step = np.where(sat[click], cfg.sat_feedback, -cfg.sat_feedback)
+    world.click_drift[u, t] = np.clip(world.click_drift[u, t] + step, -cfg.sat_feedback_cap, cfg.sat_feedback_cap)
 
 
 def satisfaction_logit(world: World, cfg: SimulateConfig, users: np.ndarray, items: np.ndarray) -> np.ndarray:
