@@ -11,6 +11,10 @@ metrics.json (jobs.train evaluates on DIR/test and the candidate sets; jobs.dpo 
 It prints ONE JSON line: per arm and seed true_sat@10, true_click@10, hr@10, click_auc (and the
 oracles), stage-1 ideal_loss_all / auc_true_all of IPS and naive, and the paired differences against
 click-only (SAQRec and ablations) and against the DPO-off control (DPO) with the number of seeds won.
+With --frontier W1,W2 (e.g. 1.25,1.5) the DPO-off control is also evaluated at those `evaluate.fusion_sat_weight`s
+(jobs.evaluate on the dpo run): raising the weight trades true_click@10 for true_sat@10 at no click-AUC cost, and
+`dpo_vs_frontier` is DPO's true_sat@10 minus the control's at DPO's true_click@10 on that curve (linear between the
+measured weights; docs/alignment.md, "What DPO's gain is").
 
 Runs live under --out/<world>/seed<k>/<stage>; a stage whose metrics.json exists is reused (metrics.json
 is written atomically at a job's end), so an interrupted bench resumes; --fresh starts a seed over.
@@ -41,7 +45,35 @@ METRICS = ["true_sat@10", "true_click@10", "hr@10", "click_auc", "true_sat@10_or
 STAGE1 = ["ideal_loss_all", "auc_true_all"]
 
 
-def run_seed(world: str, seed: int, arms: List[str], base: Path, nproc: int, overrides: List[str]) -> Dict[str, dict]:
+def frontier_at(points: List[tuple], click: float) -> Optional[float]:
+    """true_sat@10 of a control's fusion-weight curve at true_click@10 = `click`, linear between the two measured
+    points around it; `points` are (true_sat@10, true_click@10) pairs, one per weight; None outside their range."""
+    pts = sorted(points, key=lambda p: p[1])
+    for (s0, c0), (s1, c1) in zip(pts, pts[1:]):
+        if c0 <= click <= c1:
+            return s0 if c1 == c0 else s0 + (s1 - s0) * (click - c0) / (c1 - c0)
+    return None
+
+
+def vs_frontier(per_seed: Dict[int, Dict[str, dict]], weights: List[float]) -> Optional[dict]:
+    """DPO's true_sat@10 minus its control's at DPO's true_click@10 on the control's fusion-weight curve, per seed."""
+    diffs = []
+    for r in per_seed.values():
+        if "dpo" not in r or "dpo_off" not in r:
+            continue
+        curve = [(r["dpo_off"]["true_sat@10"], r["dpo_off"]["true_click@10"])]
+        curve += [(r[f"dpo_off_fusion{w}"]["true_sat@10"], r[f"dpo_off_fusion{w}"]["true_click@10"]) for w in weights]
+        at = frontier_at(curve, r["dpo"]["true_click@10"])
+        diffs.append(None if at is None else round(r["dpo"]["true_sat@10"] - at, 4))
+    known = [d for d in diffs if d is not None]
+    if not diffs:
+        return None
+    return {"per_seed": diffs, "mean": round(statistics.mean(known), 4) if known else None,
+            "seeds_above": sum(d > 0 for d in known), "seeds": len(diffs)}
+
+
+def run_seed(world: str, seed: int, arms: List[str], base: Path, nproc: int, overrides: List[str],
+             frontier: List[float] = ()) -> Dict[str, dict]:
     """Every stage of one seed's world; returns {arm or stage-1 name: metrics}."""
     run = base / world / f"seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
@@ -76,6 +108,11 @@ def run_seed(world: str, seed: int, arms: List[str], base: Path, nproc: int, ove
                       [*common, *[f"--set={s}" for s in sets]])
             res[arm] = {**m.get("after", {}), "dpo_ramp": m.get("dpo_ramp"),
                         "prequential_sat_auc": m.get("prequential_sat_auc")}
+    if "dpo_off" in arms:
+        for w in frontier:  # the control re-read at another fusion weight (its click head and click AUC unchanged)
+            res[f"dpo_off_fusion{w}"] = stage(run, f"dpo_off_fusion{w}", nproc, "satrank.jobs.evaluate",
+                                              [*d, "--model", str(run / "dpo_off")],
+                                              [*common, f"--set=evaluate.fusion_sat_weight={w}"])
     return res
 
 
@@ -99,6 +136,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--nproc", type=int, default=2, help="torchrun ranks per stage")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_alignment")
     p.add_argument("--fresh", action="store_true", help="delete the seeds' earlier runs first")
+    p.add_argument("--frontier", default="", metavar="W1,W2",
+                   help="fusion weights at which to re-read the DPO-off control (dpo_vs_frontier); e.g. 1.25,1.5")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every stage (repeatable)")
     a = p.parse_args(argv)
@@ -107,12 +146,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         p.error(f"--arms: unknown {unknown}; choose from {ARMS}")
     seeds = [int(s) for s in a.seeds.split(",") if s != ""]
+    frontier = [float(w) for w in a.frontier.split(",") if w != ""]
     started = time.time()
     per_seed: Dict[int, Dict[str, dict]] = {}
     for seed in seeds:
         if a.fresh and (a.out / a.world / f"seed{seed}").exists():
             shutil.rmtree(a.out / a.world / f"seed{seed}")
-        per_seed[seed] = run_seed(a.world, seed, arms, a.out, a.nproc, a.overrides)
+        per_seed[seed] = run_seed(a.world, seed, arms, a.out, a.nproc, a.overrides, frontier)
 
     out: Dict[str, object] = {"bench": "alignment", "world": a.world, "seeds": seeds, "overrides": a.overrides,
                               "wall_s": round(time.time() - started, 1)}
@@ -134,6 +174,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             vs[f"saqrec_vs_{x}"] = paired(per_seed, "saqrec", x)
     if "dpo" in shown and "dpo_off" in shown:
         vs["dpo_vs_dpo_off"] = {k: paired(per_seed, "dpo", "dpo_off", k) for k in ("true_sat@10", "click_auc", "hr@10")}
+        if frontier:
+            vs["dpo_vs_frontier"] = vs_frontier(per_seed, frontier)
+            out["arms"]["dpo_off_fusion"] = {str(w): {k: [per_seed[s][f"dpo_off_fusion{w}"].get(k) for s in seeds]
+                                                      for k in ("true_sat@10", "true_click@10")} for w in frontier}
     out["paired"] = vs
     print(json.dumps(out, default=str), flush=True)
     return 0
