@@ -14,7 +14,9 @@ click-only (SAQRec and ablations) and against the DPO-off control (DPO) with the
 With --frontier W1,W2 (e.g. 1.25,1.5) the DPO-off control is also evaluated at those `evaluate.fusion_sat_weight`s
 (jobs.evaluate on the dpo run): raising the weight trades true_click@10 for true_sat@10 at no click-AUC cost, and
 `dpo_vs_frontier` is DPO's true_sat@10 minus the control's at DPO's true_click@10 on that curve (linear between the
-measured weights; docs/alignment.md, "What DPO's gain is").
+measured weights; docs/alignment.md, "What DPO's gain is"). With --online-shards N stages 1 and 2 train without
+the last N (time-ordered) train shards and jobs.dpo streams only those: DPO on rows nobody trained on (by default
+it replays DIR/train, the rows g learned); e.g. --set simulate.impressions=300000 --online-shards 2.
 
 Runs live under --out/<world>/seed<k>/<stage>; a stage whose metrics.json exists is reused (metrics.json
 is written atomically at a job's end), so an interrupted bench resumes; --fresh starts a seed over.
@@ -72,9 +74,28 @@ def vs_frontier(per_seed: Dict[int, Dict[str, dict]], weights: List[float]) -> O
             "seeds_above": sum(d > 0 for d in known), "seeds": len(diffs)}
 
 
+def time_windows(data: Path, run: Path, online_shards: int) -> tuple:
+    """(past, online): views of DIR (symlinks) whose train/ holds the first shards, resp. the last `online_shards`
+    (train shards are time ordered); valid, test, candidates, items and world.json are DIR's own."""
+    shards = sorted((data / "train").glob("part-*.parquet"))
+    if not 0 < online_shards < len(shards):
+        raise SystemExit(f"bench: --online-shards {online_shards}: {data / 'train'} has {len(shards)} shards")
+    views = (run / "past", run / "online")
+    for view, picked in zip(views, (shards[:-online_shards], shards[-online_shards:])):
+        (view / "train").mkdir(parents=True, exist_ok=True)
+        for name in ("valid", "test", "candidates", "items", "world.json"):
+            if not (view / name).exists():
+                (view / name).symlink_to(data / name)
+        for f in picked:
+            if not (view / "train" / f.name).exists():
+                (view / "train" / f.name).symlink_to(f)
+    return views
+
+
 def run_seed(world: str, seed: int, arms: List[str], base: Path, nproc: int, overrides: List[str],
-             frontier: List[float] = ()) -> Dict[str, dict]:
-    """Every stage of one seed's world; returns {arm or stage-1 name: metrics}."""
+             frontier: List[float] = (), online_shards: int = 0) -> Dict[str, dict]:
+    """Every stage of one seed's world; returns {arm or stage-1 name: metrics}. With `online_shards` > 0 stages 1
+    and 2 train on the earlier train shards and jobs.dpo streams the last ones, which they never saw."""
     run = base / world / f"seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
     common = [f"--config={WORLDS[world]}", f"--set=simulate.seed={seed}", f"--set=train.seed={seed}",
@@ -85,6 +106,10 @@ def run_seed(world: str, seed: int, arms: List[str], base: Path, nproc: int, ove
             subprocess.run([sys.executable, "-m", "satrank.pipeline.sim.simulate", "--out", str(data), "--overwrite",
                             "--quiet", *common], check=True, stdout=fh, stderr=subprocess.STDOUT)
     d = ["--data", str(data)]
+    d_dpo = d
+    if online_shards:
+        past, online = time_windows(data, run, online_shards)
+        d, d_dpo = ["--data", str(past)], ["--data", str(online)]
     res: Dict[str, dict] = {}
     stage(run, "pretrain", nproc, "satrank.jobs.pretrain", d, common)
     stage(run, "propensity", nproc, "satrank.jobs.propensity", d, common)
@@ -104,14 +129,14 @@ def run_seed(world: str, seed: int, arms: List[str], base: Path, nproc: int, ove
     for arm, sets in (("dpo", []), ("dpo_off", ["easq.dpo_weight=0.0"])):
         if arm in arms:
             m = stage(run, arm, nproc, "satrank.jobs.dpo",
-                      [*d, "--init", str(run / "saqrec"), "--propensity", str(run / "propensity")],
+                      [*d_dpo, "--init", str(run / "saqrec"), "--propensity", str(run / "propensity")],
                       [*common, *[f"--set={s}" for s in sets]])
             res[arm] = {**m.get("after", {}), "dpo_ramp": m.get("dpo_ramp"),
                         "prequential_sat_auc": m.get("prequential_sat_auc")}
     if "dpo_off" in arms:
         for w in frontier:  # the control re-read at another fusion weight (its click head and click AUC unchanged)
             res[f"dpo_off_fusion{w}"] = stage(run, f"dpo_off_fusion{w}", nproc, "satrank.jobs.evaluate",
-                                              [*d, "--model", str(run / "dpo_off")],
+                                              [*d_dpo, "--model", str(run / "dpo_off")],
                                               [*common, f"--set=evaluate.fusion_sat_weight={w}"])
     return res
 
@@ -138,6 +163,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--fresh", action="store_true", help="delete the seeds' earlier runs first")
     p.add_argument("--frontier", default="", metavar="W1,W2",
                    help="fusion weights at which to re-read the DPO-off control (dpo_vs_frontier); e.g. 1.25,1.5")
+    p.add_argument("--online-shards", type=int, default=0, metavar="N",
+                   help="stages 1-2 train without the last N train shards, jobs.dpo streams only those (a fresh "
+                        "window); 0 = jobs.dpo replays DIR/train")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every stage (repeatable)")
     a = p.parse_args(argv)
@@ -152,9 +180,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     for seed in seeds:
         if a.fresh and (a.out / a.world / f"seed{seed}").exists():
             shutil.rmtree(a.out / a.world / f"seed{seed}")
-        per_seed[seed] = run_seed(a.world, seed, arms, a.out, a.nproc, a.overrides, frontier)
+        per_seed[seed] = run_seed(a.world, seed, arms, a.out, a.nproc, a.overrides, frontier, a.online_shards)
 
     out: Dict[str, object] = {"bench": "alignment", "world": a.world, "seeds": seeds, "overrides": a.overrides,
+                              "online_shards": a.online_shards,
                               "wall_s": round(time.time() - started, 1)}
     out["stage1"] = {g: {k: [per_seed[s][g].get(k) for s in seeds] for k in STAGE1} for g in ("g_ips", "g_naive")}
     out["stage1"]["ips_below_naive_ideal_loss_seeds"] = sum(

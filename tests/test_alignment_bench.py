@@ -25,3 +25,21 @@ def test_vs_frontier_is_dpos_satisfaction_minus_the_controls_at_dpos_click_level
     got = alignment.vs_frontier({0: seed, 1: below, 2: outside}, [1.5])
     assert got["per_seed"] == [0.005, -0.01, None]
     assert got["mean"] == pytest.approx(-0.0025) and got["seeds_above"] == 1 and got["seeds"] == 3
+
+
+def test_time_windows_hold_out_the_last_train_shards_for_the_online_job(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    (data / "train").mkdir(parents=True)
+    for name in ("valid", "test", "candidates", "items"):
+        (data / name).mkdir()
+    (data / "world.json").write_text("{}")
+    for k in range(5):
+        (data / "train" / f"part-{k:05d}.parquet").write_bytes(b"x")
+    past, online = alignment.time_windows(data, run, 2)
+    assert sorted(p.name for p in (past / "train").iterdir()) == [f"part-{k:05d}.parquet" for k in range(3)]
+    assert sorted(p.name for p in (online / "train").iterdir()) == ["part-00003.parquet", "part-00004.parquet"]
+    for view in (past, online):
+        assert (view / "test").resolve() == (data / "test").resolve() and (view / "world.json").is_file()
+    assert alignment.time_windows(data, run, 2) == (past, online)  # idempotent: a resumed bench reuses the views
+    with pytest.raises(SystemExit, match="has 5 shards"):
+        alignment.time_windows(data, run, 5)
