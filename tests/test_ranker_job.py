@@ -204,6 +204,17 @@ def test_evaluate_takes_a_dpo_run_and_reproduces_its_after_figures_in_one_proces
         assert again[key] == pytest.approx(after[key], abs=2e-4), key
 
 
+def test_evaluate_refuses_a_stage_1_run_in_one_line_naming_its_checkpoint(stage1, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "satrank.jobs.evaluate", "--data", str(stage1["data"]), "--model",
+                           str(stage1["root"] / "pretrain"), "--out", str(tmp_path / "out"), *sets()],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    lines = [x for x in proc.stderr.splitlines() if "a click model (stage 1) is not a stage-2 ranker" in x]
+    assert len(lines) == 1 and str(stage1["root"] / "pretrain") in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 # ------------------------------------------------------------------------------------------ ablations
 def test_each_ablation_switch_removes_its_part(worker):
     full, no_sid, no_mlse, no_mtl = worker["full"], worker["no_sid"], worker["no_mlse"], worker["no_mtl"]
