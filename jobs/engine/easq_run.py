@@ -64,11 +64,17 @@ def check_continuation(out: Path, run_cfg: Any, propensity: Optional[Path]) -> N
                               f"(got {mine})")
 
 
+def easq_task(cfg: Any, teacher: Optional[TeacherSpec], seed: int) -> EasqTask:
+    """The stage-2 RankerTask of `cfg` with its EASQ pathway (`cfg.easq`) installed: what jobs.dpo trains, and what
+    jobs.evaluate rebuilds to read a dpo run."""
+    return EasqTask(build_task(cfg, teacher, seed=seed), cfg.easq)
+
+
 def build_easq(run_main: Path, cfg_cli: Any, seed_of) -> Tuple[EasqTask, Any, Path, Dict[str, str]]:
     """(EasqTask, run config, RUN_MAIN's checkpoint, key map) from `easq_run_config`; `seed_of(cfg)` gives the seed
     the task is built with. Weights are loaded after sharding."""
     cfg, path, teacher = easq_run_config(run_main, cfg_cli)
-    module = EasqTask(build_task(cfg, teacher, seed=seed_of(cfg)), cfg.easq)
+    module = easq_task(cfg, teacher, seed_of(cfg))
     mapping = dict(INIT_MAP)
     if module.task.g is not None:
         mapping["g."] = "task.g."

@@ -123,7 +123,7 @@ def load_trained(run: Path, runtime: Runtime, cfg_cli: SatrankConfig):
     own `after` figures."""
     from satrank.embeddings.sharding import shard_model
     from satrank.jobs.engine.runs import kind_of
-    from satrank.models.easq.task import EasqTask
+    from satrank.jobs.engine.easq_run import easq_task  # here: easq_run imports this module
 
     path = run_checkpoint(run)
     cfg = checkpoint_config(path)
@@ -136,9 +136,7 @@ def load_trained(run: Path, runtime: Runtime, cfg_cli: SatrankConfig):
     teacher = teacher_from_dict(json.loads(teacher_file.read_text())) if teacher_file.is_file() else None
     if needs_teacher(cfg.model) and teacher is None:
         raise ckpt.CheckpointError(f"{run}: the model needs its satisfaction model g but {teacher_file} is missing")
-    task = build_task(cfg, teacher, seed=0)
-    if kind == "easq":
-        task = EasqTask(task, cfg.easq)
+    task = easq_task(cfg, teacher, 0) if kind == "easq" else build_task(cfg, teacher, seed=0)
     dmp, _ = shard_model(task, cfg.embeddings, runtime)
     meta = ckpt.load_checkpoint(path, dmp)
     log.info("loaded %s (%s, written by %d rank(s))", path, meta["extra"].get("job"), meta["world_size"])

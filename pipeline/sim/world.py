@@ -148,7 +148,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class World:
-    """Latent state of users and items (float64 unless noted). Rebuilt exactly by `build_world(cfg)`."""
+    """Latent state of users and items (float64 unless noted). Rebuilt exactly by `build_world(cfg)` (with
+    sat_feedback > 0: as it stood at the first round; click_drift then changes while the log is written)."""
 
     theta: np.ndarray  # [U, T] user topic interests (Dirichlet)
     theta_cdf: np.ndarray  # [U, T] row-wise cumulative theta
